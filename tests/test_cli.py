@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+from volttl.cli import NOT_BUILT, build_parser, demo_config_text, main
+
+COMMANDS = ["synth", "preprocess", "train", "evaluate", "cam", "profile", "search", "svcca",
+            "demo", "cuts", "manifest", "pipeline"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: volttl " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", sorted(NOT_BUILT))
+def test_unbuilt_commands_say_so_and_exit_2(command, capsys):
+    assert main([command, "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"volttl {command}: not built yet") and "\n" not in err
+
+
+def test_parser_lists_all_commands():
+    text = build_parser().format_help()
+    assert all(c in text for c in COMMANDS)
+
+
+def test_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preprocess: {sise: 3}\n")
+    out = subprocess.run([sys.executable, "-m", "volttl", "preprocess", "--config", str(cfg)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0
+    assert "unknown key 'preprocess.sise' (did you mean 'size'?)" in out.stderr
+
+
+def test_demo_config_matches_configs_folder():
+    from pathlib import Path
+
+    top = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert top.read_text() == demo_config_text()

@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from volttl.config import ConfigError, config_to_yaml, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_follow_penet(tmp_path):
+    cfg = load_config(write(tmp_path, "{}"))
+    assert cfg.preprocess.slice_thickness == 1.25
+    assert cfg.preprocess.size == 208 and cfg.preprocess.window == 24
+    assert cfg.data.hu_clip == (-100.0, 900.0) and cfg.data.crop == 192
+
+
+def test_unknown_key_suggests_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'preprocess.slice_thicknes'.*'slice_thickness'"):
+        load_config(write(tmp_path, "preprocess: {slice_thicknes: 2.0}\n"))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'tarin'.*'train'"):
+        load_config(write(tmp_path, "tarin: {epochs: 3}\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer"):
+        load_config(write(tmp_path, "train: {epochs: three}\n"))
+    with pytest.raises(ConfigError, match=r"transfer.strategy: 'xyz' is not one of"):
+        load_config(write(tmp_path, "transfer: {strategy: xyz}\n"))
+
+
+def test_set_overrides_and_paths_resolve(tmp_path):
+    p = write(tmp_path, "data: {manifest: m.csv, store: out/s.h5}\n")
+    cfg = load_config(p, ["train.epochs=5", "transfer.head.dropout=0.25", "data.crop=64"])
+    assert cfg.train.epochs == 5 and cfg.transfer.head.dropout == 0.25 and cfg.data.crop == 64
+    assert cfg.data.manifest == str(tmp_path / "m.csv")
+    assert cfg.data.store == str(tmp_path / "out" / "s.h5")
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config(p, ["train.epoch=5"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    p = write(tmp_path, "train: {epochs: 7}\n")
+    cfg = load_config(p)
+    again = load_config(write(tmp_path, config_to_yaml(cfg)))
+    assert again == cfg

@@ -1,0 +1,231 @@
+"""Command line: parse, load the config, call the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+NOT_BUILT = {
+    "train": "issue #5 (training and evaluation)",
+    "evaluate": "issue #5 (training and evaluation)",
+    "cam": "issue #6 (Grad-CAM overlays)",
+    "search": "issue #7 (cut-point search)",
+    "svcca": "issue #7 (SVCCA)",
+    "pipeline": "issue #7 (pipelines)",
+}
+
+
+class CommandError(Exception):
+    """A failure to report to the user in one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from volttl.config import ConfigError
+    from volttl.io.studies import StudyReadError
+    from volttl.manifests.schema import ManifestError
+    from volttl.preprocess.store import StoreError
+
+    return (CommandError, ConfigError, ManifestError, StoreError, StudyReadError,
+            FileNotFoundError)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from volttl.synth import synth_cohort
+
+    manifest = synth_cohort(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix)
+    print(f"wrote {args.studies} synthetic studies; manifest: {manifest}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from volttl.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from volttl.preprocess.run import preprocess
+
+    cfg = _load(args)
+    if args.workers is not None:
+        cfg.preprocess.workers = args.workers
+    if not cfg.data.manifest:
+        raise CommandError(f"{args.config}: data.manifest is not set")
+    if not cfg.data.store:
+        raise CommandError(f"{args.config}: data.store is not set")
+    summary = preprocess(cfg, progress=not args.quiet)
+    for sid, reason in summary.failed.items():
+        print(f"failed {sid}: {reason}", file=sys.stderr)
+    print(f"{summary.line()}; store: {cfg.data.store}")
+    return 1 if summary.failed else 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from volttl.manifests import read_manifest, write_manifest
+
+    if args.format == "penet":
+        from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
+
+        series = load_series_list(args.series_list)
+        if not args.all_types:
+            series = penet_filter(series)
+        rows = penet_rows(series, args.hdf5)
+    elif args.format == "rsna":
+        from volttl.manifests.rsna import rsna_rows
+
+        rows = rsna_rows(args.root, args.csv, val=args.val, test=args.test, seed=args.seed)
+    else:
+        rows = read_manifest(args.input)
+    write_manifest(rows, args.out)
+    counts = {s: sum(r.split == s for r in rows) for s in ("train", "val", "test")}
+    pos = {s: sum(r.split == s and r.label == 1 for r in rows) for s in counts}
+    print(f"wrote {len(rows)} studies to {args.out}: "
+          + ", ".join(f"{s} {counts[s]} ({pos[s]} positive)" for s in counts))
+    return 0
+
+
+def demo_config_text() -> str:
+    return resources.files("volttl").joinpath("resources/demo.yaml").read_text()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from volttl.config import config_from_dict
+    from volttl.preprocess.run import preprocess
+    from volttl.synth import synth_cohort
+
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path = work / "demo.yaml"
+    cfg_path.write_text(demo_config_text())
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), work)
+    print(f"[1/2] synthetic cohort ({args.studies} studies) -> {work / 'synth'}")
+    synth_cohort(work / "synth", studies=args.studies, seed=args.seed)
+    print(f"[2/2] preprocess -> {cfg.data.store}")
+    summary = preprocess(cfg)
+    print(summary.line())
+    if summary.failed:
+        return 1
+    print("demo: training, evaluation and Grad-CAM are not built yet (issues #5, #6); "
+          f"the store is ready at {cfg.data.store}")
+    return 0
+
+
+def cmd_cuts(args: argparse.Namespace) -> int:
+    from volttl.models import get_backbone_spec
+
+    spec = get_backbone_spec(args.model)
+    print(f"{'cut point':<28} {'level':<6} {'channels':>8} {'stride (d,h,w)':>16}")
+    for cut in spec.cut_points:
+        print(f"{cut.name:<28} {cut.level:<6} {cut.channels:>8} {str(cut.stride):>16}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from volttl.analysis.complexity import profile_variants
+
+    cfg = _load(args)
+    table = profile_variants(cfg)
+    print(table)
+    return 0
+
+
+def cmd_not_built(args: argparse.Namespace) -> int:
+    print(f"volttl {args.command}: not built yet, see {NOT_BUILT[args.command]}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="volttl",
+        description="3D CT classification by transfer learning: preprocess CTPA studies into an "
+        "HDF5 window store, finetune Kinetics-pretrained 3D backbones with FTL/TF/LWFT/TTL, "
+        "explain with 3D Grad-CAM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="YAML config (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key; repeatable")
+
+    p = sub.add_parser("synth", help="write a synthetic CTPA cohort (DICOM + NIfTI + manifest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--studies", type=int, default=40, help="number of studies (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--matrix", type=int, default=160, help="in-plane pixels (default 160)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("preprocess", help="manifest -> HDF5 window store")
+    with_config(p)
+    p.add_argument("--workers", type=int, help="parallel processes (overrides preprocess.workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("manifest", help="import a dataset's labels as a manifest CSV")
+    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = fmt.add_parser("penet", help="Stanford CTPA (PENet): series_list.pkl + data.hdf5")
+    q.add_argument("--series-list", required=True, help="PENet's series_list.pkl")
+    q.add_argument("--hdf5", required=True, help="PENet's data.hdf5")
+    q.add_argument("--all-types", action="store_true",
+                   help="keep subsegmental positives (PENet's default drops them)")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q = fmt.add_parser("rsna", help="RSNA STR PE: <root>/train/<study>/<series>/*.dcm + train.csv")
+    q.add_argument("--root", required=True, help="dataset root (holds train/)")
+    q.add_argument("--csv", help="train.csv (default <root>/train.csv)")
+    q.add_argument("--val", type=float, default=0.15, help="validation fraction")
+    q.add_argument("--test", type=float, default=0.15, help="test fraction")
+    q.add_argument("--seed", type=int, default=0, help="split seed")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q = fmt.add_parser("csv", help="validate a generic manifest CSV and write it with absolute paths")
+    q.add_argument("input", help="manifest CSV to check")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("demo", help="synth -> preprocess (-> train -> evaluate -> cam)")
+    p.add_argument("--workdir", default="demo_work", help="folder for everything (default demo_work)")
+    p.add_argument("--studies", type=int, default=40, help="synthetic studies (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cuts", help="list a backbone's declared cut points")
+    p.add_argument("--model", required=True, help="resnext3d_50|resnext3d_101|resnext3d_152|penet")
+    p.set_defaults(func=cmd_cuts)
+
+    p = sub.add_parser("profile", help="parameters, MACs and latency per strategy and cut")
+    with_config(p)
+    p.set_defaults(func=cmd_profile)
+
+    helps = {
+        "train": "finetune a model -> run dir",
+        "evaluate": "metrics, tables and ROC/PR plots for a run",
+        "cam": "3D Grad-CAM overlays as NIfTI on the original CT grid",
+        "search": "two-stage cut-point search and the results table",
+        "svcca": "SVCCA feature reuse per cut point",
+        "pipeline": "run a multi-step study from a YAML file",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=f"{text} (not built yet)",
+                           description=f"{text}. Not built yet: {NOT_BUILT[name]}.")
+        p.set_defaults(func=cmd_not_built)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in NOT_BUILT:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"volttl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"volttl {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,267 @@
+"""Typed configuration: YAML in, validated dataclasses out.
+
+Every section is a dataclass, so the schema is the code. Unknown keys and wrong types
+are rejected with a message that names the key (and the right spelling for a
+near-miss); ``--set section.key=value`` overrides any key before validation.
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user in one line."""
+
+
+@dataclass
+class DataConfig:
+    """Where the studies and the store live, and how windows are fed to the model."""
+
+    manifest: str = ""
+    store: str = ""
+    crop: int = 192
+    hu_clip: tuple[float, float] = (-100.0, 900.0)
+    intensity_shift: float = 0.15897
+
+
+@dataclass
+class PreprocessConfig:
+    """How studies become the HDF5 store (PENet's defaults)."""
+
+    slice_thickness: float = 1.25
+    size: int = 208
+    window: int = 24
+    train_stride: int = 24
+    min_pe_slices: int = 4
+    workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, weights and input stem."""
+
+    name: str = "resnext3d_101"
+    pretrained: str = ""
+    num_outputs: int = 1
+    stem: Literal["sum", "repeat"] = "sum"
+
+
+@dataclass
+class HeadConfig:
+    pool: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class TransferConfig:
+    """Transfer-learning strategy and its cut point."""
+
+    strategy: Literal["ftl", "tf", "lwft", "ttl"] = "ttl"
+    cut: str = "layer3"
+    init: Literal["kaiming", "meanvar", "random"] = "kaiming"
+    width: float = 0.5
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    lr_pretrained: float = 0.01
+    lr_new: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    warmup_epochs: int = 0
+    loss: Literal["focal", "bce"] = "focal"
+    focal_gamma: float = 2.0
+    seed: int = 0
+    repeats: int = 1
+    out_dir: str = "runs"
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    aggregate: Literal["max", "mean"] = "max"
+    bootstrap: int = 1000
+
+
+@dataclass
+class ProfileConfig:
+    """What `volttl profile` measures."""
+
+    strategies: list[str] = field(default_factory=lambda: ["ftl", "tf", "lwft", "ttl"])
+    cuts: list[str] = field(default_factory=lambda: ["layer3"])
+    input_size: tuple[int, int, int] = (24, 192, 192)
+    repeats: int = 20
+    warmup: int = 3
+    device: str = "cpu"
+    out_dir: str = "profile"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+# Keys holding file paths, resolved against the config file's folder.
+PATH_KEYS = {("data", "manifest"), ("data", "store"), ("model", "pretrained"),
+             ("train", "out_dir"), ("profile", "out_dir")}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only lossless cases."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} has the wrong type")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides to the raw mapping (values parsed as YAML scalars)."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    for section, key in PATH_KEYS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(obj, key, str((base / value).resolve()))
+        elif value:
+            setattr(obj, key, str(Path(value).expanduser()))
+
+
+def config_from_dict(raw: dict | None, base: Path | None = None) -> Config:
+    """Validate a raw mapping into a Config; paths resolved against ``base``."""
+    cfg = _build(Config, raw or {}, "")
+    if base is not None:
+        _resolve_paths(cfg, base)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return config_from_dict(raw, path.parent.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain mapping (tuples as lists) for YAML/JSON records of the resolved config."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
