@@ -28,8 +28,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from volttl.manifests.schema import ManifestError
     from volttl.preprocess.store import StoreError
 
+    # ValueError: volttl's own validation (unknown model, invalid cut, bad checkpoint)
     return (CommandError, ConfigError, ManifestError, StoreError, StudyReadError,
-            FileNotFoundError)
+            FileNotFoundError, ValueError)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -120,7 +121,7 @@ def cmd_cuts(args: argparse.Namespace) -> int:
 
     spec = get_backbone_spec(args.model)
     print(f"{'cut point':<28} {'level':<6} {'channels':>8} {'stride (d,h,w)':>16}")
-    for cut in spec.cut_points:
+    for cut in spec.cut_points():
         print(f"{cut.name:<28} {cut.level:<6} {cut.channels:>8} {str(cut.stride):>16}")
     return 0
 

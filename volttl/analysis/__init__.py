@@ -1,0 +1,1 @@
+"""Model analysis: complexity (parameters, MACs, latency) and feature similarity."""

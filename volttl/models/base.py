@@ -1,0 +1,196 @@
+"""What every backbone declares, and the generic surgery the transfer strategies need.
+
+A backbone is a stem followed by an ordered list of blocks, then pooling and a linear
+head. It keeps the module names of its published checkpoint (``conv1``, ``layer3.7``,
+``encoders.2.penet_blocks.4``), and declares once, in its own file:
+
+- ``units``: the ordered feature units (the stem, then every block), each with the
+  module paths it owns, its output channels and its cumulative stride;
+- its cut points (a cut keeps every unit up to and including the named one);
+- ``make_block``: how to build a block of a given unit at a given width.
+
+Strategies only call ``truncate``, ``rebuild_after``, ``freeze_upto`` and ``replace_head``
+here; no strategy knows a layer name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A feature unit: the stem or one block."""
+
+    name: str
+    paths: tuple[str, ...]
+    channels: int
+    stride: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """Where a network can be cut: after ``units[:keep]``."""
+
+    name: str
+    level: str  # "block" (after the stem or a stage) or "layer" (after a block)
+    keep: int
+    channels: int
+    stride: tuple[int, int, int]
+
+
+def cut_points_from_units(units: list[Unit], stage_of: dict[str, str]) -> list[CutPoint]:
+    """Block cuts after the stem and after each stage's last block; a layer cut after every
+    block. ``stage_of`` maps a block unit's name to its stage's name."""
+    cuts: list[CutPoint] = []
+    for i, unit in enumerate(units):
+        if i == 0:
+            cuts.append(CutPoint(unit.name, "block", 1, unit.channels, unit.stride))
+            continue
+        cuts.append(CutPoint(unit.name, "layer", i + 1, unit.channels, unit.stride))
+        stage = stage_of[unit.name]
+        is_last = i + 1 == len(units) or stage_of.get(units[i + 1].name) != stage
+        if is_last:
+            cuts.append(CutPoint(stage, "block", i + 1, unit.channels, unit.stride))
+    return cuts
+
+
+class Backbone3D(nn.Module):
+    """Base class: generic forward over the declared units, and the surgery on them."""
+
+    head_path: str = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units: list[Unit] = []
+        self.frozen_units = 0
+        self.head_pool: nn.Module = nn.AdaptiveAvgPool3d(1)
+        self.head_dropout: nn.Module = nn.Identity()
+
+    # ---- declared by each backbone -------------------------------------------------
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_block(self, unit_name: str, in_channels: int, width: float) -> tuple[nn.Module, int]:
+        """A fresh block for ``unit_name`` taking ``in_channels``, at ``width`` x the stage's
+        planes; returns it and its output channels."""
+        raise NotImplementedError
+
+    @classmethod
+    def cut_points(cls) -> list[CutPoint]:
+        raise NotImplementedError
+
+    # ---- generic ---------------------------------------------------------------------
+    @classmethod
+    def cut_point(cls, name: str) -> CutPoint:
+        for cut in cls.cut_points():
+            if cut.name == name:
+                return cut
+        valid = ", ".join(c.name for c in cls.cut_points())
+        raise ValueError(f"cut '{name}' is not a cut point of {cls.__name__} (valid: {valid})")
+
+    def forward_features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_channels == 3:  # `stem: repeat`: CT copied to RGB
+            x = x.expand(-1, 3, *x.shape[2:])
+        x = self.stem_forward(x)
+        for unit in self.units[1:upto]:
+            x = self.get_submodule(unit.paths[0])(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = torch.flatten(self.head_pool(x), 1)
+        return self.get_submodule(self.head_path)(self.head_dropout(x))
+
+    def feature_channels(self) -> int:
+        return self.units[-1].channels
+
+    def _set_module(self, path: str, module: nn.Module | None) -> None:
+        parent_path, _, name = path.rpartition(".")
+        parent = self.get_submodule(parent_path) if parent_path else self
+        if module is None:
+            if isinstance(parent, (nn.Sequential, nn.ModuleList)):
+                del parent[int(name)]  # callers delete from the end, so indices hold
+            else:
+                delattr(parent, name)
+        elif isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            parent[int(name)] = module
+        else:
+            setattr(parent, name, module)
+
+    def truncate(self, keep: int) -> None:
+        """Drop every unit after ``units[:keep]`` (TTL)."""
+        for unit in reversed(self.units[keep:]):
+            for path in unit.paths:
+                self._set_module(path, None)
+                self._prune_empty_parents(path)
+        self.units = self.units[:keep]
+
+    def _prune_empty_parents(self, path: str) -> None:
+        """Remove containers left empty by truncation (e.g. a whole dropped stage)."""
+        parent = path.rpartition(".")[0]
+        while parent:
+            module = self.get_submodule(parent)
+            if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module):
+                return
+            self._set_module(parent, None)
+            parent = parent.rpartition(".")[0]
+
+    def rebuild_after(self, keep: int, width: float) -> list[str]:
+        """Replace every unit after ``units[:keep]`` by a fresh block at ``width`` (TF);
+        returns the module paths of the new blocks."""
+        channels = self.units[keep - 1].channels
+        new_units, paths = list(self.units[:keep]), []
+        for unit in self.units[keep:]:
+            block, out = self.make_block(unit.name, channels, width)
+            self._set_module(unit.paths[0], block)
+            new_units.append(Unit(unit.name, unit.paths, out, unit.stride))
+            paths.append(unit.paths[0])
+            channels = out
+        self.units = new_units
+        return paths
+
+    def freeze_upto(self, keep: int) -> None:
+        """No gradients for ``units[:keep]``; their norm layers stay in eval mode (LWFT)."""
+        self.frozen_units = keep
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.get_submodule(p) for u in self.units[: self.frozen_units] for p in u.paths]
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.frozen_modules() for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> Backbone3D:
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()  # keeps BatchNorm running statistics of frozen units fixed
+        return self
+
+    def replace_head(self, num_outputs: int, pool: bool = True, dropout: float = 0.0,
+                     window: tuple[int, int, int] | None = None) -> nn.Linear:
+        """A new linear head on the current last unit: pooled, or on the flattened map
+        (``pool=False``, which needs the input window ``(D, H, W)``)."""
+        channels = self.feature_channels()
+        if pool:
+            self.head_pool, in_features = nn.AdaptiveAvgPool3d(1), channels
+        else:
+            if window is None:
+                raise ValueError("head.pool: false needs the window size")
+            self.head_pool = nn.Identity()
+            device = next(self.parameters()).device
+            with torch.no_grad():
+                probe = self.forward_features(torch.zeros(1, self.in_channels, *window, device=device))
+            in_features = probe[0].numel()
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        head = nn.Linear(in_features, num_outputs)
+        self._set_module(self.head_path, head)
+        return head
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.get_submodule(self.head_path).parameters())

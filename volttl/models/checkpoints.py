@@ -1,0 +1,132 @@
+"""Loading foreign and own checkpoints into a backbone, safely and loudly.
+
+Accepted: the 3D-ResNets file (``{epoch, arch, state_dict, optimizer}``, ``module.``
+keys), PENet's file (``model_state`` with ``module.`` keys; old files say
+``xnet_blocks``), a bare state_dict, and volttl's own checkpoints. Always
+``torch.load(weights_only=True)``: a checkpoint can never run code.
+
+A 1-channel CT meets a 3-channel Kinetics stem in one of two ways: ``stem: repeat``
+copies the CT into the three channels (PENet's way); ``stem: sum`` (default) sums the
+stem's RGB weight slices into one input channel, which gives exactly the same output at
+a third of the stem's cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from volttl.models.base import Backbone3D
+
+log = logging.getLogger("volttl.checkpoints")
+VOLTTL_FORMAT = "volttl-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model; the message names the file."""
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    dropped_head: list[str] = field(default_factory=list)
+    source_format: str = ""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """The state_dict (prefixes normalised), the format's name, and the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({reason})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    if obj.get("format") == VOLTTL_FORMAT:
+        state, kind = obj["model_state"], "volttl"
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        state, kind = obj["state_dict"], "3d-resnets"
+    elif "model_state" in obj and isinstance(obj["model_state"], dict):
+        state, kind = obj["model_state"], "penet"
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, kind = obj, "state_dict"
+    else:
+        raise CheckpointError(f"{path}: no state_dict, model_state or tensors found")
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").replace(".xnet_blocks.", ".penet_blocks.")
+        out[key] = value
+    return out, kind, obj
+
+
+def _stem_conv_key(model: Backbone3D) -> str:
+    for path in model.units[0].paths:
+        for name, m in model.get_submodule(path).named_modules():
+            if isinstance(m, nn.Conv3d):
+                return f"{path}.{name}.weight" if name else f"{path}.weight"
+    raise CheckpointError("the model declares no stem convolution")
+
+
+def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None = None) -> LoadReport:
+    """Load ``path`` into ``model``; fail by name on any missing or mismatched backbone
+    weight. The source classifier is dropped unless the file is volttl's own."""
+    state, kind, _ = read_checkpoint(path)
+    report = LoadReport(source_format=kind)
+    keep_head = kind == "volttl" if keep_head is None else keep_head
+    head_prefix = model.head_path + "."
+    if not keep_head:
+        report.dropped_head = [k for k in state if k.startswith(head_prefix)]
+        state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    stem_key = _stem_conv_key(model)
+    target = model.state_dict()
+    if stem_key in state and stem_key in target:
+        w, want = state[stem_key], target[stem_key]
+        if w.shape[1] == 3 and want.shape[1] == 1:
+            state[stem_key] = w.sum(dim=1, keepdim=True)  # `stem: sum`
+    own = {}
+    for key, want in target.items():
+        if key.endswith("num_batches_tracked"):
+            if key in state:
+                own[key] = state[key]
+            continue
+        if not keep_head and key.startswith(head_prefix):
+            continue
+        if key not in state:
+            report.missing.append(key)
+        elif tuple(state[key].shape) != tuple(want.shape):
+            report.mismatched.append(f"{key} {tuple(state[key].shape)} vs {tuple(want.shape)}")
+        else:
+            own[key] = state[key]
+    report.unexpected = [k for k in state if k not in target]
+    report.loaded = [k for k in own if not k.endswith("num_batches_tracked")]
+    if report.missing or report.mismatched:
+        problems = [f"missing {k}" for k in report.missing[:3]] + report.mismatched[:3]
+        count = len(report.missing) + len(report.mismatched)
+        raise CheckpointError(f"{path}: {count} backbone weight(s) missing or of the wrong shape "
+                              f"for {type(model).__name__}: {'; '.join(problems)}")
+    if report.unexpected:
+        log.warning("%s: %d unexpected key(s) ignored: %s", path, len(report.unexpected),
+                    ", ".join(report.unexpected[:5]))
+    model.load_state_dict(own, strict=False)
+    return report
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> None:
+    """volttl's own format, written atomically: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": VOLTTL_FORMAT, "version": 1, "model_state": model.state_dict(), **extra}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,149 @@
+"""The four transfer-learning strategies of the TTL paper, for any declared cut point.
+
+- FTL: the whole pretrained network, a new head; everything trains.
+- TTL(cut): the network up to the cut, then a new head (pooled, or flattened).
+- TF(cut): pretrained up to the cut; every later block rebuilt at ``width`` (default half;
+  cardinality kept, the first rebuilt block projects from full width) and trained from
+  scratch. At width 1.0 this is Transfusion's "weight transfusion".
+- LWFT(cut): the whole network; everything up to the cut frozen (no gradients, norm
+  layers in eval mode), the rest finetuned.
+
+Weights that are not loaded are initialised ``kaiming`` (default), ``meanvar``
+(Transfusion: i.i.d. normal with the mean and variance of the pretrained layer of the
+same name), or ``random`` (no pretrained weights anywhere: the from-scratch baseline).
+Only the backbone's declared units, cut points and block builder are used here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from volttl.models import get_backbone_spec
+from volttl.models.base import Backbone3D
+from volttl.models.checkpoints import load_pretrained
+
+log = logging.getLogger("volttl.transfer")
+STRATEGIES = ("ftl", "tf", "lwft", "ttl")
+INITS = ("kaiming", "meanvar", "random")
+
+
+@dataclass
+class TransferSetup:
+    """The model to train, and which of its parameters are pretrained, new or frozen."""
+
+    model: Backbone3D
+    strategy: str
+    cut: str
+    pretrained: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+
+    def param_groups(self, lr_pretrained: float, lr_new: float) -> list[dict]:
+        """SGD parameter groups: pretrained weights at ``lr_pretrained``, new at ``lr_new``;
+        frozen weights in no group."""
+        params = dict(self.model.named_parameters())
+        groups = [{"name": "pretrained", "params": [params[n] for n in self.pretrained],
+                   "lr": lr_pretrained},
+                  {"name": "new", "params": [params[n] for n in self.new], "lr": lr_new}]
+        return [g for g in groups if g["params"]]
+
+
+def kaiming_init(modules: list[nn.Module]) -> None:
+    """He-normal convolutions and linears (norm layers keep their block's own init)."""
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, (nn.Conv3d, nn.Linear)):
+                mode = "fan_out" if isinstance(m, nn.Conv3d) else "fan_in"
+                nn.init.kaiming_normal_(m.weight, mode=mode)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+def meanvar_init(model: nn.Module, prefixes: list[str], reference: dict[str, torch.Tensor],
+                 generator: torch.Generator | None = None) -> list[str]:
+    """Draw every parameter under ``prefixes`` from N(mean, var) of the pretrained tensor of
+    the same name (Transfusion); returns the names it initialised."""
+    done = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not any(name.startswith(pre + ".") for pre in prefixes):
+                continue
+            ref = reference.get(name)
+            if ref is None or ref.numel() < 2:
+                continue
+            ref = ref.float()
+            draw = torch.randn(p.shape, generator=generator) * ref.std() + ref.mean()
+            p.copy_(draw.to(p.dtype))
+            done.append(name)
+    return done
+
+
+def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int = 1,
+                   width: float = 0.5, init: str = "kaiming", pool: bool = True,
+                   dropout: float = 0.0, window: tuple[int, int, int] | None = None,
+                   pretrained_state: dict[str, torch.Tensor] | None = None) -> TransferSetup:
+    """Turn a (pretrained) full backbone into the model a strategy trains."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
+    if init not in INITS:
+        raise ValueError(f"transfer.init '{init}' is not one of {', '.join(INITS)}")
+    if init == "meanvar" and pretrained_state is None:
+        raise ValueError("transfer.init: meanvar needs pretrained weights (model.pretrained)")
+    keep = type(model).cut_point(cut).keep if strategy != "ftl" else len(model.units)
+    new_prefixes: list[str] = []
+    if strategy == "ttl":
+        model.truncate(keep)
+    elif strategy == "tf":
+        new_prefixes = model.rebuild_after(keep, width)
+        kaiming_init([model.get_submodule(p) for p in new_prefixes])
+    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, window=window)
+    kaiming_init([head])
+    _focal_prior_bias(model, head)
+    new_prefixes.append(model.head_path)
+    if init == "meanvar":
+        meanvar_init(model, new_prefixes, pretrained_state or {})
+    if strategy == "lwft":
+        model.freeze_upto(keep)
+    frozen = {id(p) for p in model.frozen_parameters()}
+    setup = TransferSetup(model, strategy, cut if strategy != "ftl" else "")
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            setup.frozen.append(name)
+        elif init == "random" or any(name.startswith(pre + ".") for pre in new_prefixes):
+            setup.new.append(name)
+        else:
+            setup.pretrained.append(name)
+    return setup
+
+
+def _focal_prior_bias(model: Backbone3D, head: nn.Linear) -> None:
+    """Backbones that start their output at a prior (PENet) keep doing so with a new head."""
+    prior_init = getattr(model, "init_head_bias", None)
+    if prior_init is not None:
+        prior_init(head)
+
+
+def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_outputs: int = 1,
+                         stem: str = "sum", pretrained: str = "", init: str = "kaiming",
+                         width: float = 0.5, pool: bool = True, dropout: float = 0.0,
+                         window: tuple[int, int, int] | None = None) -> TransferSetup:
+    """Build the backbone, load its weights (unless ``init: random``), apply the strategy."""
+    spec = get_backbone_spec(model_name)
+    if strategy != "ftl":
+        spec.cut_point(cut)  # fail early, listing the valid cuts
+    model = spec(num_outputs=num_outputs, in_channels=1 if stem == "sum" else 3)
+    reference = None
+    if init == "random":  # the backbone's own initialisation, nothing loaded
+        if pretrained:
+            log.warning("transfer.init is random: model.pretrained (%s) is not loaded", pretrained)
+    elif pretrained:
+        load_pretrained(model, pretrained)
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        log.warning("no model.pretrained given: the backbone starts from its own initialisation")
+    return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, window,
+                          reference)
