@@ -163,8 +163,40 @@ def decoder_available(ts) -> bool:
         return False
 
 
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _decode_native(s: _Slice) -> np.ndarray | None:
+    """Uncompressed little-endian 16-bit monochrome straight from the buffer (what
+    pixel_array does, without its extra copies); None when another path is needed."""
+    ds = s.ds
+    ts = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
+    if ts not in NATIVE_LITTLE_ENDIAN or int(getattr(ds, "BitsAllocated", 0)) != 16:
+        return None
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    buffer = ds.PixelData
+    if len(buffer) < rows * cols * 2:
+        raise DicomSeriesError(f"{s.path}: truncated pixel data ({len(buffer)} of "
+                               f"{rows * cols * 2} bytes)")
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    pixels = np.frombuffer(buffer, dtype="<i2" if signed else "<u2", count=rows * cols)
+    pixels = pixels.reshape(rows, cols)
+    unused = 16 - int(getattr(ds, "BitsStored", 16))
+    if unused:  # bits above HighBit carry no pixel value (overlays, garbage)
+        if signed:
+            pixels = (pixels << unused) >> unused
+        else:
+            pixels = pixels & np.uint16((1 << (16 - unused)) - 1)
+    return pixels
+
+
 def _decode(s: _Slice) -> np.ndarray:
     ts = getattr(s.ds.file_meta, "TransferSyntaxUID", None)
+    native = _decode_native(s)
+    if native is not None:
+        return native
     try:
         return s.ds.pixel_array
     except Exception as exc:
@@ -200,7 +232,9 @@ def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
             raise DicomSeriesError(f"{folder}: multi-frame or colour images are not supported")
         if out is None:
             out = np.empty((len(slices), *pixels.shape), np.int16 if exact else np.float32)
-        if exact:
+        if exact and pixels.dtype == np.uint16 and int(getattr(s.ds, "BitsStored", 16)) < 16:
+            np.add(pixels.view(np.int16), np.int16(intercept[k]), out=out[k])  # exact: < 2**15
+        elif exact:
             np.add(pixels, np.int32(intercept[k]), out=out[k], casting="unsafe")
         else:
             np.multiply(pixels, slope[k], out=out[k], casting="unsafe")

@@ -30,6 +30,9 @@ from volttl.preprocess.store import (
 from volttl.preprocess.windows import pe_flags_on_stored_grid
 
 log = logging.getLogger("volttl.preprocess")
+# Workers only decode, resize and write (numpy, pydicom, OpenCV, h5py; never torch), so
+# forking is safe where the platform offers it, and saves each worker its imports.
+POOL_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 @dataclass
@@ -142,7 +145,7 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         for args in todo:
             finish(*_run_one(args))
     else:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context(POOL_START_METHOD)
         with ProcessPoolExecutor(max_workers=p.workers, mp_context=ctx,
                                  initializer=_init_worker) as pool:
             futures = {pool.submit(_run_one, a): a[0].study_id for a in todo}
