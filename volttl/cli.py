@@ -9,8 +9,6 @@ from importlib import resources
 from pathlib import Path
 
 NOT_BUILT = {
-    "train": "issue #5 (training and evaluation)",
-    "evaluate": "issue #5 (training and evaluation)",
     "cam": "issue #6 (Grad-CAM overlays)",
     "search": "issue #7 (cut-point search)",
     "svcca": "issue #7 (SVCCA)",
@@ -135,6 +133,37 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_run_dir(cfg) -> Path:
+    t = cfg.transfer
+    cut = f"_{t.cut}" if t.strategy != "ftl" else ""
+    return Path(cfg.train.out_dir) / f"{cfg.model.name}_{t.strategy}{cut}_seed{cfg.train.seed}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from volttl.preprocess.store import open_store
+    from volttl.train.loop import train_run
+
+    cfg = _load(args)
+    open_store(cfg.data.store).close()  # fail before any work when the store is missing
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise CommandError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    best = train_run(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    print(f"run: {run_dir}; best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
+          f" at epoch {best.get('epoch', -1) + 1}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from volttl.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, args.split)
+    print((Path(args.run) / f"metrics_{args.split}.md").read_text().strip())
+    print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
+          f"in {args.run}" if metrics["studies"] else "")
+    return 0
+
+
 def cmd_not_built(args: argparse.Namespace) -> int:
     print(f"volttl {args.command}: not built yet, see {NOT_BUILT[args.command]}", file=sys.stderr)
     return 2
@@ -201,9 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("train", help="finetune a model -> run dir")
+    with_config(p)
+    p.add_argument("--run-dir", help="run folder (default train.out_dir/<model>_<strategy>_<cut>_seed<S>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after a kill")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, tables and ROC/PR plots for a run")
+    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.set_defaults(func=cmd_evaluate)
+
     helps = {
-        "train": "finetune a model -> run dir",
-        "evaluate": "metrics, tables and ROC/PR plots for a run",
         "cam": "3D Grad-CAM overlays as NIfTI on the original CT grid",
         "search": "two-stage cut-point search and the results table",
         "svcca": "SVCCA feature reuse per cut point",

@@ -77,6 +77,8 @@ class TransferConfig:
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 8
+    grad_accum: int = 1
+    workers: int = 2
     lr_pretrained: float = 0.01
     lr_new: float = 0.1
     momentum: float = 0.9

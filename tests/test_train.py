@@ -1,0 +1,134 @@
+"""Dataset, losses, metrics, and a training run that resumes to the same weights."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from volttl.config import config_from_dict
+from volttl.data import WindowDataset
+from volttl.data.dataset import normalise
+from volttl.preprocess.run import preprocess
+from volttl.train.loop import train_run, warmup_cosine
+from volttl.train.losses import binary_focal_loss
+from volttl.train.metrics import bootstrap_ci, summarise
+
+from .conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def store(cohort, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trainstore") / "s.h5"
+    assert not preprocess(small_config(cohort, path, size=40), progress=False).failed
+    return path
+
+
+def test_normalisation_is_penets():
+    hu = np.array([-1000.0, -100.0, 400.0, 900.0, 3000.0])
+    np.testing.assert_allclose(normalise(hu, (-100, 900), 0.15897),
+                               np.array([0, 0, 0.5, 1, 1]) - 0.15897)
+
+
+def test_eval_windows_centre_crop_and_air_padding(store):
+    ds = WindowDataset(str(store), "train", False, crop=32)
+    assert len(ds) == len(ds.windows) and ds.window == 8
+    x, y, study = ds[len(ds) - 1]
+    assert x.shape == (1, 8, 32, 32) and x.dtype == torch.float32
+    n = ds.num_slices[study]
+    last = ds.read_window(study, int(ds.windows[-1]["start"]))
+    pad = 8 - (n - int(ds.windows[-1]["start"]))
+    assert pad == 0 or (last[-pad:] == -1000).all()
+    assert float(y) == float(ds.windows[-1]["label"])
+    assert torch.equal(ds[0][0], ds[0][0])  # evaluation is deterministic
+
+
+def test_training_augmentation_is_keyed_on_epoch_and_index(store):
+    ds = WindowDataset(str(store), "train", True, crop=32, seed=5)
+    a, b = ds[1][0], ds[1][0]
+    assert torch.equal(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][0], a)
+
+
+def test_pe_centred_sampling_hits_pe_windows(store):
+    ds = WindowDataset(str(store), "train", True, crop=32, seed=0)
+    if not ds.positive_studies:
+        pytest.skip("no positive training study in this small cohort")
+    ds.augment = type(ds.augment)(pe_prob=1.0)
+    labels = [float(ds[i][1]) for i in range(len(ds))]
+    studies = {ds[i][2] for i in range(len(ds))}
+    assert studies <= set(ds.positive_studies)
+    assert np.mean(labels) > 0.5  # centred on PE slices, within +-12 slices of jitter
+
+
+def test_focal_loss_down_weights_easy_examples():
+    logits = torch.tensor([4.0, -4.0, 0.0])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    focal = torch.stack([binary_focal_loss(logits[i:i + 1], y[i:i + 1]) for i in range(3)])
+    p_t = torch.sigmoid(torch.tensor([4.0, 4.0, 0.0]))
+    assert torch.allclose(focal, (1 - p_t) ** 2 * bce)
+    assert torch.isclose(binary_focal_loss(logits, y, gamma=0.0), bce.mean())
+
+
+def test_study_metrics_use_the_max_window():
+    probs = np.array([0.1, 0.9, 0.2, 0.3, 0.05])
+    studies = np.array([0, 0, 1, 1, 2])
+    out = summarise([0, 1, 0, 0, 0], probs, studies, np.array([1, 0, 0]), "max")
+    assert out["study_auroc"] == 1.0 and out["studies"] == 3
+    mean = summarise([0, 1, 0, 0, 0], probs, studies, np.array([1, 0, 0]), "mean")
+    assert mean["study_auroc"] == 1.0
+    lo, hi = bootstrap_ci(np.array([0, 1] * 20), np.linspace(0, 1, 40), n=200)["auroc"]
+    assert 0 <= lo <= hi <= 1
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(total_steps=10, warmup_steps=2)
+    # step 7: progress 5/8 after warm-up, 0.5 * (1 + cos(5/8 pi)) = 0.309
+    assert [round(f(s), 3) for s in (0, 1, 2, 7, 10)] == [0.5, 1.0, 1.0, 0.309, 0.0]
+
+
+def run_cfg(store, out):
+    return config_from_dict({
+        "data": {"store": str(store), "crop": 32},
+        "model": {"name": "resnext3d_50", "stem": "sum"},
+        "transfer": {"strategy": "ttl", "cut": "layer1.0", "head": {"dropout": 0.2}},
+        "train": {"epochs": 3, "batch_size": 4, "workers": 0, "lr_new": 0.02,
+                  "lr_pretrained": 0.01, "warmup_epochs": 1, "seed": 7, "out_dir": str(out)},
+        "eval": {"bootstrap": 0}})
+
+
+def test_resume_after_interruption_gives_the_same_run(store, tmp_path):
+    straight = tmp_path / "straight"
+    train_run(run_cfg(store, tmp_path), straight, progress=False)
+    broken = tmp_path / "broken"
+    train_run(run_cfg(store, tmp_path), broken, progress=False, stop_after_epoch=0)
+    with pytest.raises(ValueError, match="a run is already there"):
+        train_run(run_cfg(store, tmp_path), broken, progress=False)
+    train_run(run_cfg(store, tmp_path), broken, resume=True, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=True)["model_state"]
+    b = torch.load(broken / "last.pt", weights_only=True)["model_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (straight, broken)]
+    assert len(lines[0]) == len(lines[1]) == 3
+    for x, y in zip(*lines, strict=True):
+        assert x["train_loss"] == y["train_loss"] and x["lr"] == y["lr"]
+        assert (x["val_study_auroc"] == y["val_study_auroc"]
+                or (math.isnan(x["val_study_auroc"]) and math.isnan(y["val_study_auroc"])))
+    assert (straight / "config.yaml").read_text() == (broken / "config.yaml").read_text()
+    assert lines[0][0]["lr"][0] < lines[0][1]["lr"][0] or lines[0][2]["lr"][0] < lines[0][1]["lr"][0]
+
+
+def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
+    from volttl.train.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    train_run(run_cfg(store, tmp_path), run, progress=False)
+    metrics = evaluate_run(run, "test", bootstrap=50)
+    saved = json.loads((run / "metrics_test.json").read_text())
+    assert saved["studies"] == metrics["studies"] > 0
+    assert "| test |" in (run / "metrics_test.md").read_text()
+    assert (run / "predictions_test.csv").read_text().count("\n") == metrics["studies"] + 1

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedule, losses, metrics, the loop, checkpoints."""

@@ -1,0 +1,188 @@
+"""`volttl train`: one run from a config to a run dir, resumable after a kill.
+
+SGD (momentum, weight decay) over two parameter groups (pretrained at ``lr_pretrained``,
+new at ``lr_new``), linear warm-up then cosine annealing per optimiser step, focal loss
+or BCE, gradient accumulation; bf16 autocast and channels_last_3d on a GPU. After every
+epoch: validation study-level AUROC, ``last.pt`` (always) and ``best.pt`` (when the
+AUROC improves), a line in ``metrics.jsonl``, TensorBoard scalars when available.
+
+Resuming restores model, optimiser, schedule and the epoch counter; every random draw
+is keyed on (seed, epoch), so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from volttl.config import Config, config_to_dict, config_to_yaml
+from volttl.data import WindowDataset
+from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+from volttl.train.losses import make_loss
+from volttl.train.metrics import summarise
+from volttl.transfer import TransferSetup, build_transfer_model
+
+log = logging.getLogger("volttl.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR factor per optimiser step: linear warm-up, then cosine down to zero."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_setup(cfg: Config) -> TransferSetup:
+    t = cfg.transfer
+    window = None if t.head.pool else (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
+    return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
+                                stem=cfg.model.stem, pretrained=cfg.model.pretrained, init=t.init,
+                                width=t.width, pool=t.head.pool, dropout=t.head.dropout, window=window)
+
+
+def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
+    d = cfg.data
+    train = WindowDataset(d.store, "train", True, d.crop, tuple(d.hu_clip), d.intensity_shift, seed=seed)
+    val = WindowDataset(d.store, "val", False, d.crop, tuple(d.hu_clip), d.intensity_shift)
+    return train, val
+
+
+def _loader(ds, batch_size: int, order, workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
+                                       pin_memory=device.type == "cuda",
+                                       persistent_workers=False)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, batch_size: int,
+            workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Window probabilities, window labels and window studies, in dataset order."""
+    model.eval()
+    probs, labels, studies = [], [], []
+    amp = device.type == "cuda"
+    for x, y, s in _loader(ds, batch_size, range(len(ds)), workers, device):
+        x = x.to(device, non_blocking=True)
+        if amp:
+            x = x.to(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)[:, 0]
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(y.numpy())
+        studies.append(s.numpy())
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(studies)
+
+
+def _summary_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+              stop_after_epoch: int | None = None) -> dict:
+    """Train one run into ``run_dir``; returns the best validation metrics."""
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    if (run_dir / "last.pt").exists() and not resume:
+        raise ValueError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    setup = build_setup(cfg)
+    model = setup.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
+                                momentum=tc.momentum, weight_decay=tc.weight_decay)
+    train_ds, val_ds = datasets(cfg, tc.seed)
+    steps_per_epoch = math.ceil(len(train_ds) / (tc.batch_size * tc.grad_accum))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
+    loss_fn = make_loss(tc.loss, tc.focal_gamma)
+    start_epoch, best = 0, {"study_auroc": -math.inf}
+    if resume and (run_dir / "last.pt").exists():
+        _, _, ckpt = read_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        start_epoch, best = int(ckpt["epoch"]) + 1, dict(ckpt["best"])
+        log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
+    writer = _summary_writer(run_dir)
+    amp = device.type == "cuda"
+    for epoch in range(start_epoch, tc.epochs):
+        train_ds.set_epoch(epoch)
+        torch.manual_seed(tc.seed * 100_003 + epoch)  # dropout, stochastic depth
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
+            tc.seed * 100_003 + epoch)).tolist()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        seen, t0, losses = 0, time.perf_counter(), []
+        bar = tqdm(_loader(train_ds, tc.batch_size, order, tc.workers, device), disable=not progress,
+                   desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
+        for step, (x, y, _) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if amp:
+                x = x.to(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)[:, 0]
+            loss = loss_fn(logits.float(), y) / tc.grad_accum
+            loss.backward()
+            if (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+            seen += len(x)
+            losses.append(loss.item() * tc.grad_accum)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
+                            lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                            win_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers)
+        val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                  "lr": [g["lr"] for g in optimizer.param_groups],
+                  "windows_per_s": seen / (time.perf_counter() - t0), **{f"val_{k}": v
+                                                                         for k, v in val.items()}}
+        improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
+        if improved:
+            best = {"epoch": epoch, **val}
+            save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=epoch)
+        save_checkpoint(run_dir / "last.pt", model, config=config_to_dict(cfg), epoch=epoch,
+                        optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best)
+        with (run_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key in ("train_loss", "val_study_auroc", "val_study_auprc", "val_window_auroc"):
+                if isinstance(record.get(key), float) and not math.isnan(record[key]):
+                    writer.add_scalar(key, record[key], epoch)
+            writer.flush()
+        log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
+                 val["study_auroc"], " (best)" if improved else "")
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    if writer is not None:
+        writer.close()
+    if not (run_dir / "best.pt").exists():  # validation AUROC undefined throughout
+        save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
+    return best

@@ -1,0 +1,54 @@
+"""Window- and study-level AUROC and AUPRC, with bootstrap 95% confidence intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def study_scores(window_probs: np.ndarray, window_studies: np.ndarray, how: str = "max"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per study (sorted by study index): the max (PENet) or mean of its window scores."""
+    studies = np.unique(window_studies)
+    agg = np.max if how == "max" else np.mean
+    return studies, np.asarray([agg(window_probs[window_studies == s]) for s in studies])
+
+
+def auroc_auprc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    if len(np.unique(labels)) < 2:
+        return float("nan"), float("nan")
+    return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+
+
+def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, n: int = 1000, seed: int = 0
+                 ) -> dict[str, tuple[float, float]]:
+    """Percentile 95% intervals over resamples of the cases (resamples of one class skipped)."""
+    rng = np.random.default_rng(seed)
+    roc, prc = [], []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[idx])) < 2:
+            continue
+        a, p = auroc_auprc(labels[idx], scores[idx])
+        roc.append(a)
+        prc.append(p)
+    if not roc:
+        return {"auroc": (float("nan"),) * 2, "auprc": (float("nan"),) * 2}
+    q = lambda v: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))  # noqa: E731
+    return {"auroc": q(roc), "auprc": q(prc)}
+
+
+def summarise(window_labels, window_probs, window_studies, study_labels, how="max",
+              bootstrap: int = 0, seed: int = 0) -> dict:
+    """Everything a run reports about one split."""
+    window_labels, window_probs = np.asarray(window_labels), np.asarray(window_probs)
+    studies, scores = study_scores(window_probs, np.asarray(window_studies), how)
+    labels = np.asarray(study_labels)[studies]
+    w_roc, w_prc = auroc_auprc(window_labels, window_probs)
+    s_roc, s_prc = auroc_auprc(labels, scores)
+    out = {"window_auroc": w_roc, "window_auprc": w_prc, "study_auroc": s_roc,
+           "study_auprc": s_prc, "studies": int(len(studies)), "windows": int(len(window_probs))}
+    if bootstrap:
+        ci = bootstrap_ci(labels, scores, bootstrap, seed)
+        out["study_auroc_ci"], out["study_auprc_ci"] = ci["auroc"], ci["auprc"]
+    return out
