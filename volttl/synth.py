@@ -157,12 +157,12 @@ def render_study(geo: Geometry, rng: np.random.Generator, positive: bool
     mask = np.zeros(geo.shape, dtype=np.uint8)
     if positive:
         candidates = [s for s in tree if s.level in ("central", "lobar")]
-        for k in rng.choice(len(candidates), size=int(rng.integers(1, 4)), replace=False):
+        for k in rng.choice(len(candidates), size=int(rng.integers(2, 4)), replace=False):
             seg = candidates[int(k)]
-            t0 = rng.uniform(0.1, 0.5)
-            t1 = min(1.0, t0 + rng.uniform(0.3, 0.5))
+            t0 = rng.uniform(0.05, 0.4)
+            t1 = min(1.0, t0 + rng.uniform(0.4, 0.6))
             a, b = seg.a + t0 * (seg.b - seg.a), seg.a + t1 * (seg.b - seg.a)
-            m = _tube_mask(geo, coords, a, b, 0.8 * seg.r)
+            m = _tube_mask(geo, coords, a, b, 0.85 * seg.r)
             if m is not None:
                 box, inside = m
                 hu[box][inside] = rng.uniform(20, 60)

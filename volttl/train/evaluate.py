@@ -24,7 +24,8 @@ def load_run(run_dir: str | Path, which: str = "best.pt"):
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.model.pretrained = ""  # the run's own weights replace the pretrained ones
     quiet = logging.getLogger("volttl.transfer")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         setup = build_setup(cfg)
     finally:
