@@ -2,9 +2,9 @@
 
 OpenCV for the in-plane step (PENet's own interpolation, and fast) and numpy for the
 slice axis, so worker processes stay light (no torch import). In-plane shrinking is
-exact area averaging; enlarging and slice resampling are linear. Every step maps output pixel centres to
-input coordinates by an affine rule, which is recorded so that maps computed on the
-stored grid can be taken back to the original one.
+exact area averaging; enlarging and slice resampling are linear. Every step maps output
+pixel centres to input coordinates by an affine rule, which is recorded so that maps
+computed on the stored grid can be taken back to the original one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 
-def _linear(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+def linear_along(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
     """Linear interpolation of ``a`` at fractional ``coords`` along ``axis`` (clamped)."""
     n = a.shape[axis]
     coords = np.clip(coords, 0.0, n - 1)
@@ -82,5 +82,5 @@ def resample_to_store(hu: np.ndarray, slice_spacing: float, thickness: float, si
     grid = stored_grid(hu.shape, slice_spacing, thickness, size)
     out = resize_inplane(hu, size)
     if grid.num_slices != hu.shape[0] or grid.scale_k != 1.0:
-        out = _linear(out, 0, grid.original_slice_of(np.arange(grid.num_slices)))
+        out = linear_along(out, 0, grid.original_slice_of(np.arange(grid.num_slices)))
     return np.clip(np.rint(out), -32768, 32767).astype(np.int16), grid

@@ -75,6 +75,7 @@ def process_study(row: StudyRow, store: str, thickness: float, size: int, window
         "pe_slices": np.flatnonzero(flags).astype(np.int32),
         "pe_slices_original": np.asarray(row.pe_slices, dtype=np.int32),
         "source": row.path, "source_kind": vol.source_kind, "settings": settings,
+        "series_uid": row.extras.get("series_uid") or "",
         "slice_thickness": thickness, "size": size,
         "original_shape": np.asarray(geo.shape, dtype=np.int64),
         "original_spacing": np.asarray(geo.spacing), "original_origin": np.asarray(geo.origin),

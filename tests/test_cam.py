@@ -1,0 +1,217 @@
+"""Grad-CAM overlays: geometry checked against pydicom/nibabel directly, and the files `cam` writes."""
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from volttl.config import config_from_dict
+from volttl.explain.gradcam import WindowGradCAM, default_target_layer, stitch_study, window_starts
+from volttl.explain.regrid import to_original_grid
+from volttl.explain.run import cam_run, overlay_on_original
+from volttl.io.nifti import write_nifti
+from volttl.preprocess.run import preprocess
+from volttl.train.loop import train_run
+
+from .conftest import shared_path, small_config
+
+SIZE, THICKNESS = 48, 2.0
+
+
+@pytest.fixture(scope="module")
+def store(cohort, tmp_path_factory):
+    path = tmp_path_factory.mktemp("camstore") / "s.h5"
+    assert not preprocess(small_config(cohort, path, size=SIZE, slice_thickness=THICKNESS),
+                          progress=False).failed
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory):
+    """A tiny trained model: one epoch of TTL on ResNeXt3D-50 after its first block."""
+    out = tmp_path_factory.mktemp("camrun")
+    cfg = config_from_dict({
+        "data": {"store": str(store), "crop": 40},
+        "model": {"name": "resnext3d_50"},
+        "transfer": {"strategy": "ttl", "cut": "layer1.0"},
+        "train": {"epochs": 1, "batch_size": 4, "workers": 0, "seed": 1, "out_dir": str(out)},
+        "eval": {"bootstrap": 0}, "cam": {"batch_size": 3}})
+    train_run(cfg, out / "run", progress=False)
+    # one epoch leaves the head's sign arbitrary, and Grad-CAM of a model that finds no positive
+    # evidence anywhere is all zero; positive head weights make every window's map non-trivial
+    best = out / "run" / "best.pt"
+    ckpt = torch.load(best, weights_only=False)
+    ckpt["model_state"]["fc.weight"] = ckpt["model_state"]["fc.weight"].abs()
+    torch.save(ckpt, best)
+    return out / "run"
+
+
+def _dicom_world_ras(folder: Path, ijk: np.ndarray) -> np.ndarray:
+    """RAS mm of original voxel (i, j, k), from the DICOM tags alone (pydicom, no volttl)."""
+    slices = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")]
+    slices = [d for d in slices if "AXIAL" in list(d.ImageType)]
+    row, col = (np.array(d, dtype=float) for d in np.split(np.array(slices[0].ImageOrientationPatient,
+                                                                      dtype=float), 2))
+    normal = np.cross(row, col)
+    slices.sort(key=lambda d: float(np.dot(np.array(d.ImagePositionPatient, dtype=float), normal)))
+    first = np.array(slices[0].ImagePositionPatient, dtype=float)
+    step = np.array(slices[1].ImagePositionPatient, dtype=float) - first
+    dy, dx = (float(v) for v in slices[0].PixelSpacing)  # (row spacing, column spacing)
+    i, j, k = ijk
+    lps = first + i * dx * row + j * dy * col + k * step
+    return lps * np.array([-1.0, -1.0, 1.0])
+
+
+def test_a_hot_region_lands_on_the_same_world_coordinates(cohort, store, tmp_path):
+    """synth001 is a DICOM series on a rotated grid with anisotropic voxels and an offset origin."""
+    with h5py.File(store, "r") as f:
+        attrs = dict(f["studies/synth001"].attrs)
+        stored_shape = f["studies/synth001/hu"].shape
+    assert not np.allclose(np.asarray(attrs["original_direction"]), np.eye(3))
+    hot = np.zeros(stored_shape, dtype=np.float32)
+    s0, r0, c0 = stored_shape[0] // 2, 30, 9  # off-centre and asymmetric: a transpose would show
+    hot[s0: s0 + 2, r0: r0 + 4, c0: c0 + 3] = 1.0
+    cam_map, geo = overlay_on_original(hot, attrs)
+    write_nifti(cam_map, geo, tmp_path / "hot.nii.gz")
+
+    img = nib.load(tmp_path / "hot.nii.gz")
+    data = np.asarray(img.dataobj)  # (i, j, k)
+    idx = np.argwhere(data > 0.5)
+    written = (img.affine @ np.append(idx.mean(axis=0), 1.0))[:3]
+    # where that box is, by the preprocessing rule: stored (c, r, s) -> original (i, j, k)
+    n, rows, cols = (int(v) for v in attrs["original_shape"])
+    dz = float(attrs["original_spacing"][2])
+    centre = np.array([c0 + 1.0, r0 + 1.5, s0 + 0.5])
+    ijk = np.array([(centre[0] + 0.5) * cols / SIZE - 0.5, (centre[1] + 0.5) * rows / SIZE - 0.5,
+                    centre[2] * THICKNESS / dz])
+    expected = _dicom_world_ras(Path(str(attrs["source"])), ijk)
+    voxel = np.asarray(img.header.get_zooms()[:3])
+    assert np.abs(written - expected).max() < voxel.max()
+    assert data.shape == (cols, rows, n) and data.dtype == np.float32
+
+
+def test_regrid_is_separable_linear_interpolation():
+    stored = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    s2o = np.diag([2.0, 1.0, 3.0, 1.0])
+    s2o[0, 3] = 0.5  # original i = 2 c + 0.5
+    out = to_original_grid(stored, s2o, (4, 3, 8))
+    assert out.shape == (4, 3, 8)
+    np.testing.assert_allclose(out[0, :, 0], stored[0, :, 0])  # i = 0 -> c = -0.25, clamped
+    np.testing.assert_allclose(out[0, 1, 4], stored[0, 1, 1] * 0.25 + stored[0, 1, 2] * 0.75)  # c = 1.75
+    np.testing.assert_allclose(out[3, 2, 2], stored[1, 2, 0] * 0.25 + stored[1, 2, 1] * 0.75)
+
+
+def test_window_starts_cover_the_study_like_evaluation():
+    assert window_starts(20, 8, 4) == [0, 4, 8, 12, 16]
+    assert window_starts(5, 8, 4) == [0, 4]
+    assert set(window_starts(20, 8, 4)) >= {0, 8, 16}  # the evaluation windows are among them
+
+
+@pytest.mark.parametrize("name,strategy,cut", [("resnext3d_50", "ttl", "layer2"),
+                                               ("penet", "tf", "encoders.1"),
+                                               ("resnext3d_50", "lwft", "layer1")])
+def test_default_target_layer_is_the_last_unit_for_any_strategy(name, strategy, cut):
+    from volttl.transfer import build_transfer_model
+
+    setup = build_transfer_model(name, strategy, cut)
+    model = setup.model
+    layer = default_target_layer(model)
+    assert layer == model.units[-1].paths[0]
+    cam = WindowGradCAM(model, "")
+    maps, probs = cam(torch.randn(2, 1, 8, 32, 32))
+    assert maps.shape == (2, 8, 32, 32) and probs.shape == (2,)
+    assert 0 <= maps.min() and maps.max() <= 1
+    grads = cam._cam.activations_and_grads.gradients  # the positive logit reached the layer
+    assert len(grads) == 1 and np.abs(np.asarray(grads[0])).max() > 0
+
+
+def test_stitching_weights_windows_by_probability():
+    class Fixed:
+        """A CAM stand-in: window maps hot at their first slice, fixed probabilities."""
+
+        target_layer = "x"
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x):
+            maps = np.zeros((len(x), *x.shape[2:]), dtype=np.float32)
+            maps[:, 0] = 1.0
+            probs = np.array([0.9 if self.calls == 0 and i == 0 else 0.1 for i in range(len(x))])
+            self.calls += 1
+            return maps, probs
+
+    hu = np.zeros((16, 20, 20), dtype=np.int16)
+    out = stitch_study(hu, Fixed(), window=8, crop=12, stride=4, batch_size=8)
+    assert out.starts == [0, 4, 8, 12]
+    m = out.stored_map
+    assert m.shape == (16, 20, 20) and m.max() == pytest.approx(1.0)
+    assert m[0, 10, 10] == pytest.approx(1.0)  # the 0.9 window
+    assert m[4, 10, 10] == pytest.approx(0.1 / 0.9 / 2, rel=1e-5)  # a 0.1 window, over two
+    assert (m[:, :4] == 0).all() and (m[:, :, 16:] == 0).all()  # outside the centre crop
+
+
+def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
+    records = cam_run(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False)
+    rows = {r["study_id"]: r for r in csv.DictReader(open(cohort))}
+    preds = {}
+    from volttl.train.evaluate import evaluate_run
+
+    for split in ("train", "val", "test"):
+        evaluate_run(run, split, bootstrap=0)
+        with open(run / f"predictions_{split}.csv") as fh:
+            preds.update({r["study_id"]: float(r["probability"]) for r in csv.DictReader(fh)})
+    for rec in records:
+        sid = rec["study_id"]
+        cam = nib.load(tmp_path / "cam" / f"{sid}_cam.nii.gz")
+        data = np.asarray(cam.dataobj)
+        assert data.dtype == np.float32 and 0 <= data.min() and data.max() == pytest.approx(1.0)
+        source = Path(cohort).parent / rows[sid]["path"]
+        if source.suffix == ".gz":  # a NIfTI source: the overlay carries its exact shape and affine
+            ct = nib.load(source)
+            assert "ct" not in rec["files"]
+        else:  # DICOM: the CT is written beside it, on the same grid
+            ct = nib.load(tmp_path / "cam" / rec["files"]["ct"])
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(source)))
+            assert ct.shape == sitk.GetArrayFromImage(reader.Execute()).T.shape
+        assert cam.shape == ct.shape
+        np.testing.assert_allclose(cam.affine, ct.affine, atol=1e-4)
+        peak = np.unravel_index(np.argmax(data), data.shape)
+        np.testing.assert_allclose((cam.affine @ np.append(peak, 1.0))[:3], rec["peak_ras_mm"], atol=1e-2)
+        assert rec["probability"] == pytest.approx(preds[sid], abs=1e-4)  # the study score evaluate gives
+        assert (tmp_path / "cam" / f"{sid}_cam.png").stat().st_size > 1000
+        saved = json.loads((tmp_path / "cam" / f"{sid}_cam.json").read_text())
+        assert saved["target_layer"] == "layer1.0" and saved["files"]["cam"] == f"{sid}_cam.nii.gz"
+    text = (tmp_path / "cam" / "cam_summary.json").read_text()
+    assert "Synthetic" not in text and "SYNPID" not in text  # no patient tag travels along
+    with pytest.raises(ValueError, match="no study nope"):
+        cam_run(run, tmp_path / "cam2", studies=["nope"], progress=False)
+
+
+def test_real_ct_overlay_has_the_cts_shape_and_affine(run, tmp_path):
+    path = shared_path("data", "real_ct", "lung1_image.nrrd")
+    manifest = tmp_path / "real.csv"
+    manifest.write_text(f"study_id,path,label,split,pe_slices\nlung1,{path},0,test,\n")
+    store = tmp_path / "real.h5"
+    assert not preprocess(small_config(manifest, store, size=SIZE, slice_thickness=5.0),
+                          progress=False).failed
+    records = cam_run(run, tmp_path / "cam", overrides=[f"data.store={store}"], progress=False)
+    assert [r["study_id"] for r in records] == ["lung1"]
+    cam = nib.load(tmp_path / "cam" / "lung1_cam.nii.gz")
+    img = sitk.ReadImage(str(path))
+    assert cam.shape == sitk.GetArrayFromImage(img).T.shape == (512, 512, 48)
+    lps = np.eye(4)  # the NRRD's own geometry, straight from SimpleITK
+    lps[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    np.testing.assert_allclose(cam.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, atol=1e-4)
+    ct = nib.load(tmp_path / "cam" / "lung1_ct.nii.gz")
+    np.testing.assert_array_equal(np.asarray(ct.dataobj), sitk.GetArrayFromImage(img).T)
+
