@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,15 @@ def test_demo_config_matches_configs_folder():
 
     top = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert top.read_text() == demo_config_text()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "pe.yaml", "rsna_pe.yaml"])
+def test_shipped_configs_load_under_the_schema(name):
+    from volttl.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_config(path)
+    assert Path(cfg.data.store).is_absolute()  # paths resolved against the config's folder
+    if name != "demo.yaml":
+        assert (cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut) == ("resnext3d_101", "ttl", "layer3")
+        assert cfg.train.repeats == 3 and cfg.preprocess.window == 24 and cfg.data.crop == 192

@@ -2,16 +2,20 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from volttl.config import config_from_dict
+from volttl.config import config_from_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.dataset import normalise
 from volttl.preprocess.run import preprocess
-from volttl.train.loop import train_run, warmup_cosine
+from volttl.train.loop import build_setup, train_run, warmup_cosine
 from volttl.train.losses import binary_focal_loss
 from volttl.train.metrics import bootstrap_ci, summarise
 
@@ -56,11 +60,18 @@ def test_pe_centred_sampling_hits_pe_windows(store):
     ds = WindowDataset(str(store), "train", True, crop=32, seed=0)
     if not ds.positive_studies:
         pytest.skip("no positive training study in this small cohort")
-    ds.augment = type(ds.augment)(pe_prob=1.0)
-    labels = [float(ds[i][1]) for i in range(len(ds))]
-    studies = {ds[i][2] for i in range(len(ds))}
-    assert studies <= set(ds.positive_studies)
-    assert np.mean(labels) > 0.5  # centred on PE slices, within +-12 slices of jitter
+    ds.augment = type(ds.augment)(pe_prob=1.0, pe_jitter=0)
+    expected = {}  # without jitter: the window centred on the middle of the PE slices
+    for s in ds.positive_studies:
+        pe = ds.pe_slices[s]
+        start = max(0, (int(pe.min()) + int(pe.max())) // 2 - ds.window // 2)
+        expected[s] = int(((pe >= start) & (pe < start + ds.window)).sum() >= ds.min_pe)
+    items = [ds[i] for i in range(len(ds))]
+    assert {s for _, _, s in items} <= set(ds.positive_studies)
+    assert all(int(y) == expected[s] for _, y, s in items)
+    assert any(int(y) == 1 for _, y, _ in items)
+    ds.augment = type(ds.augment)(pe_prob=1.0, pe_jitter=12)
+    assert {ds[i][2] for i in range(len(ds))} <= set(ds.positive_studies)
 
 
 def test_focal_loss_down_weights_easy_examples():
@@ -132,3 +143,52 @@ def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
     assert saved["studies"] == metrics["studies"] > 0
     assert "| test |" in (run / "metrics_test.md").read_text()
     assert (run / "predictions_test.csv").read_text().count("\n") == metrics["studies"] + 1
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
+    """torchrun, gloo backend: both replicas train on their shards and agree exactly."""
+    cfg = run_cfg(store, tmp_path)
+    cfg.train.epochs, cfg.train.device = 2, "cpu"
+    (tmp_path / "ddp.yaml").write_text(config_to_yaml(cfg))
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(worker), str(tmp_path / "ddp.yaml"),
+                           str(tmp_path / "run"), str(tmp_path / "w")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"w_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(a[k], saved[k]) for k in a)
+    torch.manual_seed(cfg.train.seed)
+    init = build_setup(cfg).model.state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a if k.endswith("weight"))  # it trained
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # rank 0 alone writes the run dir
+
+
+def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):
+    from volttl.train.repeats import evaluate_repeats, train_repeats
+
+    cfg = run_cfg(store, tmp_path)
+    cfg.train.epochs, cfg.train.repeats = 1, 2
+    summary = train_repeats(cfg, tmp_path / "group", progress=False)
+    assert summary["seeds"] == [7, 8] and summary["runs"] == ["seed7", "seed8"]
+    a = torch.load(tmp_path / "group/seed7/last.pt", weights_only=True)["model_state"]
+    b = torch.load(tmp_path / "group/seed8/last.pt", weights_only=True)["model_state"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # different seeds, different runs
+    values = [x["study_auroc"] for x in summary["best"] if not math.isnan(x["study_auroc"])]
+    if len(values) == 2:
+        assert summary["val_study_auroc"]["mean"] == pytest.approx(np.mean(values))
+        assert summary["val_study_auroc"]["std"] == pytest.approx(np.std(values, ddof=1))
+    before = (tmp_path / "group/seed7/last.pt").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="already there"):
+        train_repeats(cfg, tmp_path / "group", progress=False)
+    again = train_repeats(cfg, tmp_path / "group", resume=True, progress=False)
+    assert (tmp_path / "group/seed7/last.pt").stat().st_mtime_ns == before  # finished: skipped
+    assert again["best"] == summary["best"]
+    test = evaluate_repeats(tmp_path / "group", "test")
+    table = (tmp_path / "group/metrics_test.md").read_text()
+    assert "| seed7 |" in table and "| mean +- std |" in table
+    assert test["study_auroc"]["n"] <= 2 and set(test["runs"]) == {"seed7", "seed8"}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 NOT_BUILT = {
-    "cam": "issue #6 (Grad-CAM overlays)",
     "search": "issue #7 (cut-point search)",
     "svcca": "issue #7 (SVCCA)",
     "pipeline": "issue #7 (pipelines)",
@@ -150,31 +150,59 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def default_run_dir(cfg) -> Path:
     t = cfg.transfer
     cut = f"_{t.cut}" if t.strategy != "ftl" else ""
-    return Path(cfg.train.out_dir) / f"{cfg.model.name}_{t.strategy}{cut}_seed{cfg.train.seed}"
+    first, n = cfg.train.seed, cfg.train.repeats
+    seeds = f"{first}" if n == 1 else f"{first}-{first + n - 1}"
+    return Path(cfg.train.out_dir) / f"{cfg.model.name}_{t.strategy}{cut}_seed{seeds}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from volttl.preprocess.store import open_store
     from volttl.train.loop import train_run
+    from volttl.train.repeats import train_repeats
 
     cfg = _load(args)
     open_store(cfg.data.store).close()  # fail before any work when the store is missing
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CommandError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if cfg.train.repeats > 1:
+        summary = train_repeats(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+        auroc = summary["val_study_auroc"]
+        if main:
+            print(f"runs: {run_dir}/seed*; best validation study AUROC {auroc['mean']:.3f} +- "
+                  f"{auroc['std']:.3f} over {auroc['n']} seeds")
+        return 0
     best = train_run(cfg, run_dir, resume=args.resume, progress=not args.quiet)
-    print(f"run: {run_dir}; best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
-          f" at epoch {best.get('epoch', -1) + 1}")
+    if main:
+        print(f"run: {run_dir}; best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
+              f" at epoch {best.get('epoch', -1) + 1}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from volttl.train.evaluate import evaluate_run
+    from volttl.train.repeats import evaluate_repeats, is_repeat_group
 
+    if is_repeat_group(args.run):
+        evaluate_repeats(args.run, args.split)
+        print((Path(args.run) / f"metrics_{args.split}.md").read_text().strip())
+        return 0
     metrics = evaluate_run(args.run, args.split)
     print((Path(args.run) / f"metrics_{args.split}.md").read_text().strip())
     print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
           f"in {args.run}" if metrics["studies"] else "")
+    return 0
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from volttl.explain.run import cam_run
+
+    records = cam_run(args.run, args.out, args.study or None, args.split, args.set, progress=not args.quiet)
+    for r in records:
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, peak at RAS "
+              f"({', '.join(f'{v:.1f}' for v in r['peak_ras_mm'])}) mm")
+    print(f"{len(records)} overlays in {args.out} (open <study>_cam.nii.gz over the CT in 3D Slicer)")
     return 0
 
 
@@ -258,8 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("cam", help="3D Grad-CAM overlays as NIfTI on the original CT grid",
+                       description="Grad-CAM of a run's best model over each study's windows, "
+                       "written as <study>_cam.nii.gz on the original CT grid (plus the CT as "
+                       "NIfTI for DICOM sources, a PNG preview and a JSON with the peak).")
+    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    p.add_argument("--study", action="append", default=[], metavar="ID",
+                   help="study id; repeatable (default: every study of --split)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="folder for the overlays")
+    p.add_argument("--set", action="append", default=[], metavar="cam.KEY=VALUE",
+                   help="override a key of the run's config, e.g. cam.stride=4; repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cam)
+
     helps = {
-        "cam": "3D Grad-CAM overlays as NIfTI on the original CT grid",
         "search": "two-stage cut-point search and the results table",
         "svcca": "SVCCA feature reuse per cut point",
         "pipeline": "run a multi-step study from a YAML file",

@@ -58,7 +58,8 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    pool: bool = True
+    pool: Literal["avg", "max", "flatten"] = "avg"
+    norm: bool = False
     dropout: float = 0.0
 
 
@@ -112,6 +113,18 @@ class ProfileConfig:
 
 
 @dataclass
+class CamConfig:
+    """How `volttl cam` computes and writes Grad-CAM overlays."""
+
+    target_layer: str = ""  # module path; "" = the last unit before the head
+    stride: int = 0  # slices between windows; 0 = half a window
+    stitch: Literal["mean", "max"] = "mean"
+    batch_size: int = 4
+    write_ct: bool = True  # the CT as NIfTI beside the overlay, for non-NIfTI sources
+    preview: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -120,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
 
 
 # Keys holding file paths, resolved against the config file's folder.

@@ -4,11 +4,11 @@ Each study is an analytic thorax phantom in LPS millimetres (body, fat, lungs ar
 -850 HU, mediastinum, heart, spine, aorta, and a contrast-filled pulmonary arterial
 tree from the trunk into both lungs), sampled on its own scanner-like grid (0.6-0.8 mm
 pixels, 1.0-2.5 mm slices, non-zero origin, some grids rotated). Positive studies have
-emboli: filling defects of +20..+60 HU inside central or lobar arteries over a run of
-slices. Half the studies are written as DICOM series (one file per slice, random file
-names, InstanceNumber running against position, a scout image beside one series, fake
-patient tags), the rest as NIfTI. A lesion mask per study and ``manifest.csv`` go with
-them. Everything is deterministic for a seed.
+emboli: filling defects of +20..+60 HU over a run of slices, one in a central artery
+and one to three more in central or lobar arteries. Half the studies are written as DICOM
+series (one file per slice, random file names, InstanceNumber running against position,
+a scout image beside one series, fake patient tags), the rest as NIfTI. A lesion mask
+per study and ``manifest.csv`` go with them. Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -108,17 +108,17 @@ def _arterial_tree(rng, centre: np.ndarray, half: np.ndarray) -> list[Segment]:
 
     ax = half[0]
     bif = p(0.0, -0.05, 0.15)
-    segs = [Segment(p(0.12, -0.35, -0.55), bif, 0.10 * ax, "central")]
+    segs = [Segment(p(0.12, -0.35, -0.55), bif, 0.14 * ax, "central")]
     for side in (-1.0, 1.0):
         hilum = p(side * 0.38, 0.05, 0.12)
-        segs.append(Segment(bif, hilum, 0.075 * ax, "central"))
+        segs.append(Segment(bif, hilum, 0.10 * ax, "central"))
         for end in (p(side * 0.5, -0.05, 0.75), p(side * 0.62, -0.15, -0.1),
                     p(side * 0.45, 0.25, -0.75)):
-            segs.append(Segment(hilum, end, 0.05 * ax, "lobar"))
+            segs.append(Segment(hilum, end, 0.07 * ax, "lobar"))
             for _ in range(2):
                 tip = end + np.array([side * rng.uniform(0.05, 0.15), rng.uniform(-0.15, 0.15),
                                       rng.uniform(-0.2, 0.2)]) * half
-                segs.append(Segment(end, tip, 0.03 * ax, "segmental"))
+                segs.append(Segment(end, tip, 0.035 * ax, "segmental"))
     return segs
 
 
@@ -156,13 +156,18 @@ def render_study(geo: Geometry, rng: np.random.Generator, positive: bool
             hu[box][inside] = contrast
     mask = np.zeros(geo.shape, dtype=np.uint8)
     if positive:
-        candidates = [s for s in tree if s.level in ("central", "lobar")]
-        for k in rng.choice(len(candidates), size=int(rng.integers(2, 4)), replace=False):
-            seg = candidates[int(k)]
-            t0 = rng.uniform(0.05, 0.4)
-            t1 = min(1.0, t0 + rng.uniform(0.4, 0.6))
+        # one embolus in a central artery (saddle or main), one to three more central or lobar
+        central = [s for s in tree if s.level == "central"]
+        others = [s for s in tree if s.level in ("central", "lobar")]
+        first = central[int(rng.integers(len(central)))]
+        rest = [s for s in others if s is not first]
+        picks = [first] + [rest[int(k)] for k in rng.choice(len(rest), size=int(rng.integers(1, 4)),
+                                                             replace=False)]
+        for seg in picks:
+            t0 = rng.uniform(0.05, 0.25)
+            t1 = min(1.0, t0 + rng.uniform(0.55, 0.75))
             a, b = seg.a + t0 * (seg.b - seg.a), seg.a + t1 * (seg.b - seg.a)
-            m = _tube_mask(geo, coords, a, b, 0.85 * seg.r)
+            m = _tube_mask(geo, coords, a, b, 0.9 * seg.r)
             if m is not None:
                 box, inside = m
                 hu[box][inside] = rng.uniform(20, 60)

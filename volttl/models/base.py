@@ -68,6 +68,7 @@ class Backbone3D(nn.Module):
         self.units: list[Unit] = []
         self.frozen_units = 0
         self.head_pool: nn.Module = nn.AdaptiveAvgPool3d(1)
+        self.head_norm: nn.Module = nn.Identity()
         self.head_dropout: nn.Module = nn.Identity()
 
     # ---- declared by each backbone -------------------------------------------------
@@ -102,7 +103,7 @@ class Backbone3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
-        x = torch.flatten(self.head_pool(x), 1)
+        x = self.head_norm(torch.flatten(self.head_pool(x), 1))
         return self.get_submodule(self.head_path)(self.head_dropout(x))
 
     def feature_channels(self) -> int:
@@ -172,21 +173,30 @@ class Backbone3D(nn.Module):
             m.eval()  # keeps BatchNorm running statistics of frozen units fixed
         return self
 
-    def replace_head(self, num_outputs: int, pool: bool = True, dropout: float = 0.0,
-                     window: tuple[int, int, int] | None = None) -> nn.Linear:
-        """A new linear head on the current last unit: pooled, or on the flattened map
-        (``pool=False``, which needs the input window ``(D, H, W)``)."""
+    def replace_head(self, num_outputs: int, pool: str = "avg", dropout: float = 0.0,
+                     window: tuple[int, int, int] | None = None, norm: bool = False) -> nn.Linear:
+        """A new linear head on the current last unit: global average pooling (the papers),
+        global max pooling (a small lesion is not averaged away over the whole window), or
+        the flattened map (``pool="flatten"``, which needs the input window ``(D, H, W)``).
+        ``norm`` puts a BatchNorm1d before the linear layer: pooled ReLU features are large
+        and all positive, which makes a single-logit head unstable at a backbone's
+        learning rate when the backbone trains from scratch."""
         channels = self.feature_channels()
-        if pool:
+        if pool == "avg":
             self.head_pool, in_features = nn.AdaptiveAvgPool3d(1), channels
+        elif pool == "max":
+            self.head_pool, in_features = nn.AdaptiveMaxPool3d(1), channels
+        elif pool != "flatten":
+            raise ValueError(f"head.pool '{pool}' is not one of avg, max, flatten")
         else:
             if window is None:
-                raise ValueError("head.pool: false needs the window size")
+                raise ValueError("head.pool: flatten needs the window size")
             self.head_pool = nn.Identity()
             device = next(self.parameters()).device
             with torch.no_grad():
                 probe = self.forward_features(torch.zeros(1, self.in_channels, *window, device=device))
             in_features = probe[0].numel()
+        self.head_norm = nn.BatchNorm1d(in_features) if norm else nn.Identity()
         self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         head = nn.Linear(in_features, num_outputs)
         self._set_module(self.head_path, head)

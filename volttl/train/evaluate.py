@@ -12,7 +12,8 @@ import yaml
 
 from volttl.config import config_from_dict
 from volttl.models.checkpoints import read_checkpoint
-from volttl.train.loop import build_setup, predict, resolve_device
+from volttl.train.distributed import resolve_device
+from volttl.train.loop import build_setup, predict
 from volttl.train.metrics import study_scores, summarise
 
 

@@ -9,6 +9,10 @@ AUROC improves), a line in ``metrics.jsonl``, TensorBoard scalars when available
 Resuming restores model, optimiser, schedule and the epoch counter; every random draw
 is keyed on (seed, epoch), so a resumed run ends with the same weights as an
 uninterrupted one.
+
+Under ``torchrun`` each process trains a DistributedDataParallel replica on its shard of
+the windows (``train.batch_size`` is per process); validation is sharded too and
+gathered, so every rank sees the same metrics; only rank 0 writes the run dir.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +31,12 @@ from tqdm import tqdm
 from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
 from volttl.transfer import TransferSetup, build_transfer_model
 
 log = logging.getLogger("volttl.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -53,10 +53,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 def build_setup(cfg: Config) -> TransferSetup:
     t = cfg.transfer
-    window = None if t.head.pool else (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
+    window = None if t.head.pool != "flatten" else (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
     return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
                                 stem=cfg.model.stem, pretrained=cfg.model.pretrained, init=t.init,
-                                width=t.width, pool=t.head.pool, dropout=t.head.dropout, window=window)
+                                width=t.width, pool=t.head.pool, dropout=t.head.dropout, window=window,
+                                head_norm=t.head.norm)
 
 
 def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
@@ -74,12 +75,16 @@ def _loader(ds, batch_size: int, order, workers: int, device: torch.device):
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, batch_size: int,
-            workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Window probabilities, window labels and window studies, in dataset order."""
+            workers: int = 0, dist: DistContext | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Window probabilities, window labels and window studies, in dataset order (each
+    rank of a distributed run predicts every world-th window; all get the whole)."""
+    dist = dist or DistContext(device=device)
     model.eval()
     probs, labels, studies = [], [], []
     amp = device.type == "cuda"
-    for x, y, s in _loader(ds, batch_size, range(len(ds)), workers, device):
+    order = list(range(dist.rank, len(ds), dist.world))
+    for x, y, s in _loader(ds, batch_size, order, workers, device):
         x = x.to(device, non_blocking=True)
         if amp:
             x = x.to(memory_format=torch.channels_last_3d)
@@ -88,7 +93,15 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(y.numpy())
         studies.append(s.numpy())
-    return np.concatenate(probs), np.concatenate(labels), np.concatenate(studies)
+    parts = [np.concatenate(v) if v else np.zeros(0) for v in (probs, labels, studies)]
+    if not dist.active:
+        return parts[0], parts[1], parts[2]
+    shards = dist.gather((order, *parts))
+    out = [np.zeros(len(ds), dtype=p.dtype) for p in parts]
+    for idx, *values in shards:
+        for o, v in zip(out, values, strict=True):
+            o[idx] = v
+    return out[0], out[1], out[2].astype(np.int64)
 
 
 def _summary_writer(run_dir: Path):
@@ -102,13 +115,29 @@ def _summary_writer(run_dir: Path):
 def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
               stop_after_epoch: int | None = None) -> dict:
     """Train one run into ``run_dir``; returns the best validation metrics."""
+    return train_model(cfg, run_dir, resume, progress, stop_after_epoch)[0]
+
+
+def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                stop_after_epoch: int | None = None) -> tuple[dict, torch.nn.Module]:
+    """:func:`train_run`, also returning the trained model (this process's replica)."""
     run_dir = Path(run_dir)
     tc = cfg.train
     if (run_dir / "last.pt").exists() and not resume:
         raise ValueError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    device = resolve_device(tc.device)
+    dist = init_distributed(tc.device)
+    try:
+        return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_epoch: int | None,
+           dist: DistContext) -> tuple[dict, torch.nn.Module]:
+    tc, device = cfg.train, dist.device
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     torch.manual_seed(tc.seed)
     setup = build_setup(cfg)
     model = setup.model.to(device)
@@ -117,7 +146,9 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: 
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay)
     train_ds, val_ds = datasets(cfg, tc.seed)
-    steps_per_epoch = math.ceil(len(train_ds) / (tc.batch_size * tc.grad_accum))
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
+                                                  shuffle=True, seed=tc.seed)
+    steps_per_epoch = math.ceil(len(sampler) / (tc.batch_size * tc.grad_accum))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
@@ -129,60 +160,76 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: 
         schedule.load_state_dict(ckpt["schedule"])
         start_epoch, best = int(ckpt["epoch"]) + 1, dict(ckpt["best"])
         log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
-    writer = _summary_writer(run_dir)
+    replica = model
+    if dist.active:
+        replica = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = _summary_writer(run_dir) if dist.is_main else None
     amp = device.type == "cuda"
     for epoch in range(start_epoch, tc.epochs):
         train_ds.set_epoch(epoch)
-        torch.manual_seed(tc.seed * 100_003 + epoch)  # dropout, stochastic depth
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
-            tc.seed * 100_003 + epoch)).tolist()
-        model.train()
+        sampler.set_epoch(epoch)
+        torch.manual_seed(tc.seed * 100_003 + epoch * dist.world + dist.rank)  # dropout, drop-path
+        replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []
-        bar = tqdm(_loader(train_ds, tc.batch_size, order, tc.workers, device), disable=not progress,
+        bar = tqdm(_loader(train_ds, tc.batch_size, sampler, tc.workers, device), disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         for step, (x, y, _) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if amp:
                 x = x.to(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)[:, 0]
-            loss = loss_fn(logits.float(), y) / tc.grad_accum
-            loss.backward()
-            if (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar):
+            stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
+            # gradients are averaged across ranks only on the micro-batch that steps
+            with replica.no_sync() if dist.active and not stepping else nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = replica(x)[:, 0]
+                loss = loss_fn(logits.float(), y) / tc.grad_accum
+                loss.backward()
+            if stepping:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
-            seen += len(x)
+            seen += len(x) * dist.world
             losses.append(loss.item() * tc.grad_accum)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                             lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
                             win_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers)
+        elapsed = time.perf_counter() - t0
+        dist.sync_buffers(model)
+        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers, dist)
         val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+        record = {"epoch": epoch, "train_loss": dist.mean(float(np.mean(losses))),
                   "lr": [g["lr"] for g in optimizer.param_groups],
-                  "windows_per_s": seen / (time.perf_counter() - t0), **{f"val_{k}": v
-                                                                         for k, v in val.items()}}
+                  "windows_per_s": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
         improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
         if improved:
             best = {"epoch": epoch, **val}
-            save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=epoch)
-        save_checkpoint(run_dir / "last.pt", model, config=config_to_dict(cfg), epoch=epoch,
-                        optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best)
-        with (run_dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key in ("train_loss", "val_study_auroc", "val_study_auprc", "val_window_auroc"):
-                if isinstance(record.get(key), float) and not math.isnan(record[key]):
-                    writer.add_scalar(key, record[key], epoch)
-            writer.flush()
+        if dist.is_main:
+            _write_epoch(run_dir, cfg, model, optimizer, schedule, epoch, best, record, improved, writer)
+        dist.barrier()  # no rank runs ahead of the checkpoint it might resume from
         log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
                  val["study_auroc"], " (best)" if improved else "")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if writer is not None:
         writer.close()
-    if not (run_dir / "best.pt").exists():  # validation AUROC undefined throughout
+    if dist.is_main and not (run_dir / "best.pt").exists():  # validation AUROC undefined throughout
         save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
-    return best
+    return best, model
+
+
+def _write_epoch(run_dir: Path, cfg: Config, model, optimizer, schedule, epoch: int, best: dict,
+                 record: dict, improved: bool, writer) -> None:
+    """Checkpoints (atomic), a metrics.jsonl line and TensorBoard scalars for one epoch."""
+    if improved:
+        save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=epoch)
+    save_checkpoint(run_dir / "last.pt", model, config=config_to_dict(cfg), epoch=epoch,
+                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best)
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key in ("train_loss", "val_study_auroc", "val_study_auprc", "val_window_auroc"):
+            if isinstance(record.get(key), float) and not math.isnan(record[key]):
+                writer.add_scalar(key, record[key], epoch)
+        writer.flush()

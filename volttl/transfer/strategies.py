@@ -11,6 +11,7 @@
 Weights that are not loaded are initialised ``kaiming`` (default), ``meanvar``
 (Transfusion: i.i.d. normal with the mean and variance of the pretrained layer of the
 same name), or ``random`` (no pretrained weights anywhere: the from-scratch baseline).
+The new linear head itself always starts at normal(0, 0.01) weights and zero bias.
 Only the backbone's declared units, cut points and block builder are used here.
 """
 
@@ -82,10 +83,19 @@ def meanvar_init(model: nn.Module, prefixes: list[str], reference: dict[str, tor
     return done
 
 
+def init_head(head: nn.Linear) -> None:
+    """Small normal weights (std 0.01) and zero bias: every study starts near the same
+    output, so early steps are not spent undoing large random logits (He-normal on a
+    head over max-pooled or wide features gives logits of +-10 and more)."""
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+
+
 def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int = 1,
-                   width: float = 0.5, init: str = "kaiming", pool: bool = True,
+                   width: float = 0.5, init: str = "kaiming", pool: str = "avg",
                    dropout: float = 0.0, window: tuple[int, int, int] | None = None,
-                   pretrained_state: dict[str, torch.Tensor] | None = None) -> TransferSetup:
+                   head_norm: bool = False, pretrained_state: dict[str, torch.Tensor] | None = None
+                   ) -> TransferSetup:
     """Turn a (pretrained) full backbone into the model a strategy trains."""
     if strategy not in STRATEGIES:
         raise ValueError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
@@ -100,10 +110,10 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     elif strategy == "tf":
         new_prefixes = model.rebuild_after(keep, width)
         kaiming_init([model.get_submodule(p) for p in new_prefixes])
-    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, window=window)
-    kaiming_init([head])
+    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, window=window, norm=head_norm)
+    init_head(head)
     _focal_prior_bias(model, head)
-    new_prefixes.append(model.head_path)
+    new_prefixes += [model.head_path] + (["head_norm"] if head_norm else [])
     if init == "meanvar":
         meanvar_init(model, new_prefixes, pretrained_state or {})
     if strategy == "lwft":
@@ -129,8 +139,9 @@ def _focal_prior_bias(model: Backbone3D, head: nn.Linear) -> None:
 
 def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_outputs: int = 1,
                          stem: str = "sum", pretrained: str = "", init: str = "kaiming",
-                         width: float = 0.5, pool: bool = True, dropout: float = 0.0,
-                         window: tuple[int, int, int] | None = None) -> TransferSetup:
+                         width: float = 0.5, pool: str = "avg", dropout: float = 0.0,
+                         window: tuple[int, int, int] | None = None,
+                         head_norm: bool = False) -> TransferSetup:
     """Build the backbone, load its weights (unless ``init: random``), apply the strategy."""
     spec = get_backbone_spec(model_name)
     if strategy != "ftl":
@@ -146,4 +157,4 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
     else:
         log.warning("no model.pretrained given: the backbone starts from its own initialisation")
     return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, window,
-                          reference)
+                          head_norm, reference)

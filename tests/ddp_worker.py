@@ -1,0 +1,14 @@
+"""Started by torchrun from test_train.py: train one run, then save this rank's weights."""
+
+import os
+import sys
+
+import torch
+
+from volttl.config import load_config
+from volttl.train.loop import train_model
+
+if __name__ == "__main__":
+    config, run_dir, out_prefix = sys.argv[1:4]
+    _, model = train_model(load_config(config), run_dir, progress=False)
+    torch.save(model.state_dict(), f"{out_prefix}_rank{os.environ['RANK']}.pt")

@@ -1,0 +1,96 @@
+"""``train.repeats: N``: the same setting trained with N seeds, reported as mean +- std.
+
+The TTL paper reports every table entry as the mean and standard deviation of three
+runs. A repeat group is a folder with one run dir per seed (``seed<S>/``, seeds
+``train.seed`` .. ``train.seed + N - 1``) and ``repeats.json``. Finished seeds are
+skipped and an interrupted one is resumed, so a killed group continues where it stopped.
+The standard deviation is the sample one (ddof 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from volttl.config import Config
+from volttl.models.checkpoints import read_checkpoint
+
+SUMMARY = "repeats.json"
+REPORTED = ("study_auroc", "study_auprc", "window_auroc", "window_auprc")
+
+
+def seed_configs(cfg: Config) -> list[Config]:
+    """One single-run config per seed."""
+    out = []
+    for i in range(cfg.train.repeats):
+        one = copy.deepcopy(cfg)
+        one.train.seed, one.train.repeats = cfg.train.seed + i, 1
+        out.append(one)
+    return out
+
+
+def is_repeat_group(path: str | Path) -> bool:
+    return (Path(path) / SUMMARY).is_file()
+
+
+def finished_epochs(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def mean_std(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
+                  progress: bool = True) -> dict:
+    """Train every seed of the group; returns (and writes) the summary of best validation
+    metrics per seed with their mean and std."""
+    from volttl.train.loop import train_run
+
+    group_dir = Path(group_dir)
+    configs = seed_configs(cfg)
+    runs = [group_dir / f"seed{c.train.seed}" for c in configs]
+    if not resume and any((r / "last.pt").exists() for r in runs):
+        raise ValueError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
+    best = []
+    for one, run in zip(configs, runs, strict=True):
+        if finished_epochs(run) >= one.train.epochs:  # done before: its best is in last.pt
+            best.append(dict(read_checkpoint(run / "last.pt")[2]["best"]))
+            continue
+        best.append(train_run(one, run, resume=(run / "last.pt").exists(), progress=progress))
+    summary = {"seeds": [c.train.seed for c in configs], "runs": [r.name for r in runs],
+               "best": best, **{f"val_{k}": mean_std([b.get(k, float("nan")) for b in best])
+                                for k in REPORTED}}
+    group_dir.mkdir(parents=True, exist_ok=True)
+    (group_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_repeats(group_dir: str | Path, split: str = "test") -> dict:
+    """Evaluate each seed's best model; write the group's ``metrics_<split>.json`` and a
+    markdown table with one row per seed and the mean +- std."""
+    from volttl.train.evaluate import evaluate_run
+
+    group_dir = Path(group_dir)
+    runs = json.loads((group_dir / SUMMARY).read_text())["runs"]
+    per_run = {name: evaluate_run(group_dir / name, split) for name in runs}
+    summary = {"split": split, "runs": per_run,
+               **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED}}
+    (group_dir / f"metrics_{split}.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| run | studies | study AUROC | study AUPRC | window AUROC |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, m in per_run.items():
+        lines.append(f"| {name} | {m['studies']} | {m['study_auroc']:.3f} | {m['study_auprc']:.3f} "
+                     f"| {m['window_auroc']:.3f} |")
+    fmt = lambda k: f"{summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}"  # noqa: E731
+    lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} |")
+    (group_dir / f"metrics_{split}.md").write_text("\n".join(lines) + "\n")
+    return summary
