@@ -166,6 +166,8 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a if k.endswith("weight"))  # it trained
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # rank 0 alone writes the run dir
+    log_lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert sum("val study AUROC" in line for line in log_lines) == 2  # one per epoch, rank 0 only
 
 
 def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):

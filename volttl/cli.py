@@ -10,12 +10,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-NOT_BUILT = {
-    "search": "issue #7 (cut-point search)",
-    "svcca": "issue #7 (SVCCA)",
-    "pipeline": "issue #7 (pipelines)",
-}
-
 
 class CommandError(Exception):
     """A failure to report to the user in one line."""
@@ -35,7 +29,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from volttl.synth import synth_cohort
 
-    manifest = synth_cohort(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix)
+    manifest = synth_cohort(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix,
+                            workers=args.workers)
     print(f"wrote {args.studies} synthetic studies; manifest: {manifest}")
     return 0
 
@@ -95,6 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import yaml
 
     from volttl.config import apply_overrides, config_from_dict
+    from volttl.explain.localisation import localisation
+    from volttl.explain.run import cam_run
     from volttl.preprocess.run import preprocess
     from volttl.synth import synth_cohort
     from volttl.train.evaluate import evaluate_run
@@ -107,24 +104,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = config_from_dict(raw, work)
     t0 = time.perf_counter()
-    print(f"[1/4] synthetic cohort ({args.studies} studies) -> {work / 'synth'}")
+    print(f"[1/5] synthetic cohort ({args.studies} studies) -> {work / 'synth'}")
     if not (work / "synth" / "manifest.csv").exists():
-        synth_cohort(work / "synth", studies=args.studies, seed=args.seed)
-    print(f"[2/4] preprocess -> {cfg.data.store}")
+        synth_cohort(work / "synth", studies=args.studies, seed=args.seed, matrix=args.matrix,
+                     workers=cfg.preprocess.workers)
+    print(f"[2/5] preprocess -> {cfg.data.store}")
     summary = preprocess(cfg)
     print(summary.line())
     if summary.failed:
         return 1
     run_dir = work / "runs" / "demo"
-    print(f"[3/4] train {cfg.model.name}, {cfg.transfer.strategy.upper()} at {cfg.transfer.cut}, "
+    print(f"[3/5] train {cfg.model.name}, {cfg.transfer.strategy.upper()} at {cfg.transfer.cut}, "
           f"no pretrained weights -> {run_dir}")
     best = train_run(cfg, run_dir, resume=(run_dir / "last.pt").exists())
     print(f"best validation study AUROC {best.get('study_auroc', float('nan')):.3f}")
-    print("[4/4] evaluate on the test split")
+    print("[4/5] evaluate on the test split")
     metrics = evaluate_run(run_dir, "test")
     print((run_dir / "metrics_test.md").read_text().strip())
+    cam_dir = work / "cam"
+    print(f"[5/5] Grad-CAM overlays of the test studies -> {cam_dir}")
+    records = cam_run(run_dir, cam_dir, split="test")
+    found = localisation(cam_dir, cfg.data.manifest, records)
+    print(found.line())
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
-          f"{metrics['study_auroc']:.3f} over {metrics['studies']} studies; run dir {run_dir}")
+          f"{metrics['study_auroc']:.3f} over {metrics['studies']} studies; run dir {run_dir}; "
+          f"open {cam_dir}/<study>_cam.nii.gz over the CT in 3D Slicer")
     return 0
 
 
@@ -200,15 +204,43 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
     records = cam_run(args.run, args.out, args.study or None, args.split, args.set, progress=not args.quiet)
     for r in records:
-        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, peak at RAS "
-              f"({', '.join(f'{v:.1f}' for v in r['peak_ras_mm'])}) mm")
+        peak = r["peak_ras_mm"]
+        where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else "all-zero map"
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, {where}")
     print(f"{len(records)} overlays in {args.out} (open <study>_cam.nii.gz over the CT in 3D Slicer)")
     return 0
 
 
-def cmd_not_built(args: argparse.Namespace) -> int:
-    print(f"volttl {args.command}: not built yet, see {NOT_BUILT[args.command]}", file=sys.stderr)
-    return 2
+def cmd_search(args: argparse.Namespace) -> int:
+    from volttl.search import search_run
+
+    cfg = _load(args)
+    search_run(cfg, progress=not args.quiet)
+    print((Path(cfg.search.out_dir) / "search_table.md").read_text().strip())
+    print(f"table: {Path(cfg.search.out_dir) / 'search_table.md'} (.csv, .json); every trial: trials.csv")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from volttl.pipeline import run_pipeline
+
+    report = run_pipeline(args.file, progress=not args.quiet)
+    print(report.read_text().strip())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_svcca(args: argparse.Namespace) -> int:
+    from volttl.analysis.reuse import svcca_run
+
+    rec = svcca_run(args.run, args.out, args.split, args.windows, args.max_points, args.level,
+                    args.threshold, cuts=args.cut or None, progress=not args.quiet)
+    print(f"{'cut point':<26} {'mean SVCCA':>10} {'random':>8} {'overlap':>8}")
+    for r in rec["cuts"]:
+        print(f"{r['cut']:<26} {r['mean']:>10.3f} {r['random_mean']:>8.3f} {r['overlap']:>8.2f}")
+    print(f"suggested cut: {rec['suggested_cut'] or 'none (reuse does not stop before the last cut)'}; "
+          f"{Path(args.out) if args.out else Path(args.run) / 'svcca'}/svcca.json")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=40, help="number of studies (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--matrix", type=int, default=160, help="in-plane pixels (default 160)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("preprocess", help="manifest -> HDF5 window store")
@@ -258,11 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="manifest CSV to write")
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("demo", help="synth -> preprocess -> train -> evaluate on a synthetic cohort")
+    p = sub.add_parser("demo", help="synth -> preprocess -> train -> evaluate -> cam on a synthetic cohort")
     p.add_argument("--workdir", default="demo_work", help="folder for everything (default demo_work)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key of the demo config; repeatable")
-    p.add_argument("--studies", type=int, default=40, help="synthetic studies (default 40)")
+    p.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
+    p.add_argument("--matrix", type=int, default=96, help="their in-plane pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
 
@@ -300,24 +334,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cam)
 
-    helps = {
-        "search": "two-stage cut-point search and the results table",
-        "svcca": "SVCCA feature reuse per cut point",
-        "pipeline": "run a multi-step study from a YAML file",
-    }
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=f"{text} (not built yet)",
-                           description=f"{text}. Not built yet: {NOT_BUILT[name]}.")
-        p.set_defaults(func=cmd_not_built)
+    p = sub.add_parser("search", help="two-stage cut-point search and the Table-2 style results table",
+                       description="Stage 1: each search.strategies at every block cut; stage 2: the "
+                       "layer cuts within search.radius of each stage-1 winner (by validation study "
+                       "AUROC, mean over train.repeats); FTL and PENet baselines. Writes "
+                       "search_table.{md,csv,json} and trials.csv to search.out_dir; finished trials "
+                       "are skipped on a rerun.")
+    with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("pipeline", help="run a multi-step study from a YAML file (pipelines/)",
+                       description="Run the steps of a pipeline file (synth, manifest, preprocess, "
+                       "search, svcca, cam, report) in order; steps whose outputs exist are skipped, "
+                       "so a killed pipeline is rerun with the same command.")
+    p.add_argument("file", help="pipeline YAML, e.g. pipelines/demo_table.yaml")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("svcca", help="SVCCA feature reuse per cut point, and the suggested cut",
+                       description="SVCCA between the features before and after finetuning at each "
+                       "cut point of a run (validation windows), against two random feature sets; "
+                       "writes svcca.json and svcca.png and suggests the cut where reuse stops "
+                       "(TTL paper, Appendix C.1).")
+    p.add_argument("--run", required=True, help="run dir written by `volttl train` (FTL for the paper's use)")
+    p.add_argument("--out", help="output folder (default RUN/svcca)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--windows", type=int, default=64, help="windows to take features from (default 64)")
+    p.add_argument("--max-points", type=int, default=8192, help="positions per cut point (default 8192)")
+    p.add_argument("--level", default="block", choices=["block", "layer", "all"],
+                   help="which cut points (default block)")
+    p.add_argument("--cut", action="append", default=[], metavar="NAME",
+                   help="only these cut points; repeatable (see `volttl cuts`)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="overlap with the random baseline that marks the cut (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_svcca)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in NOT_BUILT:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:

@@ -85,6 +85,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     warmup_epochs: int = 0
+    clip_grad_norm: float = 0.0  # 0 = no clipping; else the max total gradient norm per step
     loss: Literal["focal", "bce"] = "focal"
     focal_gamma: float = 2.0
     seed: int = 0
@@ -116,12 +117,30 @@ class ProfileConfig:
 class CamConfig:
     """How `volttl cam` computes and writes Grad-CAM overlays."""
 
+    method: Literal["gradcam", "hirescam", "gradcam++", "layercam"] = "gradcam"
     target_layer: str = ""  # module path; "" = the last unit before the head
     stride: int = 0  # slices between windows; 0 = half a window
     stitch: Literal["mean", "max"] = "mean"
     batch_size: int = 4
     write_ct: bool = True  # the CT as NIfTI beside the overlay, for non-NIfTI sources
     preview: bool = True
+
+
+@dataclass
+class SearchConfig:
+    """`volttl search`: the two-stage cut-point search (TTL paper, section 3.2)."""
+
+    strategies: list[str] = field(default_factory=lambda: ["tf", "lwft", "ttl"])
+    block_cuts: list[str] = field(default_factory=list)  # [] = every block cut of the backbone
+    radius: int = 3  # stage 2: layer cuts within this many blocks of the stage-1 winner
+    baselines: list[str] = field(default_factory=lambda: ["ftl", "penet"])
+    penet_pretrained: str = ""  # PENet's Kinetics checkpoint for the PENet baseline
+    backend: Literal["sequential", "gpus", "ray"] = "sequential"
+    gpus: int = 0  # gpus backend: how many local GPUs (0 = all visible)
+    ray_address: str = ""  # ray backend: "" starts a local Ray; "auto" or host:port joins a cluster
+    ray_gpus_per_trial: float = 1.0
+    out_dir: str = "search"
+    test_split: Literal["val", "test"] = "test"
 
 
 @dataclass
@@ -134,11 +153,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     cam: CamConfig = field(default_factory=CamConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 # Keys holding file paths, resolved against the config file's folder.
 PATH_KEYS = {("data", "manifest"), ("data", "store"), ("model", "pretrained"),
-             ("train", "out_dir"), ("profile", "out_dir")}
+             ("train", "out_dir"), ("profile", "out_dir"), ("search", "out_dir"),
+             ("search", "penet_pretrained")}
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -248,33 +248,50 @@ def _stratified_splits(studies: int, seed: int) -> list[str]:
     return splits
 
 
+def _write_study(out: Path, seed: int, index: int, matrix: int, split: str) -> StudyRow:
+    """Render and write study ``index``; deterministic for (seed, index), whichever process runs it."""
+    rng = np.random.default_rng([seed, index])
+    sid = f"synth{index:03d}"
+    positive = index % 2 == 1
+    geo = _grid_geometry(rng, index, matrix)
+    hu, mask = render_study(geo, rng, positive)
+    if index % 2 == 0 or index % 4 == 1:
+        path = Path("studies") / sid
+        write_dicom_series(hu, geo, out / path, rng, index, seed, with_scout=index == 0)
+    else:
+        path = Path("studies") / f"{sid}.nii.gz"
+        write_nifti(hu, geo, out / path)
+    mask_path = Path("masks") / f"{sid}_lesion.nii.gz"
+    write_nifti(mask, geo, out / mask_path)
+    pe = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)).tolist()
+    return StudyRow(sid, str(path), int(positive and bool(pe)), split, pe, {"mask": str(mask_path)})
+
+
 def synth_cohort(out: str | Path, studies: int = 40, seed: int = 0, matrix: int = 160,
-                 progress: bool = True) -> Path:
-    """Write the cohort under ``out``; returns the manifest path."""
+                 progress: bool = True, workers: int = 1) -> Path:
+    """Write the cohort under ``out`` (``workers`` processes); returns the manifest path."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     out = Path(out)
     (out / "studies").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     splits = _stratified_splits(studies, seed)
-    rows = []
-    for index in tqdm(range(studies), desc="synth", unit="study", disable=not progress):
-        rng = np.random.default_rng([seed, index])
-        sid = f"synth{index:03d}"
-        positive = index % 2 == 1
-        geo = _grid_geometry(rng, index, matrix)
-        hu, mask = render_study(geo, rng, positive)
-        if index % 2 == 0 or index % 4 == 1:
-            path = Path("studies") / sid
-            write_dicom_series(hu, geo, out / path, rng, index, seed, with_scout=index == 0)
-        else:
-            path = Path("studies") / f"{sid}.nii.gz"
-            write_nifti(hu, geo, out / path)
-        mask_path = Path("masks") / f"{sid}_lesion.nii.gz"
-        write_nifti(mask, geo, out / mask_path)
-        pe = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)).tolist()
-        rows.append(StudyRow(sid, str(path), int(positive and bool(pe)), str(splits[index]), pe,
-                             {"mask": str(mask_path)}))
+    jobs = [(out, seed, index, matrix, str(splits[index])) for index in range(studies)]
+    bar = tqdm(total=studies, desc="synth", unit="study", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_write_study, *job) for job in jobs]
+            for fut in futures:
+                fut.add_done_callback(lambda _: bar.update())
+            rows = [fut.result() for fut in futures]
+    else:
+        rows = []
+        for job in jobs:
+            rows.append(_write_study(*job))
+            bar.update()
+    bar.close()
     manifest = out / "manifest.csv"
     write_manifest(rows, manifest)
     return manifest

@@ -43,11 +43,17 @@ class StudyCAM:
 class WindowGradCAM:
     """Grad-CAM of a trained model's positive logit at one layer, for batches of windows."""
 
-    def __init__(self, model: Backbone3D, target_layer: str = "", device: torch.device | None = None):
-        from pytorch_grad_cam import GradCAM
+    def __init__(self, model: Backbone3D, target_layer: str = "", device: torch.device | None = None,
+                 method: str = "gradcam"):
+        import pytorch_grad_cam as pgc
+
+        methods = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
+                   "layercam": pgc.LayerCAM}
+        if method not in methods:
+            raise ValueError(f"cam.method '{method}' is not one of {', '.join(methods)}")
 
         self.device = device or torch.device("cpu")
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, memory_format=torch.channels_last_3d).eval()
         for p in self.model.parameters():  # gradients must reach the target layer (LWFT freezes)
             p.requires_grad_(True)
         self.target_layer = target_layer or default_target_layer(model)
@@ -55,13 +61,14 @@ class WindowGradCAM:
             layer = self.model.get_submodule(self.target_layer)
         except AttributeError:
             raise ValueError(f"cam.target_layer '{self.target_layer}' is not a module of the model") from None
-        self._cam = GradCAM(model=self.model, target_layers=[layer])
+        self.method = method
+        self._cam = methods[method](model=self.model, target_layers=[layer])
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Maps ``(N, D, H, W)`` in [0, 1] and probabilities ``(N,)`` for windows ``(N, 1, D, H, W)``."""
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-        maps = self._cam(input_tensor=x.to(self.device),
+        maps = self._cam(input_tensor=x.to(self.device).to(memory_format=torch.channels_last_3d),
                          targets=[BinaryClassifierOutputTarget(1)] * len(x))
         probs = torch.sigmoid(self._cam.outputs.detach().float()[:, 0]).cpu().numpy()
         return np.asarray(maps, dtype=np.float32), probs

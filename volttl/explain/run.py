@@ -101,8 +101,10 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
         files["preview"] = f"{sid}_cam.png"
     record = {
         "study_id": sid, "label": int(attrs["label"]), "probability": probability,
-        "aggregate": cfg.eval.aggregate, "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
-        "peak_voxel_ijk": [i, j, k] if has_peak else None, "target_layer": cam.target_layer,
+        "aggregate": cfg.eval.aggregate,
+        "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
+        "peak_voxel_ijk": [i, j, k] if has_peak else None,
+        "target_layer": cam.target_layer, "method": cam.method,
         "stride": cfg.cam.stride or max(1, window // 2), "stitch": cfg.cam.stitch,
         "window_starts": result.starts,
         "window_probabilities": [round(float(p), 5) for p in result.window_probs],
@@ -127,7 +129,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
     ids = select_studies(cfg.data.store, studies, split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device))
+    cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device), cfg.cam.method)
     records = []
     with h5py.File(cfg.data.store, "r") as f:
         for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):

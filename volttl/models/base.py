@@ -101,6 +101,16 @@ class Backbone3D(nn.Module):
             x = self.get_submodule(unit.paths[0])(x)
         return x
 
+    def unit_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map after every unit (the stem, then each block), in order: the
+        features at cut point ``c`` are ``unit_outputs(x)[c.keep - 1]``."""
+        if x.shape[1] == 1 and self.in_channels == 3:
+            x = x.expand(-1, 3, *x.shape[2:])
+        outputs = [self.stem_forward(x)]
+        for unit in self.units[1:]:
+            outputs.append(self.get_submodule(unit.paths[0])(outputs[-1]))
+        return outputs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         x = self.head_norm(torch.flatten(self.head_pool(x), 1))

@@ -2,9 +2,10 @@
 
 SGD (momentum, weight decay) over two parameter groups (pretrained at ``lr_pretrained``,
 new at ``lr_new``), linear warm-up then cosine annealing per optimiser step, focal loss
-or BCE, gradient accumulation; bf16 autocast and channels_last_3d on a GPU. After every
-epoch: validation study-level AUROC, ``last.pt`` (always) and ``best.pt`` (when the
-AUROC improves), a line in ``metrics.jsonl``, TensorBoard scalars when available.
+or BCE, gradient accumulation, optional gradient-norm clipping; channels_last_3d, and
+bf16 autocast on a GPU. After every epoch: validation study-level AUROC, ``last.pt``
+(always) and ``best.pt`` (when the AUROC improves), a line in ``metrics.jsonl``,
+TensorBoard scalars when available.
 
 Resuming restores model, optimiser, schedule and the epoch counter; every random draw
 is keyed on (seed, epoch), so a resumed run ends with the same weights as an
@@ -67,8 +68,9 @@ def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
     return train, val
 
 
-def _loader(ds, batch_size: int, order, workers: int, device: torch.device):
+def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop_last: bool = False):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
+                                       drop_last=drop_last,
                                        pin_memory=device.type == "cuda",
                                        persistent_workers=False)
 
@@ -85,9 +87,7 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
     amp = device.type == "cuda"
     order = list(range(dist.rank, len(ds), dist.world))
     for x, y, s in _loader(ds, batch_size, order, workers, device):
-        x = x.to(device, non_blocking=True)
-        if amp:
-            x = x.to(memory_format=torch.channels_last_3d)
+        x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)[:, 0]
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -126,9 +126,21 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     if (run_dir / "last.pt").exists() and not resume:
         raise ValueError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
     dist = init_distributed(tc.device)
+    root, handler = logging.getLogger("volttl"), None
+    level = root.level
+    if dist.is_main:  # everything volttl logs during the run also goes to <run>/train.log
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
     try:
         return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
     finally:
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+            root.setLevel(level)
         dist.close()
 
 
@@ -141,14 +153,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     torch.manual_seed(tc.seed)
     setup = build_setup(cfg)
     model = setup.model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
+    # channels_last_3d: faster convolutions on GPUs and also on CPUs (oneDNN), 1.5x here
+    model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay)
     train_ds, val_ds = datasets(cfg, tc.seed)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
                                                   shuffle=True, seed=tc.seed)
-    steps_per_epoch = math.ceil(len(sampler) / (tc.batch_size * tc.grad_accum))
+    # a last batch of one window cannot train BatchNorm (one value per channel): dropped
+    drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
+    batches = len(sampler) // tc.batch_size if drop_last else math.ceil(len(sampler) / tc.batch_size)
+    steps_per_epoch = math.ceil(batches / tc.grad_accum)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
@@ -173,12 +188,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []
-        bar = tqdm(_loader(train_ds, tc.batch_size, sampler, tc.workers, device), disable=not progress,
+        bar = tqdm(_loader(train_ds, tc.batch_size, sampler, tc.workers, device, drop_last),
+                   disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         for step, (x, y, _) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if amp:
-                x = x.to(memory_format=torch.channels_last_3d)
+            x = x.to(memory_format=torch.channels_last_3d)
             stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
             # gradients are averaged across ranks only on the micro-batch that steps
             with replica.no_sync() if dist.active and not stepping else nullcontext():
@@ -187,6 +202,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
                 loss = loss_fn(logits.float(), y) / tc.grad_accum
                 loss.backward()
             if stepping:
+                if tc.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()

@@ -1,0 +1,72 @@
+"""`volttl pipeline`: a tiny study from a YAML file, rerun with every step skipped."""
+
+import json
+
+import pytest
+import yaml
+
+from volttl.pipeline import PipelineError, run_pipeline
+from volttl.pipeline.runner import load_pipeline
+
+
+def _write(tmp_path, steps):
+    base = {"data": {"crop": 32},
+            "preprocess": {"slice_thickness": 2.0, "size": 40, "window": 8, "train_stride": 8,
+                           "min_pe_slices": 2, "workers": 1},
+            "model": {"name": "resnext3d_50"},
+            "train": {"epochs": 1, "batch_size": 4, "workers": 0},
+            "eval": {"bootstrap": 0},
+            "profile": {"input_size": [8, 32, 32], "repeats": 1, "warmup": 0}}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "tiny", "workdir": "work", "config": "configs/base.yaml",
+            "set": ["data.manifest=synth/manifest.csv", "data.store=store/s.h5", "train.out_dir=runs",
+                    "search.out_dir=search", "search.strategies=[ttl]", "search.block_cuts=[stem]",
+                    "search.radius=1", "search.baselines=[ftl]"],
+            "steps": steps}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_tiny_pipeline_runs_and_reruns_with_every_step_skipped(tmp_path):
+    path = _write(tmp_path, [{"synth": {"studies": 8, "matrix": 48, "workers": 1}}, {"preprocess": {}},
+                             {"search": {}}, {"svcca": {"row": "FTL", "windows": 8, "max_points": 800,
+                                                        "cuts": ["stem"]}},
+                             {"cam": {"row": "TTL-2"}}, {"report": {}}])
+    report = run_pipeline(path, progress=False)
+    work = tmp_path / "work"
+    assert report == work / "report.md"
+    text = report.read_text()
+    assert "| ResNeXt3D-50 | TTL-2 |" in text and "## SVCCA" in text and "## Grad-CAM" in text
+    assert (work / "search" / "search_table.csv").is_file() and (work / "svcca" / "svcca.png").is_file()
+    assert json.loads((work / "cam" / "cam_summary.json").read_text())  # overlays of the test split
+    assert "CAM peak inside the lesion mask" in text  # synthetic masks give localisation figures
+    run_pipeline(path, progress=False)
+    steps = json.loads((work / "report.json").read_text())["steps"]
+    outcomes = {s["step"]: s["outcome"] for s in steps}
+    assert outcomes["synth"].startswith("skipped") and outcomes["svcca"].startswith("skipped")
+    assert outcomes["cam"].startswith("skipped") and outcomes["preprocess"].startswith("0 preprocessed")
+    assert next(s for s in steps if s["step"] == "search")["seconds"] < 5  # every trial found done
+
+
+def test_bad_pipeline_files_fail_with_the_file_named(tmp_path):
+    path = _write(tmp_path, [{"train": {}}])
+    with pytest.raises(PipelineError, match="tiny.yaml: step .* is not one of"):
+        load_pipeline(path)
+    spec = yaml.safe_load(path.read_text())
+    spec["stepz"] = spec.pop("steps")
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(PipelineError, match="tiny.yaml: unknown key"):
+        load_pipeline(path)
+
+
+@pytest.mark.parametrize("name", ["demo_table.yaml", "pe_table2.yaml"])
+def test_shipped_pipelines_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / name
+    spec, work, cfg = load_pipeline(path)
+    assert cfg.data.store.startswith(str(work)) and cfg.search.out_dir == str(work / "search")
+    assert [next(iter(s)) for s in spec["steps"]][-3:] == ["svcca", "cam", "report"]
+    assert set(cfg.search.strategies) == {"tf", "lwft", "ttl"}

@@ -1,0 +1,6 @@
+"""The TTL paper's two-stage cut-point search and its results table (`volttl search`)."""
+
+from volttl.search.stages import search_run
+from volttl.search.trials import Trial, run_trial
+
+__all__ = ["Trial", "run_trial", "search_run"]

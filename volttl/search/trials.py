@@ -1,0 +1,121 @@
+"""One search trial: a (model, strategy, cut) setting trained over ``train.repeats`` seeds,
+evaluated on the test split, and profiled (parameters, MACs, latency).
+
+A trial lives in its own folder (a repeat group, see :mod:`volttl.train.repeats`) and
+ends by writing ``trial.json``; a trial whose ``trial.json`` holds the same config is
+skipped, so a killed search resumes where it stopped. ``run_trial`` takes and returns
+plain data so that any backend (this process, a subprocess per GPU, a Ray task) can run
+it: ``python -m volttl.search.trials CONFIG.json TRIAL_DIR`` runs one from a shell.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from volttl.config import Config, config_from_dict, config_to_dict
+
+RESULT = "trial.json"
+DISPLAY = {"resnext3d_50": "ResNeXt3D-50", "resnext3d_101": "ResNeXt3D-101",
+           "resnext3d_152": "ResNeXt3D-152", "penet": "PENet"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    model: str
+    strategy: str
+    cut: str  # "" for FTL
+    stage: str  # "baseline", "1" or "2"
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.strategy}_{self.cut or 'full'}"
+
+
+def trial_config(base: Config, trial: Trial, penet_pretrained: str = "") -> Config:
+    cfg = copy.deepcopy(base)
+    if trial.model != cfg.model.name:  # the PENet baseline
+        cfg.model.name = trial.model
+        cfg.model.pretrained = penet_pretrained
+    cfg.transfer.strategy = trial.strategy
+    cfg.transfer.cut = trial.cut or cfg.transfer.cut
+    return cfg
+
+
+def _fingerprint(cfg_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def profile_trial(cfg: Config) -> dict:
+    """P(M), MACs(G) and T(ms) of the trial's architecture at ``profile.input_size``."""
+    import torch
+
+    from volttl.analysis.complexity import count_macs, count_parameters, device_name, measure_latency
+    from volttl.transfer import build_transfer_model
+
+    t, p = cfg.transfer, cfg.profile
+    shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
+    quiet = logging.getLogger("volttl.transfer")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # architecture only, no weights
+    try:
+        model = build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
+                                     stem=cfg.model.stem, width=t.width, pool=t.head.pool,
+                                     window=tuple(p.input_size), head_norm=t.head.norm).model
+    finally:
+        quiet.setLevel(level)
+    device = torch.device(p.device)
+    model = model.to(device)
+    return {"params_m": count_parameters(model) / 1e6, "macs_g": count_macs(model, shape) / 1e9,
+            "latency_ms": measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
+            "device": device_name(device), "input": list(shape[1:])}
+
+
+def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
+    """Train, evaluate and profile one trial (or return its finished result)."""
+    from volttl.train.repeats import evaluate_repeats, train_repeats
+
+    trial_dir_path = Path(trial_dir)
+    done = trial_dir_path / RESULT
+    fingerprint = _fingerprint(cfg_dict)
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("fingerprint") == fingerprint:
+            return previous
+    cfg = config_from_dict(cfg_dict)
+    val = train_repeats(cfg, trial_dir_path, resume=True, progress=progress)
+    test = evaluate_repeats(trial_dir_path, cfg.search.test_split)
+    result = {"fingerprint": fingerprint, "model": cfg.model.name, "strategy": cfg.transfer.strategy,
+              "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
+              "dir": str(trial_dir_path), "seeds": val["seeds"],
+              "val_study_auroc": val["val_study_auroc"], "val_study_auprc": val["val_study_auprc"],
+              "test_split": cfg.search.test_split, "test_study_auroc": test["study_auroc"],
+              "test_study_auprc": test["study_auprc"], **profile_trial(cfg)}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(done)
+    return result
+
+
+def trial_job(base: Config, trial: Trial, out_dir: Path) -> tuple[dict, str]:
+    """The plain (config, folder) pair a backend needs for one trial."""
+    cfg = trial_config(base, trial, base.search.penet_pretrained)
+    return config_to_dict(cfg), str(out_dir / trial.name)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m volttl.search.trials CONFIG.json TRIAL_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_trial(json.loads(Path(argv[0]).read_text()), argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
