@@ -50,3 +50,28 @@ def test_shipped_configs_load_under_the_schema(name):
     if name != "demo.yaml":
         assert (cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut) == ("resnext3d_101", "ttl", "layer3")
         assert cfg.train.repeats == 3 and cfg.preprocess.window == 24 and cfg.data.crop == 192
+
+
+def test_train_fails_before_any_work_on_missing_files(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"data: {{store: {tmp_path / 'none.h5'}}}\ntrain: {{out_dir: {tmp_path / 'runs'}}}\n")
+    assert main(["train", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "none.h5" in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()  # no run dir started
+
+
+def test_train_fails_on_a_missing_pretrained_checkpoint(cohort, tmp_path, capsys):
+    from volttl.preprocess.run import preprocess
+
+    from .conftest import small_config
+
+    store = tmp_path / "s.h5"
+    assert not preprocess(small_config(cohort, store), progress=False).failed
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"data: {{store: {store}}}\nmodel: {{pretrained: {tmp_path / 'r101.pth'}}}\n"
+                   f"train: {{out_dir: {tmp_path / 'runs'}}}\n")
+    assert main(["train", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "r101.pth: pretrained checkpoint not found" in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()

@@ -73,12 +73,15 @@ def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
     return spec, work, cfg
 
 
-def _best_row(search_dir: Path, label: str) -> dict:
-    rows = json.loads((search_dir / "search_table.json").read_text())
-    for row in rows:
+def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
+    """The search table's row ``label`` (e.g. "TTL-2") and its first seed's run dir."""
+    table = Path(cfg.search.out_dir) / "search_table.json"
+    if not table.is_file():
+        raise PipelineError(f"{table}: no search table yet (a search step must come first)")
+    for row in json.loads(table.read_text()):
         if row["strategy"] == label:
-            return row
-    raise PipelineError(f"cam step: no '{label}' row in {search_dir / 'search_table.json'}")
+            return row, Path(row["dir"]) / f"seed{cfg.train.seed}"
+    raise PipelineError(f"{table}: no '{label}' row")
 
 
 def run_pipeline(path: str | Path, progress: bool = True) -> Path:
@@ -154,16 +157,20 @@ def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     return f"{len(rows)} table rows in {cfg.search.out_dir}/search_table.md"
 
 
+def _done(output: Path):
+    """A step's earlier JSON output and the 'skipped' outcome, or (None, "") to run it."""
+    if output.is_file():
+        return json.loads(output.read_text()), f"skipped: {output.name} exists"
+    return None, ""
+
+
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     from volttl.analysis.reuse import svcca_run
 
-    row = _best_row(Path(cfg.search.out_dir), args.get("row", "FTL"))
-    run = Path(row["dir"]) / f"seed{cfg.train.seed}"
+    _, run = _table_run(cfg, args.get("row", "FTL"))
     out = work / "svcca"
-    if (out / "svcca.json").is_file():
-        rec = json.loads((out / "svcca.json").read_text())
-        outcome = "skipped: svcca.json exists"
-    else:
+    rec, outcome = _done(out / "svcca.json")
+    if rec is None:
         rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
                         max_points=int(args.get("max_points", 8192)), cuts=args.get("cuts"),
                         progress=progress)
@@ -179,13 +186,10 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
     from volttl.explain.run import cam_run
 
     label = args.get("row", "TTL-2")
-    row = _best_row(Path(cfg.search.out_dir), label)
-    run = Path(row["dir"]) / f"seed{cfg.train.seed}"
+    row, run = _table_run(cfg, label)
     out = work / "cam"
-    if (out / "cam_summary.json").is_file():
-        records = json.loads((out / "cam_summary.json").read_text())
-        outcome = "skipped: cam_summary.json exists"
-    else:
+    records, outcome = _done(out / "cam_summary.json")
+    if records is None:
         records = cam_run(run, out, split=args.get("split", "test"), progress=progress)
         outcome = f"{len(records)} overlays of {label} ({row['cut']}) in {out}"
     report["cam"] = {"row": label, "run": str(run), "overlays": len(records)}
