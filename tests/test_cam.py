@@ -11,6 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from volttl.config import config_from_dict
 from volttl.explain.gradcam import WindowGradCAM, default_target_layer, stitch_study, window_starts
@@ -108,9 +109,10 @@ def test_regrid_is_separable_linear_interpolation():
     np.testing.assert_allclose(out[3, 2, 2], stored[1, 2, 0] * 0.25 + stored[1, 2, 1] * 0.75)
 
 
-def test_window_starts_cover_the_study_like_evaluation():
-    assert window_starts(20, 8, 4) == [0, 4, 8, 12, 16]
-    assert window_starts(5, 8, 4) == [0, 4]
+def test_window_starts_centre_a_window_on_every_slice():
+    assert window_starts(20, 8, 4) == [-4, 0, 4, 8, 12, 16]  # centres 0, 4, ..., 20
+    assert window_starts(5, 8, 4) == [-4, 0]
+    assert window_starts(1, 8, 4) == [-4]
     assert set(window_starts(20, 8, 4)) >= {0, 8, 16}  # the evaluation windows are among them
 
 
@@ -127,35 +129,82 @@ def test_default_target_layer_is_the_last_unit_for_any_strategy(name, strategy, 
     cam = WindowGradCAM(model, "")
     maps, probs = cam(torch.randn(2, 1, 8, 32, 32))
     assert maps.shape == (2, 8, 32, 32) and probs.shape == (2,)
-    assert 0 <= maps.min() and maps.max() <= 1
+    assert maps.min() >= 0
     grads = cam._cam.activations_and_grads.gradients  # the positive logit reached the layer
     assert len(grads) == 1 and np.abs(np.asarray(grads[0])).max() > 0
 
 
+def test_window_maps_are_grad_cam_without_per_window_rescaling():
+    """Grad-CAM by its definition (ReLU of the activations weighted by their spatially
+    averaged gradients), computed here with plain hooks, and kept on one scale across
+    windows: a window's map is not stretched to [0, 1] on its own."""
+    from volttl.transfer import build_transfer_model
+
+    torch.manual_seed(0)
+    model = build_transfer_model("resnext3d_50", "ttl", "layer1").model.eval()
+    x = torch.randn(3, 1, 8, 32, 32)
+    maps, probs = WindowGradCAM(model, "layer1.2")(x)
+    with pytest.raises(ValueError, match="'layer1' is not called by the model's forward"):
+        WindowGradCAM(model, "layer1")(x)  # a container the forward pass never calls
+
+    store = {}
+    layer = model.get_submodule("layer1.2")
+    h1 = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
+    model.zero_grad()
+    logits = model(x)
+    act = store["act"]
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), act)
+    h1.remove()
+    weights = grad.mean(dim=(2, 3, 4), keepdim=True)
+    expected = torch.relu((weights * act).sum(1, keepdim=True))
+    expected = F.interpolate(expected, size=(8, 32, 32), mode="trilinear", align_corners=False)[:, 0].detach()
+    np.testing.assert_allclose(maps, expected.numpy(), rtol=1e-3, atol=1e-5 * float(expected.max()))
+    np.testing.assert_allclose(probs, torch.sigmoid(logits[:, 0]).detach().numpy(), rtol=1e-5)
+    peaks = maps.reshape(3, -1).max(1)
+    assert peaks.max() > 0 and not np.allclose(peaks, peaks.max())  # windows keep their own scale
+
+
+class _FlatCAM:
+    """A CAM stand-in: every window's map is 1 everywhere; the first window has p = 0.9,
+    the others 0.1. It also records what each window was given."""
+
+    target_layer = "x"
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, x):
+        self.inputs.extend(x.numpy())
+        probs = np.array([0.9 if len(self.inputs) - len(x) + i == 0 else 0.1 for i in range(len(x))])
+        return np.ones((len(x), *x.shape[2:]), dtype=np.float32), probs
+
+
 def test_stitching_weights_windows_by_probability():
-    class Fixed:
-        """A CAM stand-in: window maps hot at their first slice, fixed probabilities."""
-
-        target_layer = "x"
-
-        def __init__(self):
-            self.calls = 0
-
-        def __call__(self, x):
-            maps = np.zeros((len(x), *x.shape[2:]), dtype=np.float32)
-            maps[:, 0] = 1.0
-            probs = np.array([0.9 if self.calls == 0 and i == 0 else 0.1 for i in range(len(x))])
-            self.calls += 1
-            return maps, probs
-
-    hu = np.zeros((16, 20, 20), dtype=np.int16)
-    out = stitch_study(hu, Fixed(), window=8, crop=12, stride=4, batch_size=8)
-    assert out.starts == [0, 4, 8, 12]
+    hu = np.full((16, 20, 20), 500, dtype=np.int16)
+    fake = _FlatCAM()
+    out = stitch_study(hu, fake, window=8, crop=12, stride=4, batch_size=8, blend="constant")
+    assert out.starts == [-4, 0, 4, 8, 12]
     m = out.stored_map
     assert m.shape == (16, 20, 20) and m.max() == pytest.approx(1.0)
-    assert m[0, 10, 10] == pytest.approx(1.0)  # the 0.9 window
-    assert m[4, 10, 10] == pytest.approx(0.1 / 0.9 / 2, rel=1e-5)  # a 0.1 window, over two
+    # slices 0-3: the 0.9 window and a 0.1 window, averaged -> 0.5, the peak
+    np.testing.assert_allclose(m[0:4, 10, 10], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(m[4:16, 10, 10], 0.1 / 0.5, rtol=1e-5)  # two 0.1 windows
     assert (m[:, :4] == 0).all() and (m[:, :, 16:] == 0).all()  # outside the centre crop
+    first = fake.inputs[0][0]  # the window starting 4 slices before the study: air there
+    assert np.allclose(first[:4], first[0, 0, 0]) and first[:4].max() < first[4:].min()
+
+
+def test_gaussian_blending_favours_the_window_whose_centre_a_slice_is_near():
+    from monai.data.utils import compute_importance_map
+
+    hu = np.zeros((16, 20, 20), dtype=np.int16)
+    m = stitch_study(hu, _FlatCAM(), window=8, crop=12, stride=4, batch_size=8).stored_map
+    w = compute_importance_map((8,), mode="gaussian").numpy()
+    # slice 2: position 6 of the 0.9 window (start -4), position 2 of a 0.1 window (start 0)
+    mixed = lambda a, b: (0.9 * w[a] + 0.1 * w[b]) / (w[a] + w[b])  # noqa: E731
+    peak = max(mixed(a, a - 4) for a in range(4, 8))
+    assert m[2, 10, 10] == pytest.approx(mixed(6, 2) / peak, rel=1e-4)
+    assert m[0, 10, 10] > m[3, 10, 10] > m[6, 10, 10]  # the 0.9 window fades out
 
 
 def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):

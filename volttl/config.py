@@ -121,6 +121,7 @@ class CamConfig:
     target_layer: str = ""  # module path; "" = the last unit before the head
     stride: int = 0  # slices between windows; 0 = half a window
     stitch: Literal["mean", "max"] = "mean"
+    blend: Literal["gaussian", "constant"] = "gaussian"  # weights along a window's slices (MONAI)
     batch_size: int = 4
     write_ct: bool = True  # the CT as NIfTI beside the overlay, for non-NIfTI sources
     preview: bool = True

@@ -2,12 +2,19 @@
 
 pytorch-grad-cam (1.5.3 and later) computes 3-D Grad-CAM for the positive logit
 (``BinaryClassifierOutputTarget(1)``) at a target layer: by default the last unit of the
-trained model, whatever its strategy and cut. It rescales each window's map to [0, 1],
-so before stitching each map is weighted by the window's predicted probability: a
-window the model calls negative then adds little, however its map is shaped. Windows
-slide along the slices at ``stride`` (half a window by default), see the same centre
-crop as in evaluation (the rest of the plane stays 0), are batched, and overlaps are
-averaged (or maxed). The stitched map is scaled so its peak is 1.
+trained model, whatever its strategy and cut. Its own output rescales every map to
+[0, 1], which makes a window with faint evidence look as hot as one with strong
+evidence; so the maps are taken before that rescaling (ReLU of the channel-weighted
+activations, upsampled trilinearly), which keeps them comparable across the windows of
+a study. Each map is also weighted by its window's predicted probability.
+
+Windows slide along the slices at ``stride`` (half a window by default) starting half a
+window before the study, so every slice lies near the centre of some window, and
+overlaps are blended with MONAI's Gaussian importance map along the slice axis (as in
+MONAI's sliding-window inference): the first and last slices of a window, where
+convolution padding distorts the map, count least. Windows see the same centre crop as
+in evaluation (the rest of the plane stays 0) and are batched; overlaps are averaged
+(or maxed), and the stitched map is scaled so its peak is 1.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from volttl.data.dataset import AIR_HU, normalise
 from volttl.models.base import Backbone3D
@@ -28,9 +36,20 @@ def default_target_layer(model: Backbone3D) -> str:
 
 
 def window_starts(num_slices: int, window: int, stride: int) -> list[int]:
-    """0, stride, 2 stride, ... while the window starts inside the study (the last ones
-    padded with air, as evaluation windows are)."""
-    return list(range(0, max(num_slices, 1), stride))
+    """Starts from half a window before the study, every ``stride`` slices, until a window
+    is centred at or past the last slice (slices outside the study are air, as at the end
+    of evaluation windows). With the default stride the evaluation windows are among them."""
+    steps = -(-(max(num_slices, 1) - 1) // stride)  # ceil
+    return [k * stride - window // 2 for k in range(steps + 1)]
+
+
+def blend_weights(window: int, blend: str) -> np.ndarray:
+    """Per-slice weights of a window's map when overlaps are blended: MONAI's importance map."""
+    from monai.data.utils import compute_importance_map
+
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"cam.blend '{blend}' is not one of gaussian, constant")
+    return compute_importance_map((window,), mode=blend).numpy().astype(np.float32)
 
 
 @dataclass
@@ -65,44 +84,64 @@ class WindowGradCAM:
         self._cam = methods[method](model=self.model, target_layers=[layer])
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Maps ``(N, D, H, W)`` in [0, 1] and probabilities ``(N,)`` for windows ``(N, 1, D, H, W)``."""
+        """Maps ``(N, D, H, W)`` (>= 0, not rescaled per window) and probabilities ``(N,)``
+        for windows ``(N, 1, D, H, W)``: the library's forward and backward hooks and its
+        CAM rule, without its per-map [0, 1] rescaling and spline zoom."""
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-        maps = self._cam(input_tensor=x.to(self.device).to(memory_format=torch.channels_last_3d),
-                         targets=[BinaryClassifierOutputTarget(1)] * len(x))
-        probs = torch.sigmoid(self._cam.outputs.detach().float()[:, 0]).cpu().numpy()
-        return np.asarray(maps, dtype=np.float32), probs
+        x = x.to(self.device).to(memory_format=torch.channels_last_3d)
+        targets = [BinaryClassifierOutputTarget(1)] * len(x)
+        hooks = self._cam.activations_and_grads
+        outputs = hooks(x)
+        self.model.zero_grad()
+        sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward()
+        if not hooks.activations or not hooks.gradients:
+            block = default_target_layer(self.model)
+            raise ValueError(f"cam.target_layer '{self.target_layer}' is not called by the model's "
+                             f"forward pass (name one of its blocks, e.g. '{block}')")
+        acts = hooks.activations[0].cpu().numpy()
+        grads = hooks.gradients[0].cpu().numpy()
+        raw = self._cam.get_cam_image(x, self._cam.target_layers[0], targets, acts, grads, False)
+        raw = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))[:, None]
+        maps = F.interpolate(raw, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[:, 0]
+        probs = torch.sigmoid(outputs.detach().float()[:, 0]).cpu().numpy()
+        return maps.numpy(), probs
 
 
 def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, stride: int = 0,
                  batch_size: int = 4, how: str = "mean", hu_clip: tuple[float, float] = (-100.0, 900.0),
-                 intensity_shift: float = 0.15897) -> StudyCAM:
+                 intensity_shift: float = 0.15897, blend: str = "gaussian") -> StudyCAM:
     """Grad-CAM of every window of the stored HU volume ``(slices, size, size)``."""
     if how not in ("mean", "max"):
         raise ValueError(f"cam.stitch '{how}' is not one of mean, max")
+    weights = blend_weights(window, blend)[:, None, None]
     n, size = hu.shape[0], hu.shape[1]
     stride = stride or max(1, window // 2)
     y0 = (size - crop) // 2
     starts = window_starts(n, window, stride)
-    total = np.zeros((n + window, crop, crop), dtype=np.float32)
-    count = np.zeros((n + window, 1, 1), dtype=np.float32)
+    pad = window  # the accumulators reach a window beyond both ends of the study
+    total = np.zeros((n + 2 * pad, crop, crop), dtype=np.float32)
+    weight_sum = np.zeros((n + 2 * pad, 1, 1), dtype=np.float32)
     probs = []
     for b in range(0, len(starts), batch_size):
         chunk = starts[b: b + batch_size]
         x = np.full((len(chunk), 1, window, crop, crop), AIR_HU, dtype=np.float32)
         for i, s in enumerate(chunk):
-            part = hu[s: s + window, y0: y0 + crop, y0: y0 + crop]
-            x[i, 0, : len(part)] = part
+            lo, hi = max(s, 0), min(s + window, n)
+            x[i, 0, lo - s: hi - s] = hu[lo:hi, y0: y0 + crop, y0: y0 + crop]
         maps, p = cam(torch.from_numpy(normalise(x, hu_clip, intensity_shift)))
         probs.append(p)
         for s, m, prob in zip(chunk, maps, p, strict=True):
-            weighted = m * prob
+            span = slice(s + pad, s + pad + window)
+            weighted = m * (prob * weights)
             if how == "mean":
-                total[s: s + window] += weighted
+                total[span] += weighted
+                weight_sum[span] += weights
             else:
-                np.maximum(total[s: s + window], weighted, out=total[s: s + window])
-            count[s: s + window] += 1
-    core = total[:n] / np.maximum(count[:n], 1) if how == "mean" else total[:n]
+                np.maximum(total[span], weighted, out=total[span])
+    core = total[pad: pad + n]
+    if how == "mean":
+        core = core / np.maximum(weight_sum[pad: pad + n], 1e-12)
     peak = float(core.max())
     stored = np.zeros((n, size, size), dtype=np.float32)
     stored[:, y0: y0 + crop, y0: y0 + crop] = core / peak if peak > 0 else core

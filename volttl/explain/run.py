@@ -76,7 +76,7 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
     attrs = dict(group.attrs)
     window = int(f.attrs["window"])
     result = stitch_study(group["hu"][...], cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
-                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift)
+                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend)
     cam_map, geo = overlay_on_original(result.stored_map, attrs)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
@@ -90,7 +90,7 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
     peak_ras = (geo.affine_ras() @ np.array([i, j, k, 1.0]))[:3]
     has_peak = bool(cam_map.max() > 0)  # an all-zero map: nothing raised the positive logit
     # the study score as evaluation computes it: its non-overlapping windows only
-    aligned = np.array([s % window == 0 for s in result.starts])
+    aligned = np.array([s >= 0 and s % window == 0 for s in result.starts])
     probs = result.window_probs[aligned] if aligned.any() else result.window_probs
     probability = float(probs.max() if cfg.eval.aggregate == "max" else probs.mean())
     if cfg.cam.preview:
@@ -106,6 +106,7 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
         "target_layer": cam.target_layer, "method": cam.method,
         "stride": cfg.cam.stride or max(1, window // 2), "stitch": cfg.cam.stitch,
+        "blend": cfg.cam.blend,
         "window_starts": result.starts,
         "window_probabilities": [round(float(p), 5) for p in result.window_probs],
         "files": files,
