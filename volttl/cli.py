@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -125,6 +126,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[5/5] Grad-CAM overlays of the test studies -> {cam_dir}")
     records = cam_run(run_dir, cam_dir, split="test")
     found = localisation(cam_dir, cfg.data.manifest, records)
+    (cam_dir / "localisation.json").write_text(json.dumps(
+        {"summary": found.line(), "studies": found.studies, "hits": found.hits,
+         "hit_rate": found.hit_rate, "mean_ratio": found.mean_ratio, "per_study": found.per_study},
+        indent=2))
     print(found.line())
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
           f"{metrics['study_auroc']:.3f} over {metrics['studies']} studies; run dir {run_dir}; "
