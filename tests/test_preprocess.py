@@ -174,3 +174,10 @@ def test_synth_is_the_same_with_two_processes(tmp_path):
     for name in ("masks/synth001_lesion.nii.gz", "studies/synth003.nii.gz"):
         x, y = (np.asarray(nib.load(root.parent / name).dataobj) for root in (a, b))
         assert np.array_equal(x, y) and x.any()
+
+
+def test_synth_file_format_says_nothing_of_the_label(cohort):
+    """Both labels come as DICOM and as NIfTI, so a model cannot learn the format."""
+    rows = read_manifest(cohort)
+    kinds = {(r.path.endswith(".nii.gz"), r.label) for r in rows}
+    assert kinds == {(False, 0), (False, 1), (True, 0), (True, 1)}

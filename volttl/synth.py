@@ -255,7 +255,7 @@ def _write_study(out: Path, seed: int, index: int, matrix: int, split: str) -> S
     positive = index % 2 == 1
     geo = _grid_geometry(rng, index, matrix)
     hu, mask = render_study(geo, rng, positive)
-    if index % 2 == 0 or index % 4 == 1:
+    if (index // 2) % 2 == 0:  # pairs of (negative, positive): the format says nothing of the label
         path = Path("studies") / sid
         write_dicom_series(hu, geo, out / path, rng, index, seed, with_scout=index == 0)
     else:
