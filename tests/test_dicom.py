@@ -8,7 +8,7 @@ import pytest
 from pydicom.uid import JPEGLSLossless
 
 from volttl.io import Geometry, StudyReadError, read_study
-from volttl.io.dicom import decoder_available
+from volttl.io.dicom import DEFER_BYTES, decoder_available
 from volttl.synth import write_dicom_series
 
 ROTATED = Geometry(
@@ -38,6 +38,31 @@ def test_reads_values_and_geometry(tmp_path):
     np.testing.assert_allclose(g.spacing, ROTATED.spacing, atol=1e-4)
     np.testing.assert_allclose(g.origin, ROTATED.origin, atol=1e-4)
     np.testing.assert_allclose(g.direction, ROTATED.direction, atol=1e-5)
+
+
+LARGE = Geometry(shape=(4, 64, 48), spacing=(0.7, 0.7, 1.5), origin=(3.0, -7.0, 20.0),
+                 direction=((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+
+
+def test_large_images_are_read_from_their_offset_on_disk(tmp_path):
+    assert 64 * 48 * 2 > DEFER_BYTES  # the pixel data stays on disk until read
+    hu = make_series(tmp_path / "s", LARGE)
+    np.testing.assert_array_equal(read_study(tmp_path / "s").hu, hu)
+
+
+def test_implicit_vr_series(tmp_path):
+    """Header values parsed from raw bytes must not depend on the files' VR encoding."""
+    hu = make_series(tmp_path / "s", LARGE)
+    for f in (tmp_path / "s").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.save_as(f, enforce_file_format=True)
+    written = pydicom.dcmread(next((tmp_path / "s").glob("*.dcm")))
+    assert written.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    vol = read_study(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu, hu)
+    np.testing.assert_allclose(vol.geometry.spacing, LARGE.spacing, atol=1e-4)
+    np.testing.assert_allclose(vol.geometry.origin, LARGE.origin, atol=1e-4)
 
 
 def test_order_comes_from_position_not_instance_number(tmp_path):
@@ -123,6 +148,16 @@ def test_mixed_geometry(tmp_path, field, value, pattern):
     expect_error(tmp_path / "s", pattern)
 
 
+def test_missing_pixel_spacing_is_named(tmp_path):
+    make_series(tmp_path / "s")
+    f = files_by_position(tmp_path / "s")[1]
+    ds = pydicom.dcmread(f)
+    del ds.PixelSpacing
+    ds.save_as(f)
+    message = expect_error(tmp_path / "s", "PixelSpacing missing")
+    assert f.name in message
+
+
 def test_mixed_matrix_size(tmp_path):
     make_series(tmp_path / "s")
     f = files_by_position(tmp_path / "s")[1]
@@ -153,6 +188,14 @@ def test_truncated_file_is_named(tmp_path):
     f = files_by_position(tmp_path / "s")[2]
     f.write_bytes(f.read_bytes()[:-100])
     message = expect_error(tmp_path / "s", "truncated")
+    assert f.name in message
+
+
+def test_truncated_pixel_data_on_disk_is_named(tmp_path):
+    make_series(tmp_path / "s", LARGE)
+    f = files_by_position(tmp_path / "s")[1]
+    f.write_bytes(f.read_bytes()[:-1000])
+    message = expect_error(tmp_path / "s", r"truncated pixel data \(5144 of 6144 bytes\)")
     assert f.name in message
 
 

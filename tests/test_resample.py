@@ -1,6 +1,11 @@
 import numpy as np
 
-from volttl.preprocess.resample import resample_to_store, resize_inplane, stored_grid
+from volttl.preprocess.resample import (
+    resample_to_store,
+    resize_inplane,
+    slices_to_int16,
+    stored_grid,
+)
 
 
 def area_weights(old: int, new: int) -> np.ndarray:
@@ -21,6 +26,23 @@ def test_inplane_shrink_is_exact_area_average():
     expect = area_weights(512, 208) @ a.astype(np.float64) @ area_weights(400, 208).T
     np.testing.assert_allclose(out, expect, atol=1e-4)
     np.testing.assert_allclose(out.mean(axis=(1, 2)), a.mean(axis=(1, 2)), atol=1e-3)
+
+
+def test_inplane_shrink_of_int16_is_the_rounded_area_average():
+    """Several planes go through OpenCV at once; each must come out as if resized alone."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(-1024, 3000, size=(7, 512, 400)).astype(np.int16)
+    out = resize_inplane(a, 208)
+    assert out.dtype == np.int16
+    expect = area_weights(512, 208) @ a.astype(np.float64) @ area_weights(400, 208).T
+    assert np.abs(out - expect).max() <= 0.5 + 1e-3
+
+
+def test_slice_interpolation_rounds_and_saturates():
+    planes = np.stack([np.full((3, 3), v, np.float32) for v in (0.0, 10.0, 40000.0)])
+    out = slices_to_int16(planes, np.array([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 7.0]))
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out[:, 1, 1], [0, 2, 5, 10, 20005, 32767, 32767])
 
 
 def test_inplane_enlarge_is_linear_with_centres_aligned():

@@ -5,6 +5,11 @@ reader: it silently accepts gaps and mixed geometry. Here every file is read onc
 pydicom, the axial CT series is chosen by a documented rule, and each way a series can
 be broken is reported by name. No patient-identifying tag is ever read into a message.
 
+Speed: headers are parsed with the pixel data left on disk (pydicom's ``defer_size``) and
+the few tags needed are taken from their raw bytes once per file; native pixel data is
+then read with one ``numpy.fromfile`` at its recorded offset. This is what lets reading
+beat a plain ``dcmread(...).pixel_array`` loop (see benchmarks/bench_preprocess.py).
+
 Series rule: among CT series (localizers excluded) take the axial ones (slice normal
 within ~37 degrees of the patient's z axis); pick the one with the most slices, ties
 to the lowest SeriesNumber. ``series_uid`` overrides the rule.
@@ -18,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from volttl.io.geometry import Geometry, Volume
 
@@ -26,18 +33,106 @@ SKIP_SUFFIXES = {".txt", ".json", ".xml", ".csv", ".md", ".nii", ".gz", ".png", 
 AXIAL_MIN_COS = 0.8
 DUPLICATE_TOL_MM = 1e-3
 GAP_FACTOR = 1.5
+DEFER_BYTES = 4096  # elements larger than this (pixel data) stay on disk until read
+# DICOM tags read on every slice (group, element)
+IMAGE_POSITION = 0x00200032
+IMAGE_ORIENTATION = 0x00200037
+SERIES_UID = 0x0020000E
+ROWS = 0x00280010
+COLUMNS = 0x00280011
+PIXEL_SPACING = 0x00280030
+RESCALE_SLOPE = 0x00281053
+RESCALE_INTERCEPT = 0x00281052
+BITS_ALLOCATED = 0x00280100
+BITS_STORED = 0x00280101
+PIXEL_REPRESENTATION = 0x00280103
+SAMPLES_PER_PIXEL = 0x00280002
+NUMBER_OF_FRAMES = 0x00280008
+PIXEL_DATA = 0x7FE00010
 
 
 class DicomSeriesError(ValueError):
     """A DICOM folder that cannot become one clean volume; the message says why."""
 
 
+def _raw_text(ds: pydicom.Dataset, tag: int) -> list[str] | None:
+    """A text element's values (DS, IS, UI, CS) straight from its bytes; None when absent.
+
+    Converting through pydicom's value classes costs more than parsing the file, and
+    these few tags are read from every slice."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        text = elem.value.decode("ascii", "replace").strip(" \x00")
+        return [v.strip(" \x00") for v in text.split("\\")] if text else []
+    value = ds[tag].value
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list | tuple | MultiValue) else [str(value)]
+
+
+def _raw_floats(ds: pydicom.Dataset, tag: int, default: list[float] | None = None):
+    values = _raw_text(ds, tag)
+    if not values:
+        return default
+    return [float(v) for v in values]
+
+
+def _raw_us(ds: pydicom.Dataset, tag: int, default: int) -> int:
+    """An unsigned-short (US) element as int, from its two bytes when still raw."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return default
+    if (isinstance(elem, RawDataElement) and isinstance(elem.value, bytes)
+            and elem.VR in ("US", None) and elem.length == 2):  # VR None: implicit VR files
+        return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
+    value = ds[tag].value
+    return default if value in (None, "") else int(value)
+
+
 @dataclass
 class _Slice:
+    """One image file: its header (pixel data still on disk) and the values used often."""
+
     path: Path
     ds: pydicom.Dataset
+    series_uid: str
     position: np.ndarray
     orientation: np.ndarray
+    rows: int
+    columns: int
+    pixel_spacing: np.ndarray
+    slope: float
+    intercept: float
+
+
+def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
+    """The slice's values, or None for files that are not positioned images."""
+    position = _raw_floats(ds, IMAGE_POSITION)
+    orientation = _raw_floats(ds, IMAGE_ORIENTATION)
+    if not position or not orientation:
+        return None  # structured reports, presentation states, ...
+    try:
+        if len(position) != 3:
+            raise ValueError("ImagePositionPatient needs 3 values")
+        spacing = _raw_floats(ds, PIXEL_SPACING)
+        if not spacing or len(spacing) != 2:
+            raise ValueError("PixelSpacing missing or not 2 values")
+        return _Slice(
+            path=path,
+            ds=ds,
+            series_uid=(_raw_text(ds, SERIES_UID) or [""])[0],
+            position=np.asarray(position, dtype=float),
+            orientation=_unit_orientation(orientation),
+            rows=_raw_us(ds, ROWS, 0),
+            columns=_raw_us(ds, COLUMNS, 0),
+            pixel_spacing=np.asarray(spacing, dtype=float),
+            slope=(_raw_floats(ds, RESCALE_SLOPE) or [1.0])[0],
+            intercept=(_raw_floats(ds, RESCALE_INTERCEPT) or [0.0])[0],
+        )
+    except (ValueError, IndexError) as exc:  # geometry and rescale tags carry no identity
+        raise DicomSeriesError(f"{path}: malformed geometry or rescale tags ({exc})") from None
 
 
 def _candidate_files(folder: Path) -> list[Path]:
@@ -56,10 +151,10 @@ def _candidate_files(folder: Path) -> list[Path]:
 
 def _read_file(path: Path) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
     except InvalidDicomError:
         try:  # files written without the 128-byte preamble
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(path, force=True, defer_size=DEFER_BYTES)
         except Exception:
             raise DicomSeriesError(f"{path}: unreadable, not a DICOM file") from None
         if "PixelData" not in ds or "ImagePositionPatient" not in ds:
@@ -73,7 +168,9 @@ def _read_file(path: Path) -> pydicom.Dataset:
 
 def _unit_orientation(values) -> np.ndarray:
     """Row and column direction cosines, renormalised (files round them to a few digits)."""
-    o = np.asarray([float(v) for v in values], dtype=float)
+    o = np.asarray(values, dtype=float)
+    if o.shape != (6,):
+        raise ValueError("ImageOrientationPatient needs 6 values")
     return np.concatenate([o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])])
 
 
@@ -113,20 +210,20 @@ def _choose_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
 
 def _check_consistent(slices: list[_Slice], folder: Path) -> None:
     first = slices[0]
+    orientations = np.stack([s.orientation for s in slices])
+    bad = np.flatnonzero(np.abs(orientations - first.orientation).max(axis=1) > 1e-4)
+    if bad.size:
+        raise DicomSeriesError(
+            f"{folder}: mixed orientation within the series ({slices[bad[0]].path.name})")
     for s in slices[1:]:
-        if not np.allclose(s.orientation, first.orientation, atol=1e-4):
-            raise DicomSeriesError(f"{folder}: mixed orientation within the series ({s.path.name})")
-        if (int(s.ds.Rows), int(s.ds.Columns)) != (int(first.ds.Rows), int(first.ds.Columns)):
+        if (s.rows, s.columns) != (first.rows, first.columns):
             raise DicomSeriesError(
-                f"{folder}: mixed matrix size within the series ({s.ds.Rows}x{s.ds.Columns} in "
-                f"{s.path.name}, {first.ds.Rows}x{first.ds.Columns} elsewhere)"
+                f"{folder}: mixed matrix size within the series ({s.rows}x{s.columns} in "
+                f"{s.path.name}, {first.rows}x{first.columns} elsewhere)"
             )
-        if not np.allclose(_pixel_spacing(s), _pixel_spacing(first), atol=1e-4):
+        if s.pixel_spacing.shape != first.pixel_spacing.shape or \
+                np.abs(s.pixel_spacing - first.pixel_spacing).max() > 1e-4:
             raise DicomSeriesError(f"{folder}: mixed pixel spacing within the series ({s.path.name})")
-
-
-def _pixel_spacing(s: _Slice) -> np.ndarray:
-    return np.asarray([float(v) for v in s.ds.PixelSpacing], dtype=float)
 
 
 def _slice_spacing(slices: list[_Slice], along: np.ndarray, folder: Path) -> float:
@@ -167,23 +264,34 @@ NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 
 
 def _decode_native(s: _Slice) -> np.ndarray | None:
-    """Uncompressed little-endian 16-bit monochrome straight from the buffer (what
-    pixel_array does, without its extra copies); None when another path is needed."""
+    """Uncompressed little-endian 16-bit monochrome read straight from the file at the pixel
+    data's offset (what pixel_array does, without its checks and copies); None when
+    another path is needed."""
     ds = s.ds
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
-    if ts not in NATIVE_LITTLE_ENDIAN or int(getattr(ds, "BitsAllocated", 0)) != 16:
+    if ts not in NATIVE_LITTLE_ENDIAN or _raw_us(ds, BITS_ALLOCATED, 0) != 16:
         return None
-    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-        return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    buffer = ds.PixelData
-    if len(buffer) < rows * cols * 2:
-        raise DicomSeriesError(f"{s.path}: truncated pixel data ({len(buffer)} of "
-                               f"{rows * cols * 2} bytes)")
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-    pixels = np.frombuffer(buffer, dtype="<i2" if signed else "<u2", count=rows * cols)
-    pixels = pixels.reshape(rows, cols)
-    unused = 16 - int(getattr(ds, "BitsStored", 16))
+    frames = _raw_text(ds, NUMBER_OF_FRAMES)
+    if _raw_us(ds, SAMPLES_PER_PIXEL, 1) != 1 or (frames and frames[0] and int(frames[0]) > 1):
+        return None  # colour or multi-frame: pydicom's own decoder
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if elem is None:
+        raise DicomSeriesError(f"{s.path}: no pixel data")
+    signed = _raw_us(ds, PIXEL_REPRESENTATION, 0) == 1
+    dtype = np.dtype("<i2" if signed else "<u2")
+    count = s.rows * s.columns
+    if isinstance(elem, RawDataElement) and elem.value is None:  # deferred: still on disk
+        pixels = np.fromfile(s.path, dtype=dtype, count=count, offset=elem.value_tell)
+        available = min(pixels.size, elem.length // 2) * 2
+    else:
+        buffer = elem.value
+        available = len(buffer)
+        pixels = np.frombuffer(buffer, dtype=dtype, count=min(count, len(buffer) // 2))
+    if available < count * 2 or pixels.size < count:
+        raise DicomSeriesError(f"{s.path}: truncated pixel data ({available} of "
+                               f"{count * 2} bytes)")
+    pixels = pixels.reshape(s.rows, s.columns)
+    unused = 16 - _raw_us(ds, BITS_STORED, 16)
     if unused:  # bits above HighBit carry no pixel value (overlays, garbage)
         if signed:
             pixels = (pixels << unused) >> unused
@@ -212,8 +320,8 @@ def _decode(s: _Slice) -> np.ndarray:
 
 def _fits_int16(ds: pydicom.Dataset, intercept: float) -> bool:
     """Whether every storable pixel value plus ``intercept`` fits int16 (from the header)."""
-    bits = int(getattr(ds, "BitsStored", 16))
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    bits = _raw_us(ds, BITS_STORED, 16)
+    signed = _raw_us(ds, PIXEL_REPRESENTATION, 0) == 1
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     return -32768 <= lo + intercept and hi + intercept <= 32767
 
@@ -221,8 +329,8 @@ def _fits_int16(ds: pydicom.Dataset, intercept: float) -> bool:
 def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
     """Decode and rescale slice by slice into one array: int16 when the rescale is exact
     (slope 1, integer intercept, range fits: nearly every CT), else float32."""
-    slope = [float(getattr(s.ds, "RescaleSlope", 1.0)) for s in slices]
-    intercept = [float(getattr(s.ds, "RescaleIntercept", 0.0)) for s in slices]
+    slope = [s.slope for s in slices]
+    intercept = [s.intercept for s in slices]
     exact = (all(v == 1.0 for v in slope) and all(v.is_integer() for v in intercept)
              and all(_fits_int16(s.ds, b) for s, b in zip(slices, intercept, strict=True)))
     out = None
@@ -232,7 +340,7 @@ def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
             raise DicomSeriesError(f"{folder}: multi-frame or colour images are not supported")
         if out is None:
             out = np.empty((len(slices), *pixels.shape), np.int16 if exact else np.float32)
-        if exact and pixels.dtype == np.uint16 and int(getattr(s.ds, "BitsStored", 16)) < 16:
+        if exact and pixels.dtype == np.uint16 and _raw_us(s.ds, BITS_STORED, 16) < 16:
             np.add(pixels.view(np.int16), np.int16(intercept[k]), out=out[k])  # exact: < 2**15
         elif exact:
             np.add(pixels, np.int32(intercept[k]), out=out[k], casting="unsafe")
@@ -255,16 +363,9 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
         raise DicomSeriesError(f"{folder}: no DICOM files found")
     series: dict[str, list[_Slice]] = {}
     for path in files:
-        ds = _read_file(path)
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            continue  # structured reports, presentation states, ...
-        s = _Slice(
-            path=path,
-            ds=ds,
-            position=np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float),
-            orientation=_unit_orientation(ds.ImageOrientationPatient),
-        )
-        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append(s)
+        s = _slice_of(path, _read_file(path))
+        if s is not None:
+            series.setdefault(s.series_uid, []).append(s)
     if not series:
         raise DicomSeriesError(f"{folder}: no DICOM image with a position and orientation")
     slices = _choose_series(series, folder, series_uid)
@@ -276,7 +377,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     dz = _slice_spacing(slices, along, folder)
 
     hu = _rescaled_stack(slices, folder)
-    row_spacing, col_spacing = _pixel_spacing(slices[0])
+    row_spacing, col_spacing = slices[0].pixel_spacing[:2]
     direction = np.stack([slices[0].orientation[:3], slices[0].orientation[3:], normal], axis=1)
     geometry = Geometry(
         shape=tuple(int(v) for v in hu.shape),

@@ -1,8 +1,9 @@
 """Resampling along the slice axis and in-plane resizing, done once at preprocessing.
 
-OpenCV for the in-plane step (PENet's own interpolation, and fast) and numpy for the
-slice axis, so worker processes stay light (no torch import). In-plane shrinking is
-exact area averaging; enlarging and slice resampling are linear. Every step maps output
+OpenCV for the in-plane step (PENet's own interpolation: int16 in, int16 out; four
+planes per call) and for the slice axis (one weighted sum per output slice), so worker
+processes stay light (no torch import) and no volume-sized float copy is made. In-plane
+shrinking is exact area averaging; enlarging and slice resampling are linear. Every step maps output
 pixel centres to input coordinates by an affine rule, which is recorded so that maps
 computed on the stored grid can be taken back to the original one.
 """
@@ -28,17 +29,25 @@ def linear_along(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
     return np.take(a, i0, axis=axis) * (1 - w) + np.take(a, i1, axis=axis) * w
 
 
+PLANES_PER_CALL = 4  # OpenCV resizes up to 4 channels in one pass: ~2x faster per plane
+
+
 def resize_inplane(hu: np.ndarray, size: int) -> np.ndarray:
     """Resize every slice to ``size`` x ``size``: area averaging when shrinking (exact
     fractional footprints, PENet's cv2 INTER_AREA), linear when enlarging; pixel centres
-    aligned in both cases."""
-    rows, cols = hu.shape[1:]
+    aligned in both cases. int16 HU stay int16 (rounded by OpenCV, as PENet's int16
+    pipeline); anything else comes back float32."""
+    n, rows, cols = hu.shape
+    dtype = np.int16 if hu.dtype == np.int16 else np.float32
     if (rows, cols) == (size, size):
-        return hu.astype(np.float32, copy=False)
+        return hu.astype(dtype, copy=False)
     mode = cv2.INTER_AREA if size < min(rows, cols) else cv2.INTER_LINEAR
-    out = np.empty((hu.shape[0], size, size), dtype=np.float32)
-    for k, plane in enumerate(hu):
-        out[k] = cv2.resize(np.asarray(plane, dtype=np.float32), (size, size), interpolation=mode)
+    out = np.empty((n, size, size), dtype=dtype)
+    for k in range(0, n, PLANES_PER_CALL):
+        planes = [np.asarray(p, dtype=dtype) for p in hu[k:k + PLANES_PER_CALL]]
+        stacked = cv2.merge(planes) if len(planes) > 1 else planes[0]
+        resized = cv2.resize(stacked, (size, size), interpolation=mode)
+        out[k:k + len(planes)] = np.moveaxis(resized.reshape(size, size, -1), -1, 0)
     return out
 
 
@@ -80,7 +89,18 @@ def resample_to_store(hu: np.ndarray, slice_spacing: float, thickness: float, si
                       ) -> tuple[np.ndarray, StoredGrid]:
     """HU ``(k, j, i)`` -> int16 HU ``(slices, size, size)`` at ``thickness`` mm slices."""
     grid = stored_grid(hu.shape, slice_spacing, thickness, size)
-    out = resize_inplane(hu, size)
-    if grid.num_slices != hu.shape[0] or grid.scale_k != 1.0:
-        out = linear_along(out, 0, grid.original_slice_of(np.arange(grid.num_slices)))
-    return np.clip(np.rint(out), -32768, 32767).astype(np.int16), grid
+    planes = resize_inplane(hu, size)
+    coords = grid.original_slice_of(np.arange(grid.num_slices))
+    return slices_to_int16(planes, coords), grid
+
+
+def slices_to_int16(planes: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation at fractional slice ``coords`` (clamped), rounded and saturated
+    to int16; one OpenCV call per output slice, no volume-sized temporaries."""
+    n = planes.shape[0]
+    out = np.empty((len(coords), *planes.shape[1:]), dtype=np.int16)
+    for s, c in enumerate(np.clip(coords, 0.0, n - 1)):
+        i0 = int(np.floor(c))
+        i1, w = min(i0 + 1, n - 1), float(c - i0)
+        cv2.addWeighted(planes[i0], 1.0 - w, planes[i1], w, 0.0, dst=out[s], dtype=cv2.CV_16S)
+    return out
