@@ -144,7 +144,7 @@ def test_penet_strategies_with_its_checkpoint(tmp_path):
         m = setup.model.eval()
         assert torch.equal(m.state_dict()["encoders.1.penet_blocks.3.conv2.weight"],
                            source["encoders.1.penet_blocks.3.conv2.weight"])
-        assert float(m.classifier.fc.bias[0]) == pytest.approx(-4.59512, abs=1e-4)
+        assert float(m.classifier.fc.bias[0].detach()) == pytest.approx(-4.59512, abs=1e-4)
         with torch.no_grad():
             assert m(torch.zeros(1, 1, 24, 64, 64)).shape == (1, 1)
 
