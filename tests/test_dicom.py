@@ -65,6 +65,16 @@ def test_implicit_vr_series(tmp_path):
     np.testing.assert_allclose(vol.geometry.origin, LARGE.origin, atol=1e-4)
 
 
+def test_compressed_series_with_a_decoder(tmp_path):
+    """Compressed pixel data left on disk at parse time goes through pydicom's decoder."""
+    hu = make_series(tmp_path / "s", LARGE)
+    for f in (tmp_path / "s").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(f)
+    np.testing.assert_array_equal(read_study(tmp_path / "s").hu, hu)
+
+
 def test_order_comes_from_position_not_instance_number(tmp_path):
     hu = make_series(tmp_path / "s")
     # make InstanceNumber and file names both agree with the *reverse* order
