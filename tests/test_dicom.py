@@ -168,6 +168,18 @@ def test_missing_pixel_spacing_is_named(tmp_path):
     assert f.name in message
 
 
+def test_malformed_position_is_named(tmp_path):
+    make_series(tmp_path / "s")
+    f = files_by_position(tmp_path / "s")[1]
+    raw = f.read_bytes()
+    ds = pydicom.dcmread(f)
+    text = "\\".join(str(v) for v in ds.ImagePositionPatient).encode()
+    assert raw.count(text) == 1
+    f.write_bytes(raw.replace(text, b"x" * len(text)))  # same length: a damaged value
+    message = expect_error(tmp_path / "s", "malformed geometry or rescale tags")
+    assert f.name in message
+
+
 def test_mixed_matrix_size(tmp_path):
     make_series(tmp_path / "s")
     f = files_by_position(tmp_path / "s")[1]

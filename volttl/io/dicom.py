@@ -109,11 +109,11 @@ class _Slice:
 
 def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
     """The slice's values, or None for files that are not positioned images."""
-    position = _raw_floats(ds, IMAGE_POSITION)
-    orientation = _raw_floats(ds, IMAGE_ORIENTATION)
-    if not position or not orientation:
+    if not _raw_text(ds, IMAGE_POSITION) or not _raw_text(ds, IMAGE_ORIENTATION):
         return None  # structured reports, presentation states, ...
     try:
+        position = _raw_floats(ds, IMAGE_POSITION)
+        orientation = _raw_floats(ds, IMAGE_ORIENTATION)
         if len(position) != 3:
             raise ValueError("ImagePositionPatient needs 3 values")
         spacing = _raw_floats(ds, PIXEL_SPACING)
