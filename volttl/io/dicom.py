@@ -72,11 +72,9 @@ def _raw_text(ds: pydicom.Dataset, tag: int) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, list | tuple | MultiValue) else [str(value)]
 
 
-def _raw_floats(ds: pydicom.Dataset, tag: int, default: list[float] | None = None):
+def _raw_floats(ds: pydicom.Dataset, tag: int) -> list[float] | None:
     values = _raw_text(ds, tag)
-    if not values:
-        return default
-    return [float(v) for v in values]
+    return [float(v) for v in values] if values else None
 
 
 def _raw_us(ds: pydicom.Dataset, tag: int, default: int) -> int:
@@ -105,15 +103,18 @@ class _Slice:
     pixel_spacing: np.ndarray
     slope: float
     intercept: float
+    bits_stored: int
+    signed: bool
 
 
 def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
     """The slice's values, or None for files that are not positioned images."""
-    if not _raw_text(ds, IMAGE_POSITION) or not _raw_text(ds, IMAGE_ORIENTATION):
+    position, orientation = _raw_text(ds, IMAGE_POSITION), _raw_text(ds, IMAGE_ORIENTATION)
+    if not position or not orientation:
         return None  # structured reports, presentation states, ...
     try:
-        position = _raw_floats(ds, IMAGE_POSITION)
-        orientation = _raw_floats(ds, IMAGE_ORIENTATION)
+        position = [float(v) for v in position]
+        orientation = [float(v) for v in orientation]
         if len(position) != 3:
             raise ValueError("ImagePositionPatient needs 3 values")
         spacing = _raw_floats(ds, PIXEL_SPACING)
@@ -130,6 +131,8 @@ def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
             pixel_spacing=np.asarray(spacing, dtype=float),
             slope=(_raw_floats(ds, RESCALE_SLOPE) or [1.0])[0],
             intercept=(_raw_floats(ds, RESCALE_INTERCEPT) or [0.0])[0],
+            bits_stored=_raw_us(ds, BITS_STORED, 16),
+            signed=_raw_us(ds, PIXEL_REPRESENTATION, 0) == 1,
         )
     except (ValueError, IndexError) as exc:  # geometry and rescale tags carry no identity
         raise DicomSeriesError(f"{path}: malformed geometry or rescale tags ({exc})") from None
@@ -277,23 +280,20 @@ def _decode_native(s: _Slice) -> np.ndarray | None:
     elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if elem is None:
         raise DicomSeriesError(f"{s.path}: no pixel data")
-    signed = _raw_us(ds, PIXEL_REPRESENTATION, 0) == 1
-    dtype = np.dtype("<i2" if signed else "<u2")
+    dtype = np.dtype("<i2" if s.signed else "<u2")
     count = s.rows * s.columns
     if isinstance(elem, RawDataElement) and elem.value is None:  # deferred: still on disk
-        pixels = np.fromfile(s.path, dtype=dtype, count=count, offset=elem.value_tell)
-        available = min(pixels.size, elem.length // 2) * 2
+        pixels = np.fromfile(s.path, dtype=dtype, count=min(count, elem.length // 2),
+                             offset=elem.value_tell)
     else:
-        buffer = elem.value
-        available = len(buffer)
-        pixels = np.frombuffer(buffer, dtype=dtype, count=min(count, len(buffer) // 2))
-    if available < count * 2 or pixels.size < count:
-        raise DicomSeriesError(f"{s.path}: truncated pixel data ({available} of "
+        pixels = np.frombuffer(elem.value, dtype=dtype, count=min(count, len(elem.value) // 2))
+    if pixels.size < count:
+        raise DicomSeriesError(f"{s.path}: truncated pixel data ({pixels.size * 2} of "
                                f"{count * 2} bytes)")
     pixels = pixels.reshape(s.rows, s.columns)
-    unused = 16 - _raw_us(ds, BITS_STORED, 16)
+    unused = 16 - s.bits_stored
     if unused:  # bits above HighBit carry no pixel value (overlays, garbage)
-        if signed:
+        if s.signed:
             pixels = (pixels << unused) >> unused
         else:
             pixels = pixels & np.uint16((1 << (16 - unused)) - 1)
@@ -318,12 +318,11 @@ def _decode(s: _Slice) -> np.ndarray:
         ) from None
 
 
-def _fits_int16(ds: pydicom.Dataset, intercept: float) -> bool:
-    """Whether every storable pixel value plus ``intercept`` fits int16 (from the header)."""
-    bits = _raw_us(ds, BITS_STORED, 16)
-    signed = _raw_us(ds, PIXEL_REPRESENTATION, 0) == 1
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    return -32768 <= lo + intercept and hi + intercept <= 32767
+def _fits_int16(s: _Slice) -> bool:
+    """Whether every storable pixel value plus the intercept fits int16 (from the header)."""
+    bits = s.bits_stored
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if s.signed else (0, (1 << bits) - 1)
+    return -32768 <= lo + s.intercept and hi + s.intercept <= 32767
 
 
 def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
@@ -332,7 +331,7 @@ def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
     slope = [s.slope for s in slices]
     intercept = [s.intercept for s in slices]
     exact = (all(v == 1.0 for v in slope) and all(v.is_integer() for v in intercept)
-             and all(_fits_int16(s.ds, b) for s, b in zip(slices, intercept, strict=True)))
+             and all(_fits_int16(s) for s in slices))
     out = None
     for k, s in enumerate(slices):
         pixels = _decode(s)
@@ -340,7 +339,7 @@ def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
             raise DicomSeriesError(f"{folder}: multi-frame or colour images are not supported")
         if out is None:
             out = np.empty((len(slices), *pixels.shape), np.int16 if exact else np.float32)
-        if exact and pixels.dtype == np.uint16 and _raw_us(s.ds, BITS_STORED, 16) < 16:
+        if exact and pixels.dtype == np.uint16 and s.bits_stored < 16:
             np.add(pixels.view(np.int16), np.int16(intercept[k]), out=out[k])  # exact: < 2**15
         elif exact:
             np.add(pixels, np.int32(intercept[k]), out=out[k], casting="unsafe")

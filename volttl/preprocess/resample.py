@@ -3,9 +3,10 @@
 OpenCV for the in-plane step (PENet's own interpolation: int16 in, int16 out; four
 planes per call) and for the slice axis (one weighted sum per output slice), so worker
 processes stay light (no torch import) and no volume-sized float copy is made. In-plane
-shrinking is exact area averaging; enlarging and slice resampling are linear. Every step maps output
-pixel centres to input coordinates by an affine rule, which is recorded so that maps
-computed on the stored grid can be taken back to the original one.
+shrinking is exact area averaging; enlarging and slice resampling are linear. Every
+step maps output pixel centres to input coordinates by an affine rule, which is
+recorded so that maps computed on the stored grid can be taken back to the original
+one.
 """
 
 from __future__ import annotations
