@@ -27,8 +27,8 @@ from volttl.io.nifti import write_nifti
 from volttl.manifests import StudyRow, write_manifest
 from volttl.models.checkpoints import save_checkpoint
 from volttl.preprocess.run import preprocess
+from volttl.runs import model_from_config
 from volttl.synth import render_study
-from volttl.train.loop import build_setup
 
 
 def make_study(folder: Path, matrix: int, slices: int) -> Path:
@@ -61,7 +61,8 @@ def main() -> None:
         run_dir = tmp / "run"
         run_dir.mkdir()
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        save_checkpoint(run_dir / "best.pt", build_setup(cfg).model, config=config_to_dict(cfg), epoch=0)
+        model = model_from_config(cfg).model
+        save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=0)
 
         spent = {"gradcam": 0.0, "windows": 0}
         original_call = gradcam.WindowGradCAM.__call__

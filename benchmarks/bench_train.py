@@ -22,7 +22,8 @@ import torch
 
 from volttl.analysis.complexity import device_name
 from volttl.config import config_from_dict
-from volttl.train.loop import build_setup, datasets
+from volttl.runs import model_from_config
+from volttl.train.loop import datasets
 from volttl.train.losses import make_loss
 
 VARIANTS = [("ftl", "layer4"), ("ttl", "layer3")]
@@ -33,7 +34,7 @@ def train_windows_per_s(strategy: str, cut: str, device: torch.device, batch: in
     """SGD steps on random windows (the model does not care what they show)."""
     cfg = config_from_dict({"model": {"name": "resnext3d_101"},
                             "transfer": {"strategy": strategy, "cut": cut}})
-    model = build_setup(cfg).model.to(device).train()
+    model = model_from_config(cfg).model.to(device).train()
     amp = device.type == "cuda"
     if amp:
         model = model.to(memory_format=torch.channels_last_3d)

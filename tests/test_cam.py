@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from volttl.config import config_from_dict
-from volttl.explain.gradcam import WindowGradCAM, default_target_layer, stitch_study, window_starts
+from volttl.explain.gradcam import WindowGradCAM, default_target_layer, sliding_window_starts, stitch_study
 from volttl.explain.regrid import to_original_grid
 from volttl.explain.run import cam_run, overlay_on_original
 from volttl.io.nifti import write_nifti
 from volttl.preprocess.run import preprocess
+from volttl.preprocess.store import StudyMeta
 from volttl.train.loop import train_run
 
 from .conftest import shared_path, small_config
@@ -79,7 +80,7 @@ def test_a_hot_region_lands_on_the_same_world_coordinates(cohort, store, tmp_pat
     hot = np.zeros(stored_shape, dtype=np.float32)
     s0, r0, c0 = stored_shape[0] // 2, 30, 9  # off-centre and asymmetric: a transpose would show
     hot[s0: s0 + 2, r0: r0 + 4, c0: c0 + 3] = 1.0
-    cam_map, geo = overlay_on_original(hot, attrs)
+    cam_map, geo = overlay_on_original(hot, StudyMeta.from_attrs(attrs))
     write_nifti(cam_map, geo, tmp_path / "hot.nii.gz")
 
     img = nib.load(tmp_path / "hot.nii.gz")
@@ -110,10 +111,10 @@ def test_regrid_is_separable_linear_interpolation():
 
 
 def test_window_starts_centre_a_window_on_every_slice():
-    assert window_starts(20, 8, 4) == [-4, 0, 4, 8, 12, 16]  # centres 0, 4, ..., 20
-    assert window_starts(5, 8, 4) == [-4, 0]
-    assert window_starts(1, 8, 4) == [-4]
-    assert set(window_starts(20, 8, 4)) >= {0, 8, 16}  # the evaluation windows are among them
+    assert sliding_window_starts(20, 8, 4) == [-4, 0, 4, 8, 12, 16]  # centres 0, 4, ..., 20
+    assert sliding_window_starts(5, 8, 4) == [-4, 0]
+    assert sliding_window_starts(1, 8, 4) == [-4]
+    assert set(sliding_window_starts(20, 8, 4)) >= {0, 8, 16}  # the evaluation windows are among them
 
 
 @pytest.mark.parametrize("name,strategy,cut", [("resnext3d_50", "ttl", "layer2"),

@@ -84,7 +84,7 @@ def untouched_run(cohort, tmp_path_factory):
     from volttl.config import config_from_dict, config_to_dict
     from volttl.models.checkpoints import save_checkpoint
     from volttl.preprocess.run import preprocess
-    from volttl.train.loop import build_setup
+    from volttl.runs import model_from_config
 
     from .conftest import small_config
 
@@ -98,12 +98,12 @@ def untouched_run(cohort, tmp_path_factory):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     torch.manual_seed(11)
-    save_checkpoint(run / "best.pt", build_setup(cfg).model, config=config_to_dict(cfg), epoch=0)
+    save_checkpoint(run / "best.pt", model_from_config(cfg).model, config=config_to_dict(cfg), epoch=0)
     return run
 
 
 def test_svcca_run_before_equals_after_when_nothing_was_learned(untouched_run, tmp_path):
-    from volttl.analysis.reuse import svcca_run
+    from volttl.analysis.svcca_run import svcca_run
 
     # 8 x 32 x 32 windows: deeper cuts have too few positions for their channels
     rec = svcca_run(untouched_run, tmp_path, split="train", windows=8, max_points=1600,

@@ -14,8 +14,10 @@ import torch
 from volttl.config import config_from_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.dataset import normalise
+from volttl.data.sampling import PECentredSampler
 from volttl.preprocess.run import preprocess
-from volttl.train.loop import build_setup, train_run, warmup_cosine
+from volttl.runs import model_from_config
+from volttl.train.loop import train_run, warmup_cosine
 from volttl.train.losses import binary_focal_loss
 from volttl.train.metrics import bootstrap_ci, summarise
 
@@ -60,7 +62,7 @@ def test_pe_centred_sampling_hits_pe_windows(store):
     ds = WindowDataset(str(store), "train", True, crop=32, seed=0)
     if not ds.positive_studies:
         pytest.skip("no positive training study in this small cohort")
-    ds.augment = type(ds.augment)(pe_prob=1.0, pe_jitter=0)
+    ds.sampler = PECentredSampler(prob=1.0, jitter=0)
     expected = {}  # without jitter: the window centred on the middle of the PE slices
     for s in ds.positive_studies:
         pe = ds.pe_slices[s]
@@ -70,7 +72,7 @@ def test_pe_centred_sampling_hits_pe_windows(store):
     assert {s for _, _, s in items} <= set(ds.positive_studies)
     assert all(int(y) == expected[s] for _, y, s in items)
     assert any(int(y) == 1 for _, y, _ in items)
-    ds.augment = type(ds.augment)(pe_prob=1.0, pe_jitter=12)
+    ds.sampler = PECentredSampler(prob=1.0, jitter=12)
     assert {ds[i][2] for i in range(len(ds))} <= set(ds.positive_studies)
 
 
@@ -162,7 +164,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], saved[k]) for k in a)
     torch.manual_seed(cfg.train.seed)
-    init = build_setup(cfg).model.state_dict()
+    init = model_from_config(cfg).model.state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if k.endswith("weight"))  # it trained
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # rank 0 alone writes the run dir

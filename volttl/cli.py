@@ -236,7 +236,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_svcca(args: argparse.Namespace) -> int:
-    from volttl.analysis.reuse import svcca_run
+    from volttl.analysis.svcca_run import svcca_run
 
     rec = svcca_run(args.run, args.out, args.split, args.windows, args.max_points, args.level,
                     args.threshold, cuts=args.cut or None, progress=not args.quiet)
@@ -249,6 +249,8 @@ def cmd_svcca(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from volttl.models import BACKBONES
+
     parser = argparse.ArgumentParser(
         prog="volttl",
         description="3D CT classification by transfer learning: preprocess CTPA studies into an "
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cuts", help="list a backbone's declared cut points")
-    p.add_argument("--model", required=True, help="resnext3d_50|resnext3d_101|resnext3d_152|penet")
+    p.add_argument("--model", required=True, help="|".join(BACKBONES))
     p.set_defaults(func=cmd_cuts)
 
     p = sub.add_parser("profile", help="parameters, MACs and latency per strategy and cut")

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from volttl.errors import VolttlError
 
-class ConfigError(ValueError):
+
+class ConfigError(VolttlError):
     """A config problem, phrased for the user in one line."""
 
 

@@ -7,7 +7,6 @@ Latency is the median of timed forward passes at batch 1 after warm-up, on a nam
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -95,35 +94,39 @@ class ComplexityRow:
                 f"{self.macs_g:.2f} | {self.latency_ms:.1f} |")
 
 
+def profile_config(cfg) -> dict:
+    """P(M), MACs(G) and T(ms) of the model ``cfg`` describes, at ``profile.input_size`` on
+    ``profile.device``; the architecture comes from the same builder training uses."""
+    from volttl.runs import model_from_config
+
+    p = cfg.profile
+    shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
+    device = torch.device(p.device)
+    model = model_from_config(cfg, weights=False, window=tuple(p.input_size)).model.to(device)
+    return {"params_m": count_parameters(model) / 1e6, "macs_g": count_macs(model, shape) / 1e9,
+            "latency_ms": measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
+            "device": device_name(device), "input": list(shape[1:])}
+
+
 def profile_variants(cfg) -> str:
     """`volttl profile`: P(M), MACs(G) and T(ms) for FTL and each configured strategy and
     cut, at the configured window; writes markdown and CSV to ``profile.out_dir``."""
+    import copy
     import csv
     from pathlib import Path
 
-    from volttl.transfer import build_transfer_model
-
     p = cfg.profile
-    device = torch.device(p.device)
-    in_channels = 1 if cfg.model.stem == "sum" else 3
-    shape = (1, in_channels, *p.input_size)
     variants = [("ftl", "")] + [(s, c) for s in p.strategies if s != "ftl" for c in p.cuts]
     rows = []
-    logging.getLogger("volttl.transfer").setLevel(logging.ERROR)  # architectures only: no weights
     for strategy, cut in variants:
-        setup = build_transfer_model(cfg.model.name, strategy, cut or "stem",
-                                     num_outputs=cfg.model.num_outputs, stem=cfg.model.stem,
-                                     width=cfg.transfer.width, pool=cfg.transfer.head.pool,
-                                     window=tuple(p.input_size))
-        model = setup.model.to(device)
-        rows.append(ComplexityRow(
-            cfg.model.name, strategy.upper(), cut or "-", count_parameters(model) / 1e6,
-            count_macs(model, shape) / 1e9,
-            measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
-            device_name(device)))
+        one = copy.deepcopy(cfg)
+        one.transfer.strategy, one.transfer.cut = strategy, cut or one.transfer.cut
+        r = profile_config(one)
+        rows.append(ComplexityRow(cfg.model.name, strategy.upper(), cut or "-", r["params_m"], r["macs_g"],
+                                  r["latency_ms"], r["device"]))
     header = ("| model | strategy | cut | P(M) | MACs(G) | T(ms) |\n"
               "| --- | --- | --- | --- | --- | --- |")
-    window = "x".join(str(v) for v in shape[1:])
+    window = "x".join(str(v) for v in r["input"])
     table = "\n".join([f"Input {window}, batch 1, on {rows[0].device}", "", header,
                        *(r.markdown() for r in rows)])
     out = Path(p.out_dir)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from volttl.data.dataset import AIR_HU, normalise
+from volttl.data.intensity import AIR_HU, normalise
+from volttl.errors import VolttlError
 from volttl.models.base import Backbone3D
 
 
@@ -35,7 +36,7 @@ def default_target_layer(model: Backbone3D) -> str:
     return unit.paths[0] if len(model.units) > 1 else unit.paths[-1]
 
 
-def window_starts(num_slices: int, window: int, stride: int) -> list[int]:
+def sliding_window_starts(num_slices: int, window: int, stride: int) -> list[int]:
     """Starts from half a window before the study, every ``stride`` slices, until a window
     is centred at or past the last slice (slices outside the study are air, as at the end
     of evaluation windows). With the default stride the evaluation windows are among them."""
@@ -48,7 +49,7 @@ def blend_weights(window: int, blend: str) -> np.ndarray:
     from monai.data.utils import compute_importance_map
 
     if blend not in ("gaussian", "constant"):
-        raise ValueError(f"cam.blend '{blend}' is not one of gaussian, constant")
+        raise VolttlError(f"cam.blend '{blend}' is not one of gaussian, constant")
     return compute_importance_map((window,), mode=blend).numpy().astype(np.float32)
 
 
@@ -69,7 +70,7 @@ class WindowGradCAM:
         methods = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
                    "layercam": pgc.LayerCAM}
         if method not in methods:
-            raise ValueError(f"cam.method '{method}' is not one of {', '.join(methods)}")
+            raise VolttlError(f"cam.method '{method}' is not one of {', '.join(methods)}")
 
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device, memory_format=torch.channels_last_3d).eval()
@@ -79,7 +80,8 @@ class WindowGradCAM:
         try:
             layer = self.model.get_submodule(self.target_layer)
         except AttributeError:
-            raise ValueError(f"cam.target_layer '{self.target_layer}' is not a module of the model") from None
+            raise VolttlError(f"cam.target_layer '{self.target_layer}' is not a module of the model"
+                              ) from None
         self.method = method
         self._cam = methods[method](model=self.model, target_layers=[layer])
 
@@ -97,7 +99,7 @@ class WindowGradCAM:
         sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward()
         if not hooks.activations or not hooks.gradients:
             block = default_target_layer(self.model)
-            raise ValueError(f"cam.target_layer '{self.target_layer}' is not called by the model's "
+            raise VolttlError(f"cam.target_layer '{self.target_layer}' is not called by the model's "
                              f"forward pass (name one of its blocks, e.g. '{block}')")
         acts = hooks.activations[0].cpu().numpy()
         grads = hooks.gradients[0].cpu().numpy()
@@ -113,12 +115,12 @@ def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, str
                  intensity_shift: float = 0.15897, blend: str = "gaussian") -> StudyCAM:
     """Grad-CAM of every window of the stored HU volume ``(slices, size, size)``."""
     if how not in ("mean", "max"):
-        raise ValueError(f"cam.stitch '{how}' is not one of mean, max")
+        raise VolttlError(f"cam.stitch '{how}' is not one of mean, max")
     weights = blend_weights(window, blend)[:, None, None]
     n, size = hu.shape[0], hu.shape[1]
     stride = stride or max(1, window // 2)
     y0 = (size - crop) // 2
-    starts = window_starts(n, window, stride)
+    starts = sliding_window_starts(n, window, stride)
     pad = window  # the accumulators reach a window beyond both ends of the study
     total = np.zeros((n + 2 * pad, crop, crop), dtype=np.float32)
     weight_sum = np.zeros((n + 2 * pad, 1, 1), dtype=np.float32)

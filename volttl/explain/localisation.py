@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+from volttl.errors import VolttlError
 from volttl.manifests import read_manifest
 
 
@@ -79,7 +80,7 @@ def localisation(cam_dir: str | Path, manifest: str | Path, records: list[dict],
         ct_img = nib.load(cam_dir / ct_name) if ct_name else nib.load(row.path)
         for name, img in (("lesion mask", mask_img), ("CT", ct_img)):
             if img.shape != cam_img.shape or not np.allclose(img.affine, cam_img.affine, atol=1e-3):
-                raise ValueError(f"{rec['study_id']}: the {name} is not on the CAM's grid")
+                raise VolttlError(f"{rec['study_id']}: the {name} is not on the CAM's grid")
         spacing = tuple(float(v) for v in cam_img.header.get_zooms()[:3])
         score = study_localisation(np.asarray(cam_img.dataobj, dtype=np.float32),
                                    np.asarray(mask_img.dataobj) > 0, np.asarray(ct_img.dataobj),

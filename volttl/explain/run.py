@@ -16,74 +16,62 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from volttl.errors import VolttlError
 from volttl.explain.gradcam import WindowGradCAM, stitch_study
+from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
-from volttl.explain.writers import write_preview
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.io.studies import StudyReadError, read_study
-from volttl.preprocess.store import open_store
+from volttl.preprocess.store import Store, StudyMeta
 
 log = logging.getLogger("volttl.cam")
 
 
-def stored_geometry(attrs) -> Geometry:
-    """The original CT grid recorded in a study's store attributes."""
-    return Geometry(
-        shape=tuple(int(v) for v in attrs["original_shape"]),
-        spacing=tuple(float(v) for v in attrs["original_spacing"]),
-        origin=tuple(float(v) for v in attrs["original_origin"]),
-        direction=tuple(tuple(float(v) for v in row) for row in np.asarray(attrs["original_direction"])),
-    )
-
-
-def overlay_on_original(stored_map: np.ndarray, attrs) -> tuple[np.ndarray, Geometry]:
+def overlay_on_original(stored_map: np.ndarray, meta: StudyMeta) -> tuple[np.ndarray, Geometry]:
     """A map on the stored grid -> the same map on the original CT grid, in [0, 1]."""
-    geo = stored_geometry(attrs)
-    return np.clip(to_original_grid(stored_map, attrs["stored_to_original"], geo.shape), 0, 1), geo
+    geo = meta.original
+    return np.clip(to_original_grid(stored_map, meta.stored_to_original, geo.shape), 0, 1), geo
 
 
-def _read_source_ct(attrs, geo: Geometry) -> np.ndarray | None:
+def _read_source_ct(meta: StudyMeta) -> np.ndarray | None:
     """The original HU volume, or None (with a warning) when the source is gone."""
-    source = str(attrs["source"])
-    hdf5 = {"slice_thickness": geo.spacing[2], "pixel_spacing": geo.spacing[0]} if "#" in source else {}
+    geo = meta.original
+    hdf5 = {"slice_thickness": geo.spacing[2], "pixel_spacing": geo.spacing[0]} if "#" in meta.source else {}
     try:
-        vol = read_study(source, str(attrs.get("series_uid", "")) or None, **hdf5)
+        vol = read_study(meta.source, meta.series_uid or None, **hdf5)
     except StudyReadError as exc:
-        log.warning("%s: CT not written, preview drawn from the store (%s)", attrs["study_id"], exc)
+        log.warning("%s: CT not written, preview drawn from the store (%s)", meta.study_id, exc)
         return None
     if tuple(vol.hu.shape) != geo.shape:
-        raise ValueError(f"{source}: the study now has shape {vol.hu.shape}, the store recorded "
-                         f"{geo.shape}; preprocess it again")
+        raise VolttlError(f"{meta.source}: the study now has shape {vol.hu.shape}, the store recorded "
+                          f"{geo.shape}; preprocess it again")
     return vol.hu
 
 
-def select_studies(store: str, studies: list[str] | None, split: str) -> list[str]:
-    with open_store(store) as f:
-        ids = [s.decode() for s in f["index/study_ids"][...]]
-        splits = [s.decode() for s in f["index/splits"][...]]
+def select_studies(store: Store, studies: list[str] | None, split: str) -> list[str]:
     if studies:
-        unknown = [s for s in studies if s not in ids]
+        unknown = [s for s in studies if s not in store.study_ids]
         if unknown:
-            raise ValueError(f"{store}: no study {', '.join(unknown)} in the store")
+            raise VolttlError(f"{store.path}: no study {', '.join(unknown)} in the store")
         return list(studies)
-    return [sid for sid, sp in zip(ids, splits, strict=True) if sp == split]
+    return [store.study_ids[i] for i in store.studies_in(split)]
 
 
-def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
+def cam_study(store: Store, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
     """Everything `volttl cam` writes for one study; returns its JSON record."""
-    group = f[f"studies/{sid}"]
-    attrs = dict(group.attrs)
-    window = int(f.attrs["window"])
-    result = stitch_study(group["hu"][...], cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
+    meta = store.meta(sid)
+    hu = store.hu(sid)[...]
+    window = store.window
+    result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
                           cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend)
-    cam_map, geo = overlay_on_original(result.stored_map, attrs)
+    cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
     write_nifti(cam_map, geo, out / f"{sid}_cam.nii.gz")
     files = {"cam": f"{sid}_cam.nii.gz"}
-    ct = _read_source_ct(attrs, geo)
-    if ct is not None and str(attrs["source_kind"]) != "nifti" and cfg.cam.write_ct:
+    ct = _read_source_ct(meta)
+    if ct is not None and meta.source_kind != "nifti" and cfg.cam.write_ct:
         write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, out / f"{sid}_ct.nii.gz")
         files["ct"] = f"{sid}_ct.nii.gz"
     k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
@@ -95,12 +83,12 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
     probability = float(probs.max() if cfg.eval.aggregate == "max" else probs.mean())
     if cfg.cam.preview:
         if ct is None:
-            ct = to_original_grid(group["hu"][...].astype(np.float32), attrs["stored_to_original"], geo.shape)
+            ct = to_original_grid(hu.astype(np.float32), meta.stored_to_original, geo.shape)
         write_preview(ct, cam_map, (k, j, i), geo.spacing, out / f"{sid}_cam.png",
                       f"{sid}: p(PE) = {probability:.3f}")
         files["preview"] = f"{sid}_cam.png"
     record = {
-        "study_id": sid, "label": int(attrs["label"]), "probability": probability,
+        "study_id": sid, "label": meta.label, "probability": probability,
         "aggregate": cfg.eval.aggregate,
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
@@ -118,22 +106,19 @@ def cam_study(f, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
 def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = None, split: str = "test",
             overrides: list[str] | None = None, progress: bool = True) -> list[dict]:
     """Grad-CAM overlays for the chosen studies (default: the split's) of a run's store."""
-    import h5py
-
     from volttl.config import apply_overrides, config_from_dict, config_to_dict
-    from volttl.train.distributed import resolve_device
-    from volttl.train.evaluate import load_run
+    from volttl.runs import load_run, resolve_device
 
     cfg, model = load_run(run_dir)
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
-    ids = select_studies(cfg.data.store, studies, split)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device), cfg.cam.method)
     records = []
-    with h5py.File(cfg.data.store, "r") as f:
+    with Store(cfg.data.store) as store:
+        ids = select_studies(store, studies, split)
+        out.mkdir(parents=True, exist_ok=True)
+        cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device), cfg.cam.method)
         for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):
-            records.append(cam_study(f, sid, cam, cfg, out))
+            records.append(cam_study(store, sid, cam, cfg, out))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
     return records

@@ -27,6 +27,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from volttl.errors import VolttlError
 from volttl.io.geometry import Geometry, Volume
 
 SKIP_SUFFIXES = {".txt", ".json", ".xml", ".csv", ".md", ".nii", ".gz", ".png", ".jpg"}
@@ -51,7 +52,7 @@ NUMBER_OF_FRAMES = 0x00280008
 PIXEL_DATA = 0x7FE00010
 
 
-class DicomSeriesError(ValueError):
+class DicomSeriesError(VolttlError):
     """A DICOM folder that cannot become one clean volume; the message says why."""
 
 

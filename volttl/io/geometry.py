@@ -51,22 +51,24 @@ class Geometry:
     def from_affine_ras(affine: np.ndarray, shape: tuple[int, int, int]) -> Geometry:
         return Geometry.from_affine_lps(LPS_TO_RAS @ np.asarray(affine, dtype=float), shape)
 
-    def as_attrs(self) -> dict:
-        """Flat attributes for HDF5 / JSON."""
+    def as_attrs(self, prefix: str = "") -> dict:
+        """Flat attributes for HDF5 / JSON, keys ``<prefix>shape`` ... ``<prefix>direction``."""
         return {
-            "shape": np.asarray(self.shape, dtype=np.int64),
-            "spacing": np.asarray(self.spacing, dtype=np.float64),
-            "origin": np.asarray(self.origin, dtype=np.float64),
-            "direction": np.asarray(self.direction, dtype=np.float64),
+            f"{prefix}shape": np.asarray(self.shape, dtype=np.int64),
+            f"{prefix}spacing": np.asarray(self.spacing, dtype=np.float64),
+            f"{prefix}origin": np.asarray(self.origin, dtype=np.float64),
+            f"{prefix}direction": np.asarray(self.direction, dtype=np.float64),
         }
 
     @staticmethod
-    def from_attrs(attrs) -> Geometry:
+    def from_attrs(attrs, prefix: str = "") -> Geometry:
+        """Inverse of :meth:`as_attrs`."""
         return Geometry(
-            shape=tuple(int(v) for v in attrs["shape"]),
-            spacing=tuple(float(v) for v in attrs["spacing"]),
-            origin=tuple(float(v) for v in attrs["origin"]),
-            direction=tuple(tuple(float(v) for v in row) for row in np.asarray(attrs["direction"])),
+            shape=tuple(int(v) for v in attrs[f"{prefix}shape"]),
+            spacing=tuple(float(v) for v in attrs[f"{prefix}spacing"]),
+            origin=tuple(float(v) for v in attrs[f"{prefix}origin"]),
+            direction=tuple(tuple(float(v) for v in row)
+                            for row in np.asarray(attrs[f"{prefix}direction"])),
         )
 
 

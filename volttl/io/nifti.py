@@ -7,10 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from volttl.errors import VolttlError
 from volttl.io.geometry import Geometry, Volume
 
 
-class ImageFileError(ValueError):
+class ImageFileError(VolttlError):
     """An image file that cannot become one 3D HU volume."""
 
 

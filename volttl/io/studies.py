@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from volttl.errors import VolttlError
 from volttl.io.dicom import DicomSeriesError, read_dicom_series
 from volttl.io.geometry import Geometry, Volume
 from volttl.io.nifti import ImageFileError, read_itk_image, read_nifti
@@ -19,7 +20,7 @@ from volttl.io.nifti import ImageFileError, read_itk_image, read_nifti
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-class StudyReadError(ValueError):
+class StudyReadError(VolttlError):
     """Any failure to read a study; the message names the file and the problem."""
 
 

@@ -14,12 +14,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from volttl.errors import VolttlError
+
 REQUIRED = ("study_id", "path", "label", "split")
 SPLITS = ("train", "val", "test")
 STUDY_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-class ManifestError(ValueError):
+class ManifestError(VolttlError):
     """A manifest problem; the message names the file and the line."""
 
 

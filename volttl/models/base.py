@@ -15,10 +15,13 @@ here; no strategy knows a layer name.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from volttl.errors import VolttlError
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,22 @@ class CutPoint:
     stride: tuple[int, int, int]
 
 
+def stage_units(stem: Unit, depths: Sequence[int], channels: Sequence[int], strides: Sequence[int],
+                block_path: Callable[[int, int], str], stage_path: Callable[[int], str]
+                ) -> tuple[list[Unit], dict[str, str]]:
+    """The stem then every block of every stage as units, with cumulative strides; and
+    each block's stage name (for :func:`cut_points_from_units`). ``block_path(s, b)`` and
+    ``stage_path(s)`` give the module paths of block ``b`` of stage ``s`` and of the stage."""
+    units, stage_of, stride = [stem], {}, stem.stride
+    for s, (blocks, width, step) in enumerate(zip(depths, channels, strides, strict=True)):
+        stride = tuple(v * step for v in stride)
+        for b in range(blocks):
+            name = block_path(s, b)
+            units.append(Unit(name, (name,), width, stride))
+            stage_of[name] = stage_path(s)
+    return units, stage_of
+
+
 def cut_points_from_units(units: list[Unit], stage_of: dict[str, str]) -> list[CutPoint]:
     """Block cuts after the stem and after each stage's last block; a layer cut after every
     block. ``stage_of`` maps a block unit's name to its stage's name."""
@@ -59,9 +78,16 @@ def cut_points_from_units(units: list[Unit], stage_of: dict[str, str]) -> list[C
 
 
 class Backbone3D(nn.Module):
-    """Base class: generic forward over the declared units, and the surgery on them."""
+    """Base class: generic forward over the declared units, and the surgery on them.
+
+    Set by :func:`volttl.models.registry.register_backbone`: ``registry_name``,
+    ``display_name`` and, where a published checkpoint names modules differently,
+    ``checkpoint_key``."""
 
     head_path: str = "fc"
+    registry_name: str = ""
+    display_name: str = ""
+    in_channels: int = 3  # 3 for the Kinetics (RGB) stem; 1 with the summed `stem: sum`
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,6 +110,15 @@ class Backbone3D(nn.Module):
     def cut_points(cls) -> list[CutPoint]:
         raise NotImplementedError
 
+    def init_head_bias(self, head: nn.Linear) -> None:
+        """The bias a new head starts with; zero unless the backbone starts at a prior."""
+        nn.init.zeros_(head.bias)
+
+    @staticmethod
+    def checkpoint_key(key: str) -> str:
+        """A published checkpoint's key (``module.`` removed) as this class names it."""
+        return key
+
     # ---- generic ---------------------------------------------------------------------
     @classmethod
     def cut_point(cls, name: str) -> CutPoint:
@@ -91,7 +126,7 @@ class Backbone3D(nn.Module):
             if cut.name == name:
                 return cut
         valid = ", ".join(c.name for c in cls.cut_points())
-        raise ValueError(f"cut '{name}' is not a cut point of {cls.__name__} (valid: {valid})")
+        raise VolttlError(f"cut '{name}' is not a cut point of {cls.__name__} (valid: {valid})")
 
     def forward_features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         if x.shape[1] == 1 and self.in_channels == 3:  # `stem: repeat`: CT copied to RGB
@@ -197,10 +232,10 @@ class Backbone3D(nn.Module):
         elif pool == "max":
             self.head_pool, in_features = nn.AdaptiveMaxPool3d(1), channels
         elif pool != "flatten":
-            raise ValueError(f"head.pool '{pool}' is not one of avg, max, flatten")
+            raise VolttlError(f"head.pool '{pool}' is not one of avg, max, flatten")
         else:
             if window is None:
-                raise ValueError("head.pool: flatten needs the window size")
+                raise VolttlError("head.pool: flatten needs the window size")
             self.head_pool = nn.Identity()
             device = next(self.parameters()).device
             with torch.no_grad():

@@ -1,8 +1,8 @@
 """Loading foreign and own checkpoints into a backbone, safely and loudly.
 
 Accepted: the 3D-ResNets file (``{epoch, arch, state_dict, optimizer}``, ``module.``
-keys), PENet's file (``model_state`` with ``module.`` keys; old files say
-``xnet_blocks``), a bare state_dict, and volttl's own checkpoints. Always
+keys), PENet's file (``model_state`` with ``module.`` keys; each backbone renames
+its own legacy keys through ``checkpoint_key``), a bare state_dict, and volttl's own checkpoints. Always
 ``torch.load(weights_only=True)``: a checkpoint can never run code.
 
 A 1-channel CT meets a 3-channel Kinetics stem in one of two ways: ``stem: repeat``
@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from volttl.errors import VolttlError
 from volttl.models.base import Backbone3D
 
 log = logging.getLogger("volttl.checkpoints")
 VOLTTL_FORMAT = "volttl-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VolttlError):
     """A checkpoint that cannot be loaded into the model; the message names the file."""
 
 
@@ -63,11 +64,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
         state, kind = obj, "state_dict"
     else:
         raise CheckpointError(f"{path}: no state_dict, model_state or tensors found")
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").replace(".xnet_blocks.", ".penet_blocks.")
-        out[key] = value
-    return out, kind, obj
+    return {key.removeprefix("module."): value for key, value in state.items()}, kind, obj
 
 
 def _stem_conv_key(model: Backbone3D) -> str:
@@ -82,6 +79,7 @@ def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None 
     """Load ``path`` into ``model``; fail by name on any missing or mismatched backbone
     weight. The source classifier is dropped unless the file is volttl's own."""
     state, kind, _ = read_checkpoint(path)
+    state = {type(model).checkpoint_key(k): v for k, v in state.items()}
     report = LoadReport(source_format=kind)
     keep_head = kind == "volttl" if keep_head is None else keep_head
     head_prefix = model.head_path + "."

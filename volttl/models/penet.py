@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units
+from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units, stage_units
+from volttl.models.registry import register_backbone
 
 DEPTH = (3, 4, 6, 3)
 PLANES = (128, 256, 512, 1024)
@@ -105,17 +106,18 @@ def survival_prob(global_index: int) -> float:
 
 
 def _units() -> tuple[list[Unit], dict[str, str]]:
-    units = [Unit("stem", ("in_conv", "max_pool"), 64, (2, 4, 4))]
-    stage_of, stride = {}, (2, 4, 4)
-    for e, (blocks, planes, step) in enumerate(zip(DEPTH, PLANES, STRIDES, strict=True)):
-        stride = tuple(v * step for v in stride)
-        for b in range(blocks):
-            name = f"encoders.{e}.penet_blocks.{b}"
-            units.append(Unit(name, (name,), planes * EXPANSION, stride))
-            stage_of[name] = f"encoders.{e}"
-    return units, stage_of
+    return stage_units(Unit("stem", ("in_conv", "max_pool"), 64, (2, 4, 4)), DEPTH,
+                       [p * EXPANSION for p in PLANES], STRIDES,
+                       block_path=lambda e, b: f"encoders.{e}.penet_blocks.{b}",
+                       stage_path=lambda e: f"encoders.{e}")
 
 
+def checkpoint_key(key: str) -> str:
+    """Older PENet files call the block list ``xnet_blocks``."""
+    return key.replace(".xnet_blocks.", ".penet_blocks.")
+
+
+@register_backbone("penet", display="PENet", checkpoint_key=checkpoint_key)
 class PENet(Backbone3D):
     head_path = "classifier.fc"
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units
+from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units, stage_units
+from volttl.models.registry import register_backbone
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 PLANES = (128, 256, 512, 1024)
@@ -52,15 +53,9 @@ class ResNeXtBottleneck(nn.Module):
 
 
 def _units(depth: int) -> tuple[list[Unit], dict[str, str]]:
-    units = [Unit("stem", ("conv1", "bn1", "relu", "maxpool"), 64, (2, 4, 4))]
-    stage_of, stride = {}, (2, 4, 4)
-    for s, (blocks, planes, step) in enumerate(zip(DEPTHS[depth], PLANES, STRIDES, strict=True)):
-        stride = tuple(v * step for v in stride)
-        for b in range(blocks):
-            name = f"layer{s + 1}.{b}"
-            units.append(Unit(name, (name,), planes * EXPANSION, stride))
-            stage_of[name] = f"layer{s + 1}"
-    return units, stage_of
+    return stage_units(Unit("stem", ("conv1", "bn1", "relu", "maxpool"), 64, (2, 4, 4)), DEPTHS[depth],
+                       [p * EXPANSION for p in PLANES], STRIDES,
+                       block_path=lambda s, b: f"layer{s + 1}.{b}", stage_path=lambda s: f"layer{s + 1}")
 
 
 class ResNeXt3D(Backbone3D):
@@ -109,13 +104,16 @@ class ResNeXt3D(Backbone3D):
         return cut_points_from_units(*_units(cls.depth))
 
 
+@register_backbone("resnext3d_50", display="ResNeXt3D-50")
 class ResNeXt3D50(ResNeXt3D):
     depth = 50
 
 
+@register_backbone("resnext3d_101", display="ResNeXt3D-101")
 class ResNeXt3D101(ResNeXt3D):
     depth = 101
 
 
+@register_backbone("resnext3d_152", display="ResNeXt3D-152")
 class ResNeXt3D152(ResNeXt3D):
     depth = 152

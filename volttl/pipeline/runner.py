@@ -30,12 +30,13 @@ from pathlib import Path
 import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict
+from volttl.errors import VolttlError
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "search", "svcca", "cam", "report")
 
 
-class PipelineError(ValueError):
+class PipelineError(VolttlError):
     """A pipeline file problem; the message names the file."""
 
 
@@ -165,7 +166,7 @@ def _done(output: Path):
 
 
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.analysis.reuse import svcca_run
+    from volttl.analysis.svcca_run import svcca_run
 
     _, run = _table_run(cfg, args.get("row", "FTL"))
     out = work / "svcca"

@@ -21,6 +21,7 @@ from volttl.io.studies import StudyReadError, read_study
 from volttl.manifests.schema import StudyRow, read_manifest
 from volttl.preprocess.resample import resample_to_store
 from volttl.preprocess.store import (
+    StudyMeta,
     StudyRecord,
     read_record,
     settings_hash,
@@ -69,21 +70,13 @@ def process_study(row: StudyRow, store: str, thickness: float, size: int, window
     hu, grid = resample_to_store(vol.hu, geo.spacing[2], thickness, size)
     flags = pe_flags_on_stored_grid(row.pe_slices, geo.shape[0],
                                     grid.original_slice_of(np.arange(grid.num_slices)))
-    s2o = grid.stored_to_original()
-    attrs = {
-        "study_id": row.study_id, "label": row.label, "split": row.split,
-        "pe_slices": np.flatnonzero(flags).astype(np.int32),
-        "pe_slices_original": np.asarray(row.pe_slices, dtype=np.int32),
-        "source": row.path, "source_kind": vol.source_kind, "settings": settings,
-        "series_uid": row.extras.get("series_uid") or "",
-        "slice_thickness": thickness, "size": size,
-        "original_shape": np.asarray(geo.shape, dtype=np.int64),
-        "original_spacing": np.asarray(geo.spacing), "original_origin": np.asarray(geo.origin),
-        "original_direction": np.asarray(geo.direction),
-        "original_affine_ras": geo.affine_ras(),
-        "stored_to_original": s2o, "stored_affine_ras": geo.affine_ras() @ s2o,
-    }
-    write_study(store, row.study_id, hu, attrs, window)
+    meta = StudyMeta(
+        study_id=row.study_id, label=row.label, split=row.split,
+        pe_slices=np.flatnonzero(flags), pe_slices_original=np.asarray(row.pe_slices, dtype=np.int64),
+        source=row.path, source_kind=vol.source_kind, series_uid=row.extras.get("series_uid") or "",
+        settings=settings, slice_thickness=thickness, size=size, original=geo,
+        stored_to_original=grid.stored_to_original())
+    write_study(store, hu, meta, window)
     return StudyRecord(row.study_id, row.split, row.label, flags, settings)
 
 

@@ -21,6 +21,10 @@ Why two files: HDF5 cannot survive a kill in the middle of a write. Each study i
 written to a temporary file and renamed into place, and the small index file is
 rewritten and renamed after every finished study, so a kill at any moment leaves a
 store that opens and lists every study finished so far.
+
+:class:`StudyMeta` is the only code that names a study's attributes (writing and
+reading), and :class:`Store` the only reader of the index; nothing else in volttl names
+a key of the store.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from volttl.errors import VolttlError
+from volttl.io.geometry import Geometry
 from volttl.preprocess.windows import WINDOW_DTYPE, study_windows
 
 FORMAT = "volttl-store"
@@ -59,9 +65,59 @@ def _atomic_h5(path: Path):
     return tmp, h5py.File(tmp, "w")
 
 
-def write_study(store: str | Path, study_id: str, hu: np.ndarray, attrs: dict, window: int
-                ) -> None:
+@dataclass
+class StudyMeta:
+    """What the store records of one study beside its HU volume."""
+
+    study_id: str
+    label: int
+    split: str
+    pe_slices: np.ndarray  # on the stored grid
+    pe_slices_original: np.ndarray  # as the manifest gave them
+    source: str
+    source_kind: str
+    series_uid: str
+    settings: str
+    slice_thickness: float
+    size: int
+    original: Geometry
+    stored_to_original: np.ndarray  # 4x4: stored (c, r, s) index -> original (i, j, k) index
+
+    @property
+    def stored_affine_ras(self) -> np.ndarray:
+        """Stored voxel index -> RAS mm."""
+        return self.original.affine_ras() @ self.stored_to_original
+
+    def to_attrs(self) -> dict:
+        return {
+            "study_id": self.study_id, "label": self.label, "split": self.split,
+            "pe_slices": np.asarray(self.pe_slices, dtype=np.int32),
+            "pe_slices_original": np.asarray(self.pe_slices_original, dtype=np.int32),
+            "source": self.source, "source_kind": self.source_kind, "settings": self.settings,
+            "series_uid": self.series_uid, "slice_thickness": self.slice_thickness, "size": self.size,
+            **self.original.as_attrs("original_"),
+            "original_affine_ras": self.original.affine_ras(),
+            "stored_to_original": np.asarray(self.stored_to_original, dtype=np.float64),
+            "stored_affine_ras": self.stored_affine_ras,
+        }
+
+    @staticmethod
+    def from_attrs(attrs) -> StudyMeta:
+        return StudyMeta(
+            study_id=str(attrs["study_id"]), label=int(attrs["label"]), split=str(attrs["split"]),
+            pe_slices=np.asarray(attrs["pe_slices"], dtype=np.int64),
+            pe_slices_original=np.asarray(attrs["pe_slices_original"], dtype=np.int64),
+            source=str(attrs["source"]), source_kind=str(attrs["source_kind"]),
+            series_uid=str(attrs.get("series_uid", "")), settings=str(attrs["settings"]),
+            slice_thickness=float(attrs["slice_thickness"]), size=int(attrs["size"]),
+            original=Geometry.from_attrs(attrs, "original_"),
+            stored_to_original=np.asarray(attrs["stored_to_original"], dtype=np.float64),
+        )
+
+
+def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int) -> None:
     """Write one study file atomically (temporary file, then rename)."""
+    study_id = meta.study_id
     path = study_file(store, study_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, f = _atomic_h5(path)
@@ -69,7 +125,7 @@ def write_study(store: str | Path, study_id: str, hu: np.ndarray, attrs: dict, w
         with f:
             chunks = (min(window, hu.shape[0]), hu.shape[1], hu.shape[2])
             f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
-            for key, value in attrs.items():
+            for key, value in meta.to_attrs().items():
                 f.attrs[key] = value
         os.replace(tmp, path)
     except BaseException:
@@ -140,7 +196,7 @@ def write_index(store: str | Path, records: list[StudyRecord], window: int, trai
         raise
 
 
-class StoreError(ValueError):
+class StoreError(VolttlError):
     """A store that is missing or not a volttl store."""
 
 
@@ -157,3 +213,72 @@ def open_store(path: str | Path) -> h5py.File:
         f.close()
         raise StoreError(f"{path}: not a volttl store")
     return f
+
+
+class Store:
+    """A store opened for reading: the index, and each study's HU and metadata.
+
+    Use as a context manager, or call :meth:`close`. A study whose file is missing or
+    unreadable is a :class:`StoreError` naming the study, the file and the repair.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open_store(self.path)
+        f = self._file
+        try:
+            self.window = int(f.attrs["window"])
+            self.train_stride = int(f.attrs["train_stride"])
+            self.min_pe_slices = int(f.attrs["min_pe_slices"])
+            self.config_yaml = str(f.attrs["config"])
+            self.study_ids: list[str] = [s.decode() for s in f["index/study_ids"][...]]
+            self.splits: list[str] = [s.decode() for s in f["index/splits"][...]]
+            self.labels = np.asarray(f["index/labels"][...], dtype=np.int64)
+        except KeyError as exc:
+            f.close()
+            raise StoreError(f"{self.path}: incomplete store index ({exc}); rerun `volttl preprocess`"
+                             ) from None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def studies_in(self, split: str) -> list[int]:
+        """Indices (into :attr:`study_ids`) of the studies of ``split``."""
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+    def windows(self, split: str, train: bool = False) -> np.ndarray:
+        """The split's window records: the training table (``train_stride``) or the
+        non-overlapping evaluation windows."""
+        table = self._file["index/windows_train" if train else "index/windows_eval"][...]
+        return table[np.isin(table["study"], self.studies_in(split))]
+
+    def _group(self, study_id: str) -> h5py.Group:
+        if study_id not in self.study_ids:
+            raise StoreError(f"{self.path}: no study '{study_id}' in the store")
+        try:
+            return self._file[f"studies/{study_id}"]
+        except (KeyError, OSError):
+            raise StoreError(f"{self.path}: study '{study_id}': its file {study_file(self.path, study_id)} "
+                             "is missing or unreadable; rerun `volttl preprocess` with the same config "
+                             "to restore it") from None
+
+    def hu(self, study_id: str) -> h5py.Dataset:
+        """The stored int16 HU volume ``(slices, size, size)``, read lazily."""
+        try:
+            return self._group(study_id)["hu"]
+        except KeyError:
+            raise StoreError(f"{self.path}: study '{study_id}' has no HU volume; rerun `volttl preprocess`"
+                             ) from None
+
+    def meta(self, study_id: str) -> StudyMeta:
+        try:
+            return StudyMeta.from_attrs(self._group(study_id).attrs)
+        except KeyError as exc:
+            raise StoreError(f"{self.path}: study '{study_id}' lacks attribute {exc}; rerun "
+                             "`volttl preprocess`") from None

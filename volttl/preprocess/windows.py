@@ -15,7 +15,7 @@ WINDOW_DTYPE = np.dtype([("study", np.int32), ("start", np.int32), ("pe_slices",
                          ("label", np.int8)])
 
 
-def window_starts(num_slices: int, window: int, stride: int) -> np.ndarray:
+def indexed_window_starts(num_slices: int, window: int, stride: int) -> np.ndarray:
     """First slices of windows covering the study; with stride == window, PENet's windows."""
     if stride >= window:
         count = max(1, math.ceil(num_slices / window))
@@ -40,7 +40,7 @@ def pe_flags_on_stored_grid(pe_original: list[int], original_slices: int,
 def study_windows(study_index: int, pe_flags: np.ndarray, label: int, window: int, stride: int,
                   min_pe_slices: int) -> np.ndarray:
     """The study's windows as records ``(study, start, pe_slices, label)``."""
-    starts = window_starts(len(pe_flags), window, stride)
+    starts = indexed_window_starts(len(pe_flags), window, stride)
     csum = np.concatenate([[0], np.cumsum(pe_flags)])
     ends = np.minimum(starts + window, len(pe_flags))
     counts = csum[ends] - csum[starts]

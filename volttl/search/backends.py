@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from queue import Queue
 
+from volttl.errors import VolttlError
 from volttl.search.trials import RESULT, run_trial
 
 
@@ -98,4 +99,4 @@ def run_jobs(jobs: list[tuple[dict, str]], backend: str, gpus: int = 0, ray_addr
         return run_on_gpus(jobs, gpus, progress)
     if backend == "ray":
         return run_on_ray(jobs, ray_address, ray_gpus_per_trial, progress)
-    raise ValueError(f"search.backend '{backend}' is not one of sequential, gpus, ray")
+    raise VolttlError(f"search.backend '{backend}' is not one of sequential, gpus, ray")

@@ -19,9 +19,10 @@ import math
 from pathlib import Path
 
 from volttl.config import Config
-from volttl.models import get_backbone_spec
+from volttl.errors import VolttlError
+from volttl.models import display_name, get_backbone_spec
 from volttl.search.backends import run_jobs
-from volttl.search.trials import DISPLAY, Trial, trial_job
+from volttl.search.trials import Trial, trial_job
 
 log = logging.getLogger("volttl.search")
 
@@ -70,7 +71,7 @@ def search_run(cfg: Config, progress: bool = True) -> list[dict]:
     s, model = cfg.search, cfg.model.name
     unknown = [x for x in s.strategies if x not in ("tf", "lwft", "ttl")]
     if unknown:
-        raise ValueError(f"search.strategies: {', '.join(unknown)} (use tf, lwft, ttl)")
+        raise VolttlError(f"search.strategies: {', '.join(unknown)} (use tf, lwft, ttl)")
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     baselines = []
@@ -82,7 +83,7 @@ def search_run(cfg: Config, progress: bool = True) -> list[dict]:
                 log.warning("search.penet_pretrained is empty: the PENet baseline starts from scratch")
             baselines.append(Trial("penet", "ftl", "", "baseline"))
         else:
-            raise ValueError(f"search.baselines: '{b}' is not one of ftl, penet")
+            raise VolttlError(f"search.baselines: '{b}' is not one of ftl, penet")
     blocks = stage1_cuts(model, s.block_cuts)
     first = [Trial(model, st, c, "1") for st in s.strategies for c in blocks]
     done = _run(cfg, baselines + first, out, progress)
@@ -93,13 +94,13 @@ def search_run(cfg: Config, progress: bool = True) -> list[dict]:
         second += [Trial(model, st, c, "2") for c in stage2_cuts(model, winners[st].cut, s.radius, blocks)]
     done.update(_run(cfg, second, out, progress))
 
-    rows = [_row(DISPLAY.get(t.model, t.model), "FTL", done[t]) for t in baselines]
+    rows = [_row(display_name(t.model), "FTL", done[t]) for t in baselines]
     for st in s.strategies:
         w1 = winners[st]
-        rows.append(_row(DISPLAY.get(model, model), f"{st.upper()}-1", done[w1]))
+        rows.append(_row(display_name(model), f"{st.upper()}-1", done[w1]))
         candidates = [w1] + [t for t in second if t.strategy == st]
         w2 = max(candidates, key=lambda t: _score(done[t]))
-        rows.append(_row(DISPLAY.get(model, model), f"{st.upper()}-2", done[w2]))
+        rows.append(_row(display_name(model), f"{st.upper()}-2", done[w2]))
     _write_table(rows, out, cfg)
     with (out / "trials.csv").open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -21,8 +21,6 @@ from pathlib import Path
 from volttl.config import Config, config_from_dict, config_to_dict
 
 RESULT = "trial.json"
-DISPLAY = {"resnext3d_50": "ResNeXt3D-50", "resnext3d_101": "ResNeXt3D-101",
-           "resnext3d_152": "ResNeXt3D-152", "penet": "PENet"}
 
 
 @dataclass(frozen=True)
@@ -51,33 +49,9 @@ def _fingerprint(cfg_dict: dict) -> str:
     return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def profile_trial(cfg: Config) -> dict:
-    """P(M), MACs(G) and T(ms) of the trial's architecture at ``profile.input_size``."""
-    import torch
-
-    from volttl.analysis.complexity import count_macs, count_parameters, device_name, measure_latency
-    from volttl.transfer import build_transfer_model
-
-    t, p = cfg.transfer, cfg.profile
-    shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
-    quiet = logging.getLogger("volttl.transfer")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # architecture only, no weights
-    try:
-        model = build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
-                                     stem=cfg.model.stem, width=t.width, pool=t.head.pool,
-                                     window=tuple(p.input_size), head_norm=t.head.norm).model
-    finally:
-        quiet.setLevel(level)
-    device = torch.device(p.device)
-    model = model.to(device)
-    return {"params_m": count_parameters(model) / 1e6, "macs_g": count_macs(model, shape) / 1e9,
-            "latency_ms": measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
-            "device": device_name(device), "input": list(shape[1:])}
-
-
 def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     """Train, evaluate and profile one trial (or return its finished result)."""
+    from volttl.analysis.complexity import profile_config
     from volttl.train.repeats import evaluate_repeats, train_repeats
 
     trial_dir_path = Path(trial_dir)
@@ -95,7 +69,7 @@ def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
               "dir": str(trial_dir_path), "seeds": val["seeds"],
               "val_study_auroc": val["val_study_auroc"], "val_study_auprc": val["val_study_auprc"],
               "test_split": cfg.search.test_split, "test_study_auroc": test["study_auroc"],
-              "test_study_auprc": test["study_auprc"], **profile_trial(cfg)}
+              "test_study_auprc": test["study_auprc"], **profile_config(cfg)}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(done)

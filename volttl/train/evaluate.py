@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from volttl.config import config_from_dict
-from volttl.models.checkpoints import read_checkpoint
-from volttl.train.distributed import resolve_device
-from volttl.train.loop import build_setup, predict
+from volttl.runs import RunDir, load_run, resolve_device
+from volttl.train.loop import predict
 from volttl.train.metrics import study_scores, summarise
-
-
-def load_run(run_dir: str | Path, which: str = "best.pt"):
-    """The run's config and its model with the chosen checkpoint's weights."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run dir (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    cfg.model.pretrained = ""  # the run's own weights replace the pretrained ones
-    quiet = logging.getLogger("volttl.transfer")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        setup = build_setup(cfg)
-    finally:
-        quiet.setLevel(level)
-    _, _, ckpt = read_checkpoint(run_dir / which)
-    setup.model.load_state_dict(ckpt["model_state"])
-    return cfg, setup.model
 
 
 def _plot_curves(labels: np.ndarray, scores: np.ndarray, out: Path, title: str) -> None:
@@ -61,19 +38,18 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     """Study- and window-level metrics of ``best.pt`` on ``split``, written into the run dir."""
     from volttl.data import WindowDataset
 
-    run_dir = Path(run_dir)
-    cfg, model = load_run(run_dir)
+    run = RunDir(run_dir)
+    cfg, model = load_run(run.path)
     device = resolve_device(cfg.train.device)
     model = model.to(device)
-    d = cfg.data
-    ds = WindowDataset(d.store, split, False, d.crop, tuple(d.hu_clip), d.intensity_shift)
+    ds = WindowDataset.from_config(cfg, split, train=False)
     probs, labels, studies = predict(model, ds, device, cfg.train.batch_size, cfg.train.workers)
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     metrics = summarise(labels, probs, studies, ds.study_labels, cfg.eval.aggregate, n_boot)
     metrics.update(split=split, aggregate=cfg.eval.aggregate)
-    (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=2))
+    run.metrics_json(split).write_text(json.dumps(metrics, indent=2))
     ids, scores = study_scores(probs, studies, cfg.eval.aggregate)
-    with (run_dir / f"predictions_{split}.csv").open("w") as fh:
+    with run.predictions_csv(split).open("w") as fh:
         fh.write("study_id,label,probability\n")
         for i, score in zip(ids, scores, strict=True):
             fh.write(f"{ds.study_ids[i]},{ds.study_labels[i]},{score:.6f}\n")
@@ -84,9 +60,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
              f"| {split} | {metrics['studies']} | {metrics['study_auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) "
              f"| {metrics['study_auprc']:.3f} ({ci_p[0]:.3f}-{ci_p[1]:.3f}) | "
              f"{metrics['window_auroc']:.3f} |\n")
-    (run_dir / f"metrics_{split}.md").write_text(table)
+    run.metrics_md(split).write_text(table)
     study_labels = ds.study_labels[ids]
     if len(np.unique(study_labels)) == 2:
-        _plot_curves(study_labels, scores, run_dir / f"curves_{split}.png", f"{split} studies")
+        _plot_curves(study_labels, scores, run.curves_png(split), f"{split} studies")
     torch.cuda.empty_cache() if device.type == "cuda" else None
     return metrics

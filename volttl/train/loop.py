@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
+from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+from volttl.runs import RunDir, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
-from volttl.transfer import TransferSetup, build_transfer_model
 
 log = logging.getLogger("volttl.train")
 
@@ -52,20 +53,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_setup(cfg: Config) -> TransferSetup:
-    t = cfg.transfer
-    window = None if t.head.pool != "flatten" else (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
-    return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
-                                stem=cfg.model.stem, pretrained=cfg.model.pretrained, init=t.init,
-                                width=t.width, pool=t.head.pool, dropout=t.head.dropout, window=window,
-                                head_norm=t.head.norm)
-
-
 def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
-    d = cfg.data
-    train = WindowDataset(d.store, "train", True, d.crop, tuple(d.hu_clip), d.intensity_shift, seed=seed)
-    val = WindowDataset(d.store, "val", False, d.crop, tuple(d.hu_clip), d.intensity_shift)
-    return train, val
+    """The augmented training windows and the validation windows of the config's store."""
+    return (WindowDataset.from_config(cfg, "train", train=True, seed=seed),
+            WindowDataset.from_config(cfg, "val", train=False))
 
 
 def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop_last: bool = False):
@@ -104,12 +95,12 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
     return out[0], out[1], out[2].astype(np.int64)
 
 
-def _summary_writer(run_dir: Path):
+def _summary_writer(run: RunDir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run.tensorboard))
 
 
 def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -123,14 +114,14 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     """:func:`train_run`, also returning the trained model (this process's replica)."""
     run_dir = Path(run_dir)
     tc = cfg.train
-    if (run_dir / "last.pt").exists() and not resume:
-        raise ValueError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
+    if RunDir(run_dir).last.exists() and not resume:
+        raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
     dist = init_distributed(tc.device)
     root, handler = logging.getLogger("volttl"), None
     level = root.level
     if dist.is_main:  # everything volttl logs during the run also goes to <run>/train.log
         run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = logging.FileHandler(RunDir(run_dir).log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
@@ -146,12 +137,12 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_epoch: int | None,
            dist: DistContext) -> tuple[dict, torch.nn.Module]:
-    tc, device = cfg.train, dist.device
+    tc, device, run = cfg.train, dist.device, RunDir(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        run.config.write_text(config_to_yaml(cfg))
     torch.manual_seed(tc.seed)
-    setup = build_setup(cfg)
+    setup = model_from_config(cfg)
     model = setup.model.to(device)
     # channels_last_3d: faster convolutions on GPUs and also on CPUs (oneDNN), 1.5x here
     model = model.to(memory_format=torch.channels_last_3d)
@@ -168,8 +159,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
     start_epoch, best = 0, {"study_auroc": -math.inf}
-    if resume and (run_dir / "last.pt").exists():
-        _, _, ckpt = read_checkpoint(run_dir / "last.pt")
+    if resume and run.last.exists():
+        _, _, ckpt = read_checkpoint(run.last)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -179,7 +170,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     if dist.active:
         replica = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _summary_writer(run_dir) if dist.is_main else None
+    writer = _summary_writer(run) if dist.is_main else None
     amp = device.type == "cuda"
     for epoch in range(start_epoch, tc.epochs):
         train_ds.set_epoch(epoch)
@@ -223,7 +214,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         if improved:
             best = {"epoch": epoch, **val}
         if dist.is_main:
-            _write_epoch(run_dir, cfg, model, optimizer, schedule, epoch, best, record, improved, writer)
+            _write_epoch(run, cfg, model, optimizer, schedule, epoch, best, record, improved, writer)
         dist.barrier()  # no rank runs ahead of the checkpoint it might resume from
         log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
                  val["study_auroc"], " (best)" if improved else "")
@@ -231,19 +222,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
             break
     if writer is not None:
         writer.close()
-    if dist.is_main and not (run_dir / "best.pt").exists():  # validation AUROC undefined throughout
-        save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
+    if dist.is_main and not run.best.exists():  # validation AUROC undefined throughout
+        save_checkpoint(run.best, model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
     return best, model
 
 
-def _write_epoch(run_dir: Path, cfg: Config, model, optimizer, schedule, epoch: int, best: dict,
+def _write_epoch(run: RunDir, cfg: Config, model, optimizer, schedule, epoch: int, best: dict,
                  record: dict, improved: bool, writer) -> None:
     """Checkpoints (atomic), a metrics.jsonl line and TensorBoard scalars for one epoch."""
     if improved:
-        save_checkpoint(run_dir / "best.pt", model, config=config_to_dict(cfg), epoch=epoch)
-    save_checkpoint(run_dir / "last.pt", model, config=config_to_dict(cfg), epoch=epoch,
+        save_checkpoint(run.best, model, config=config_to_dict(cfg), epoch=epoch)
+    save_checkpoint(run.last, model, config=config_to_dict(cfg), epoch=epoch,
                     optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best)
-    with (run_dir / "metrics.jsonl").open("a") as fh:
+    with run.metrics.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     if writer is not None:
         for key in ("train_loss", "val_study_auroc", "val_study_auprc", "val_window_auroc"):

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from volttl.config import Config
+from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint
+from volttl.runs import RunDir
 
-SUMMARY = "repeats.json"
 REPORTED = ("study_auroc", "study_auprc", "window_auroc", "window_auprc")
 
 
@@ -31,15 +32,6 @@ def seed_configs(cfg: Config) -> list[Config]:
         one.train.seed, one.train.repeats = cfg.train.seed + i, 1
         out.append(one)
     return out
-
-
-def is_repeat_group(path: str | Path) -> bool:
-    return (Path(path) / SUMMARY).is_file()
-
-
-def finished_epochs(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
 def mean_std(values: list[float]) -> dict:
@@ -55,22 +47,22 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
     metrics per seed with their mean and std."""
     from volttl.train.loop import train_run
 
-    group_dir = Path(group_dir)
+    group = RunDir(group_dir)
     configs = seed_configs(cfg)
-    runs = [group_dir / f"seed{c.train.seed}" for c in configs]
-    if not resume and any((r / "last.pt").exists() for r in runs):
-        raise ValueError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
+    runs = [group.seed(c.train.seed) for c in configs]
+    if not resume and any(r.last.exists() for r in runs):
+        raise VolttlError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
     best = []
     for one, run in zip(configs, runs, strict=True):
-        if finished_epochs(run) >= one.train.epochs:  # done before: its best is in last.pt
-            best.append(dict(read_checkpoint(run / "last.pt")[2]["best"]))
+        if run.finished_epochs() >= one.train.epochs:  # done before: its best is in last.pt
+            best.append(dict(read_checkpoint(run.last)[2]["best"]))
             continue
-        best.append(train_run(one, run, resume=(run / "last.pt").exists(), progress=progress))
-    summary = {"seeds": [c.train.seed for c in configs], "runs": [r.name for r in runs],
+        best.append(train_run(one, run.path, resume=run.last.exists(), progress=progress))
+    summary = {"seeds": [c.train.seed for c in configs], "runs": [r.path.name for r in runs],
                "best": best, **{f"val_{k}": mean_std([b.get(k, float("nan")) for b in best])
                                 for k in REPORTED}}
-    group_dir.mkdir(parents=True, exist_ok=True)
-    (group_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    group.path.mkdir(parents=True, exist_ok=True)
+    group.repeats.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -79,12 +71,12 @@ def evaluate_repeats(group_dir: str | Path, split: str = "test") -> dict:
     markdown table with one row per seed and the mean +- std."""
     from volttl.train.evaluate import evaluate_run
 
-    group_dir = Path(group_dir)
-    runs = json.loads((group_dir / SUMMARY).read_text())["runs"]
-    per_run = {name: evaluate_run(group_dir / name, split) for name in runs}
+    group = RunDir(group_dir)
+    runs = json.loads(group.repeats.read_text())["runs"]
+    per_run = {name: evaluate_run(group.path / name, split) for name in runs}
     summary = {"split": split, "runs": per_run,
                **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED}}
-    (group_dir / f"metrics_{split}.json").write_text(json.dumps(summary, indent=2))
+    group.metrics_json(split).write_text(json.dumps(summary, indent=2))
     lines = ["| run | studies | study AUROC | study AUPRC | window AUROC |",
              "| --- | --- | --- | --- | --- |"]
     for name, m in per_run.items():
@@ -92,5 +84,5 @@ def evaluate_repeats(group_dir: str | Path, split: str = "test") -> dict:
                      f"| {m['window_auroc']:.3f} |")
     fmt = lambda k: f"{summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}"  # noqa: E731
     lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} |")
-    (group_dir / f"metrics_{split}.md").write_text("\n".join(lines) + "\n")
+    group.metrics_md(split).write_text("\n".join(lines) + "\n")
     return summary

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import load_pretrained
@@ -98,11 +99,11 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
                    ) -> TransferSetup:
     """Turn a (pretrained) full backbone into the model a strategy trains."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
+        raise VolttlError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
     if init not in INITS:
-        raise ValueError(f"transfer.init '{init}' is not one of {', '.join(INITS)}")
+        raise VolttlError(f"transfer.init '{init}' is not one of {', '.join(INITS)}")
     if init == "meanvar" and pretrained_state is None:
-        raise ValueError("transfer.init: meanvar needs pretrained weights (model.pretrained)")
+        raise VolttlError("transfer.init: meanvar needs pretrained weights (model.pretrained)")
     keep = type(model).cut_point(cut).keep if strategy != "ftl" else len(model.units)
     new_prefixes: list[str] = []
     if strategy == "ttl":
@@ -112,7 +113,7 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
         kaiming_init([model.get_submodule(p) for p in new_prefixes])
     head = model.replace_head(num_outputs, pool=pool, dropout=dropout, window=window, norm=head_norm)
     init_head(head)
-    _focal_prior_bias(model, head)
+    model.init_head_bias(head)
     new_prefixes += [model.head_path] + (["head_norm"] if head_norm else [])
     if init == "meanvar":
         meanvar_init(model, new_prefixes, pretrained_state or {})
@@ -130,25 +131,24 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     return setup
 
 
-def _focal_prior_bias(model: Backbone3D, head: nn.Linear) -> None:
-    """Backbones that start their output at a prior (PENet) keep doing so with a new head."""
-    prior_init = getattr(model, "init_head_bias", None)
-    if prior_init is not None:
-        prior_init(head)
-
-
 def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_outputs: int = 1,
                          stem: str = "sum", pretrained: str = "", init: str = "kaiming",
                          width: float = 0.5, pool: str = "avg", dropout: float = 0.0,
                          window: tuple[int, int, int] | None = None,
-                         head_norm: bool = False) -> TransferSetup:
-    """Build the backbone, load its weights (unless ``init: random``), apply the strategy."""
+                         head_norm: bool = False, weights: bool = True) -> TransferSetup:
+    """Build the backbone, load its weights (unless ``init: random``), apply the strategy.
+
+    ``weights=False`` builds the architecture alone, quietly: nothing is loaded and
+    ``meanvar`` falls back to the backbone's own initialisation, for callers that load
+    trained weights next or only count parameters."""
     spec = get_backbone_spec(model_name)
     if strategy != "ftl":
         spec.cut_point(cut)  # fail early, listing the valid cuts
     model = spec(num_outputs=num_outputs, in_channels=1 if stem == "sum" else 3)
     reference = None
-    if init == "random":  # the backbone's own initialisation, nothing loaded
+    if not weights:
+        init = "kaiming" if init == "meanvar" else init
+    elif init == "random":  # the backbone's own initialisation, nothing loaded
         if pretrained:
             log.warning("transfer.init is random: model.pretrained (%s) is not loaded", pretrained)
     elif pretrained:

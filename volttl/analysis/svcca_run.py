@@ -18,25 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from volttl.analysis.svcca import feature_points, overlap, random_baseline, suggest_cut, svcca
-from volttl.config import config_from_dict
 from volttl.data import WindowDataset
+from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
+from volttl.runs import RunDir, load_run, model_from_config
 
 log = logging.getLogger("volttl.analysis")
 
 
 def _model_before(run_dir: Path) -> torch.nn.Module:
-    from volttl.train.loop import build_setup
-
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = RunDir(run_dir).read_config()
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise FileNotFoundError(f"{cfg.model.pretrained}: the run's pretrained checkpoint is not there")
     torch.manual_seed(cfg.train.seed)  # as training does before building the model
-    return build_setup(cfg).model
+    return model_from_config(cfg).model
 
 
 def collect_features(models: list[torch.nn.Module], ds: WindowDataset, keeps: list[int], windows: int,
@@ -70,11 +68,9 @@ def svcca_run(run_dir: str | Path, out: str | Path | None = None, split: str = "
               max_points: int = 8192, level: str = "block", threshold: float = 0.5, keep: float = 0.99,
               cuts: list[str] | None = None, progress: bool = True) -> dict:
     """Write ``svcca.json`` and ``svcca.png`` for a run; returns the JSON record."""
-    from volttl.train.evaluate import load_run
-
     run_dir = Path(run_dir)
     if level not in ("block", "layer", "all"):
-        raise ValueError(f"level '{level}' is not one of block, layer, all")
+        raise VolttlError(f"level '{level}' is not one of block, layer, all")
     cfg, after = load_run(run_dir)
     before = _model_before(run_dir)
     spec = get_backbone_spec(cfg.model.name)
@@ -82,9 +78,8 @@ def svcca_run(run_dir: str | Path, out: str | Path | None = None, split: str = "
         c for c in spec.cut_points() if level == "all" or c.level == level]
     cuts = [c for c in wanted if c.keep <= len(after.units)]
     if not cuts:
-        raise ValueError(f"{run_dir}: the trained model keeps none of the requested cut points")
-    ds = WindowDataset(cfg.data.store, split, False, cfg.data.crop, tuple(cfg.data.hu_clip),
-                       cfg.data.intensity_shift)
+        raise VolttlError(f"{run_dir}: the trained model keeps none of the requested cut points")
+    ds = WindowDataset.from_config(cfg, split, train=False)
     keeps = sorted({c.keep for c in cuts})
     feats_before, feats_after = collect_features([before, after], ds, keeps, windows, max_points,
                                                  progress=progress)

@@ -1,0 +1,173 @@
+"""The run folder: what `volttl train` writes, how a run is named, rebuilt and placed.
+
+A run folder holds::
+
+    config.yaml      the resolved config the run was trained with
+    last.pt          model, optimiser, schedule and epoch after the latest epoch (resume)
+    best.pt          the model at the best validation study AUROC
+    metrics.jsonl    one line per finished epoch
+    train.log        everything volttl logged during training
+    tensorboard/     scalars for TensorBoard
+    metrics_<split>.json|.md, predictions_<split>.csv, curves_<split>.png   (evaluate)
+
+A repeat group (``train.repeats > 1``) is a folder of such runs, ``seed<S>/``, with
+``repeats.json``. Every module that reads or writes these files takes the names from
+here, and every module that needs a model for a config calls :func:`model_from_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from volttl.config import Config, ConfigError, config_from_dict
+from volttl.errors import VolttlError
+from volttl.models.base import Backbone3D
+from volttl.models.checkpoints import read_checkpoint
+from volttl.transfer import TransferSetup, build_transfer_model
+
+CONFIG = "config.yaml"
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+TRAIN_LOG = "train.log"
+TENSORBOARD = "tensorboard"
+REPEATS = "repeats.json"
+
+
+class RunError(VolttlError):
+    """A run folder that is missing, incomplete or does not match the command."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def log(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def repeats(self) -> Path:
+        return self.path / REPEATS
+
+    def seed(self, seed: int) -> RunDir:
+        """One seed's run inside a repeat group."""
+        return RunDir(self.path / f"seed{seed}")
+
+    def metrics_json(self, split: str) -> Path:
+        return self.path / f"metrics_{split}.json"
+
+    def metrics_md(self, split: str) -> Path:
+        return self.path / f"metrics_{split}.md"
+
+    def predictions_csv(self, split: str) -> Path:
+        return self.path / f"predictions_{split}.csv"
+
+    def curves_png(self, split: str) -> Path:
+        return self.path / f"curves_{split}.png"
+
+    def is_repeat_group(self) -> bool:
+        return self.repeats.is_file()
+
+    def finished_epochs(self) -> int:
+        return len(self.metrics.read_text().splitlines()) if self.metrics.is_file() else 0
+
+    def read_config(self) -> Config:
+        """The config the run was trained with."""
+        if not self.config.is_file():
+            raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
+        try:
+            return config_from_dict(yaml.safe_load(self.config.read_text()))
+        except (ConfigError, yaml.YAMLError) as exc:
+            raise RunError(f"{self.config}: unreadable run config ({exc})") from None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``train.out_dir/<model>_<strategy>[_<cut>]_seed<S>[-<S+N-1>]``."""
+    t = cfg.transfer
+    cut = f"_{t.cut}" if t.strategy != "ftl" else ""
+    first, n = cfg.train.seed, cfg.train.repeats
+    seeds = f"{first}" if n == 1 else f"{first}-{first + n - 1}"
+    return Path(cfg.train.out_dir) / f"{cfg.model.name}_{t.strategy}{cut}_seed{seeds}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; a device that
+    is not there is a one-line error rather than a failure deep inside torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device '{name}': no CUDA GPU is available on this machine "
+                              "(use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def model_from_config(cfg: Config, weights: bool = True,
+                      window: tuple[int, int, int] | None = None) -> TransferSetup:
+    """The model a config describes, with its parameter groups. ``weights=True`` loads
+    ``model.pretrained`` and initialises new parts as training does; ``weights=False``
+    builds the architecture only, quietly (for evaluation, cam, profiling, search).
+    ``window`` (D, H, W) sizes a flattened head; by default the training window."""
+    t = cfg.transfer
+    window = window or (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
+    window = window if t.head.pool == "flatten" else None
+    return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
+                                stem=cfg.model.stem, pretrained=cfg.model.pretrained if weights else "",
+                                init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
+                                window=window, head_norm=t.head.norm, weights=weights)
+
+
+def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:
+    """The run's config and its model with the chosen checkpoint's weights."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    cfg.model.pretrained = ""  # the run's own weights replace the pretrained ones
+    model = model_from_config(cfg, weights=False).model
+    path = run.path / which
+    if not path.is_file():
+        raise RunError(f"{run.path}: no {which} (the run has not finished an epoch)")
+    _, _, ckpt = read_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise RunError(f"{path}: does not fit the model in {CONFIG} ({first})") from None
+    return cfg, model
