@@ -208,6 +208,7 @@ def test_gaussian_blending_favours_the_window_whose_centre_a_slice_is_near():
     assert m[0, 10, 10] > m[3, 10, 10] > m[6, 10, 10]  # the 0.9 window fades out
 
 
+@pytest.mark.slow
 def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
     records = cam_run(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False)
     rows = {r["study_id"]: r for r in csv.DictReader(open(cohort))}

@@ -77,6 +77,7 @@ def test_train_fails_on_a_missing_pretrained_checkpoint(cohort, tmp_path, capsys
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_on_a_tiny_cohort(tmp_path, capsys):
     """`volttl demo` end to end at toy size: every stage's output exists and the figures
     it prints are the ones it wrote."""
@@ -87,7 +88,7 @@ def test_demo_runs_the_whole_chain_on_a_tiny_cohort(tmp_path, capsys):
                "--set", "train.epochs=1", "--set", "eval.bootstrap=0", "--set", "preprocess.workers=1"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "[5/5]" in out and "demo finished" in out
+    assert "== cam" in out and "demo finished" in out
     run = work / "runs" / "demo"
     assert (run / "best.pt").is_file() and (run / "metrics_test.json").is_file()
     summary = json.loads((work / "cam" / "cam_summary.json").read_text())

@@ -29,6 +29,7 @@ def _write(tmp_path, steps):
     return path
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_runs_and_reruns_with_every_step_skipped(tmp_path):
     path = _write(tmp_path, [{"synth": {"studies": 8, "matrix": 48, "workers": 1}}, {"preprocess": {}},
                              {"search": {}}, {"svcca": {"row": "FTL", "windows": 8, "max_points": 800,
@@ -36,6 +37,8 @@ def test_tiny_pipeline_runs_and_reruns_with_every_step_skipped(tmp_path):
                              {"cam": {"row": "TTL-2"}}, {"report": {}}])
     report = run_pipeline(path, progress=False)
     work = tmp_path / "work"
+    trials = sorted((work / "search").glob("*/trial.json"))
+    written = {t: t.stat().st_mtime_ns for t in trials}
     assert report == work / "report.md"
     text = report.read_text()
     assert "| ResNeXt3D-50 | TTL-2 |" in text and "## SVCCA" in text and "## Grad-CAM" in text
@@ -47,11 +50,11 @@ def test_tiny_pipeline_runs_and_reruns_with_every_step_skipped(tmp_path):
     outcomes = {s["step"]: s["outcome"] for s in steps}
     assert outcomes["synth"].startswith("skipped") and outcomes["svcca"].startswith("skipped")
     assert outcomes["cam"].startswith("skipped") and outcomes["preprocess"].startswith("0 preprocessed")
-    assert next(s for s in steps if s["step"] == "search")["seconds"] < 5  # every trial found done
+    assert trials and {t: t.stat().st_mtime_ns for t in trials} == written  # every trial found done
 
 
 def test_bad_pipeline_files_fail_with_the_file_named(tmp_path):
-    path = _write(tmp_path, [{"train": {}}])
+    path = _write(tmp_path, [{"fit": {}}])
     with pytest.raises(PipelineError, match="tiny.yaml: step .* is not one of"):
         load_pipeline(path)
     spec = yaml.safe_load(path.read_text())

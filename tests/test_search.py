@@ -43,6 +43,7 @@ def search_cfg(store, out, backend="sequential"):
                    "baselines": ["ftl"], "backend": backend, "out_dir": str(out / "search")}})
 
 
+@pytest.mark.slow
 def test_tiny_search_writes_the_table_and_resumes(store, tmp_path):
     cfg = search_cfg(store, tmp_path)
     rows = search_run(cfg, progress=False)
@@ -74,6 +75,7 @@ def test_tiny_search_writes_the_table_and_resumes(store, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/trial.json")} == stamps
 
 
+@pytest.mark.slow
 def test_ray_backend_runs_trials_as_tasks(store, tmp_path):
     pytest.importorskip("ray")
     cfg = search_cfg(store, tmp_path, backend="ray")

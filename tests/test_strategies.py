@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units
+from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units, stage_units
 from volttl.models.checkpoints import load_pretrained
 from volttl.transfer import apply_strategy, build_transfer_model
 
@@ -165,14 +165,8 @@ WIDTHS, STRIDES = (8, 16), (1, 2)
 
 
 def tiny_units():
-    units, stage_of = [Unit("stem", ("stem",), 4, (1, 1, 1))], {}
-    stride = (1, 1, 1)
-    for s, (w, st) in enumerate(zip(WIDTHS, STRIDES, strict=True)):
-        stride = tuple(v * st for v in stride)
-        for b in range(2):
-            units.append(Unit(f"stages.{s}.{b}", (f"stages.{s}.{b}",), w, stride))
-            stage_of[f"stages.{s}.{b}"] = f"stages.{s}"
-    return units, stage_of
+    return stage_units(Unit("stem", ("stem",), 4, (1, 1, 1)), (2, 2), WIDTHS, STRIDES,
+                       block_path=lambda s, b: f"stages.{s}.{b}", stage_path=lambda s: f"stages.{s}")
 
 
 class TinyNet(Backbone3D):

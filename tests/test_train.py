@@ -113,6 +113,7 @@ def run_cfg(store, out):
         "eval": {"bootstrap": 0}})
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_run(store, tmp_path):
     straight = tmp_path / "straight"
     train_run(run_cfg(store, tmp_path), straight, progress=False)
@@ -147,6 +148,7 @@ def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
     assert (run / "predictions_test.csv").read_text().count("\n") == metrics["studies"] + 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
     """torchrun, gloo backend: both replicas train on their shards and agree exactly."""
     cfg = run_cfg(store, tmp_path)
@@ -172,6 +174,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
     assert sum("val study AUROC" in line for line in log_lines) == 2  # one per epoch, rank 0 only
 
 
+@pytest.mark.slow
 def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):
     from volttl.train.repeats import evaluate_repeats, train_repeats
 

@@ -8,23 +8,15 @@ import logging
 import os
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 
-
-class CommandError(Exception):
-    """A failure to report to the user in one line."""
+from volttl.errors import VolttlError
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from volttl.config import ConfigError
-    from volttl.io.studies import StudyReadError
-    from volttl.manifests.schema import ManifestError
-    from volttl.preprocess.store import StoreError
-
-    # ValueError: volttl's own validation (unknown model, invalid cut, bad checkpoint)
-    return (CommandError, ConfigError, ManifestError, StoreError, StudyReadError,
-            FileNotFoundError, ValueError)
+class CommandError(VolttlError):
+    """A failure of a command's own arguments, reported in one line."""
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -60,80 +52,48 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from volttl.manifests import read_manifest, write_manifest
+    from volttl.manifests import import_manifest, split_counts, write_manifest
 
-    if args.format == "penet":
-        from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
-
-        series = load_series_list(args.series_list)
-        if not args.all_types:
-            series = penet_filter(series)
-        rows = penet_rows(series, args.hdf5)
-    elif args.format == "rsna":
-        from volttl.manifests.rsna import rsna_rows
-
-        rows = rsna_rows(args.root, args.csv, val=args.val, test=args.test, seed=args.seed)
-    else:
-        rows = read_manifest(args.input)
+    options = {k: v for k, v in vars(args).items()
+               if k in ("series_list", "hdf5", "all_types", "root", "csv", "val", "test", "seed", "input")}
+    rows = import_manifest(args.format, **options)
     write_manifest(rows, args.out)
-    counts = {s: sum(r.split == s for r in rows) for s in ("train", "val", "test")}
-    pos = {s: sum(r.split == s and r.label == 1 for r in rows) for s in counts}
-    print(f"wrote {len(rows)} studies to {args.out}: "
-          + ", ".join(f"{s} {counts[s]} ({pos[s]} positive)" for s in counts))
+    print(f"wrote {len(rows)} studies to {args.out}: {split_counts(rows)}")
     return 0
 
 
+def _resource(name: str) -> str:
+    return resources.files("volttl").joinpath(f"resources/{name}").read_text()
+
+
 def demo_config_text() -> str:
-    return resources.files("volttl").joinpath("resources/demo.yaml").read_text()
+    return _resource("demo.yaml")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The packaged demo pipeline, written into the work folder and run there."""
     import yaml
 
-    from volttl.config import apply_overrides, config_from_dict
-    from volttl.explain.localisation import localisation
-    from volttl.explain.run import cam_run
-    from volttl.preprocess.run import preprocess
-    from volttl.synth import synth_cohort
-    from volttl.train.evaluate import evaluate_run
-    from volttl.train.loop import train_run
+    from volttl.config import apply_overrides
+    from volttl.pipeline import run_pipeline
 
+    apply_overrides({}, args.set)  # a malformed --set fails here, before any work
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    raw = apply_overrides(yaml.safe_load(demo_config_text()), args.set)
-    cfg_path = work / "demo.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = config_from_dict(raw, work)
+    (work / "demo.yaml").write_text(demo_config_text())
+    spec = yaml.safe_load(_resource("demo_pipeline.yaml"))
+    spec["set"] = list(args.set)
+    synth = next(step["synth"] for step in spec["steps"] if "synth" in step)
+    synth.update(studies=args.studies, matrix=args.matrix, seed=args.seed)
+    pipeline = work / "demo_pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.perf_counter()
-    print(f"[1/5] synthetic cohort ({args.studies} studies) -> {work / 'synth'}")
-    if not (work / "synth" / "manifest.csv").exists():
-        synth_cohort(work / "synth", studies=args.studies, seed=args.seed, matrix=args.matrix,
-                     workers=cfg.preprocess.workers)
-    print(f"[2/5] preprocess -> {cfg.data.store}")
-    summary = preprocess(cfg)
-    print(summary.line())
-    if summary.failed:
-        return 1
-    run_dir = work / "runs" / "demo"
-    print(f"[3/5] train {cfg.model.name}, {cfg.transfer.strategy.upper()} at {cfg.transfer.cut}, "
-          f"no pretrained weights -> {run_dir}")
-    best = train_run(cfg, run_dir, resume=(run_dir / "last.pt").exists())
-    print(f"best validation study AUROC {best.get('study_auroc', float('nan')):.3f}")
-    print("[4/5] evaluate on the test split")
-    metrics = evaluate_run(run_dir, "test")
-    print((run_dir / "metrics_test.md").read_text().strip())
-    cam_dir = work / "cam"
-    print(f"[5/5] Grad-CAM overlays of the test studies -> {cam_dir}")
-    records = cam_run(run_dir, cam_dir, split="test")
-    found = localisation(cam_dir, cfg.data.manifest, records)
-    (cam_dir / "localisation.json").write_text(json.dumps(
-        {"summary": found.line(), "studies": found.studies, "hits": found.hits,
-         "hit_rate": found.hit_rate, "mean_ratio": found.mean_ratio, "per_study": found.per_study},
-        indent=2))
-    print(found.line())
+    run_pipeline(pipeline, progress=not args.quiet)
+    report = json.loads((work / "report.json").read_text())
+    ev, cam = report["evaluate"], report["cam"]
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
-          f"{metrics['study_auroc']:.3f} over {metrics['studies']} studies; run dir {run_dir}; "
-          f"open {cam_dir}/<study>_cam.nii.gz over the CT in 3D Slicer")
+          f"{ev['study_auroc']:.3f} over {ev['studies']} studies; run dir {report['run']['dir']}; "
+          f"open {cam['out']}/<study>_cam.nii.gz over the CT in 3D Slicer; report {work / 'report.md'}")
     return 0
 
 
@@ -156,16 +116,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_run_dir(cfg) -> Path:
-    t = cfg.transfer
-    cut = f"_{t.cut}" if t.strategy != "ftl" else ""
-    first, n = cfg.train.seed, cfg.train.repeats
-    seeds = f"{first}" if n == 1 else f"{first}-{first + n - 1}"
-    return Path(cfg.train.out_dir) / f"{cfg.model.name}_{t.strategy}{cut}_seed{seeds}"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from volttl.preprocess.store import open_store
+    from volttl.runs import default_run_dir
     from volttl.train.loop import train_run
     from volttl.train.repeats import train_repeats
 
@@ -190,15 +143,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from volttl.runs import RunDir
     from volttl.train.evaluate import evaluate_run
-    from volttl.train.repeats import evaluate_repeats, is_repeat_group
+    from volttl.train.repeats import evaluate_repeats
 
-    if is_repeat_group(args.run):
-        evaluate_repeats(args.run, args.split)
-        print((Path(args.run) / f"metrics_{args.split}.md").read_text().strip())
+    run = RunDir(args.run)
+    if run.is_repeat_group():
+        evaluate_repeats(run.path, args.split)
+        print(run.metrics_md(args.split).read_text().strip())
         return 0
-    metrics = evaluate_run(args.run, args.split)
-    print((Path(args.run) / f"metrics_{args.split}.md").read_text().strip())
+    metrics = evaluate_run(run.path, args.split)
+    print(run.metrics_md(args.split).read_text().strip())
     print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
           f"in {args.run}" if metrics["studies"] else "")
     return 0
@@ -212,6 +167,9 @@ def cmd_cam(args: argparse.Namespace) -> int:
         peak = r["peak_ras_mm"]
         where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else "all-zero map"
         print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, {where}")
+    found = Path(args.out) / "localisation.json"
+    if found.is_file():
+        print(json.loads(found.read_text())["summary"])
     print(f"{len(records)} overlays in {args.out} (open <study>_cam.nii.gz over the CT in 3D Slicer)")
     return 0
 
@@ -253,10 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="volttl",
+        epilog="A failure the user can fix is printed as one line on stderr (exit 1); add --debug "
+        "for its traceback. Any other failure is a bug and prints its traceback.",
         description="3D CT classification by transfer learning: preprocess CTPA studies into an "
         "HDF5 window store, finetune Kinetics-pretrained 3D backbones with FTL/TF/LWFT/TTL, "
         "explain with 3D Grad-CAM.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -305,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
     p.add_argument("--matrix", type=int, default=96, help="their in-plane pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cuts", help="list a backbone's declared cut points")
@@ -386,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except (VolttlError, FileNotFoundError) as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"volttl {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

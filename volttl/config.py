@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,7 +240,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({first})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -264,9 +270,65 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
             setattr(obj, key, str(Path(value).expanduser()))
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Values the types allow but the work cannot use, each named in one line: sizes,
+    strides, counts and rates that must be positive, crop <= size, an increasing HU
+    window, finite numbers, a device name torch knows."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            problems.append(f"{key} must be {rule} (got {value!r})")
+
+    def positive(section: str, *keys: str) -> None:
+        for key in keys:
+            v = getattr(getattr(cfg, section), key)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{section}.{key}", "> 0", v)
+
+    def non_negative(section: str, *keys: str) -> None:
+        for key in keys:
+            v = getattr(getattr(cfg, section), key)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{section}.{key}", ">= 0", v)
+
+    positive("data", "crop")
+    positive("preprocess", "slice_thickness", "size", "window", "train_stride", "min_pe_slices")
+    non_negative("preprocess", "workers")
+    positive("model", "num_outputs")
+    positive("transfer", "width")
+    positive("train", "epochs", "batch_size", "grad_accum", "lr_new", "repeats")
+    non_negative("train", "workers", "lr_pretrained", "momentum", "weight_decay", "warmup_epochs",
+                 "clip_grad_norm", "focal_gamma")
+    non_negative("eval", "bootstrap")
+    non_negative("cam", "stride")
+    positive("cam", "batch_size")
+    positive("profile", "repeats")
+    non_negative("profile", "warmup")
+    d = cfg.data
+    need(d.crop <= cfg.preprocess.size, "data.crop", f"<= preprocess.size ({cfg.preprocess.size})", d.crop)
+    lo, hi = d.hu_clip
+    need(math.isfinite(lo) and math.isfinite(hi) and lo < hi, "data.hu_clip", "[low, high] with low < high",
+         list(d.hu_clip))
+    need(math.isfinite(d.intensity_shift), "data.intensity_shift", "finite", d.intensity_shift)
+    need(0 <= cfg.transfer.head.dropout < 1, "transfer.head.dropout", "in [0, 1)", cfg.transfer.head.dropout)
+    need(cfg.train.momentum < 1, "train.momentum", "< 1", cfg.train.momentum)
+    need(cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs",
+         f"<= train.epochs ({cfg.train.epochs})", cfg.train.warmup_epochs)
+    need(all(v > 0 for v in cfg.profile.input_size), "profile.input_size", "positive sizes",
+         list(cfg.profile.input_size))
+    for section in ("train", "profile"):
+        device = getattr(cfg, section).device
+        need(bool(_DEVICE.match(device)), f"{section}.device", "auto, cpu, cuda or cuda:N", device)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def config_from_dict(raw: dict | None, base: Path | None = None) -> Config:
     """Validate a raw mapping into a Config; paths resolved against ``base``."""
     cfg = _build(Config, raw or {}, "")
+    check_ranges(cfg)
     if base is not None:
         _resolve_paths(cfg, base)
     return cfg

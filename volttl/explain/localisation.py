@@ -15,6 +15,7 @@ they test the whole chain: CAM, stitching and the mapping back.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,16 @@ class Localisation:
     hits: int
     mean_ratio: float
     per_study: list[dict]
+    margin_mm: float = 5.0
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.studies if self.studies else float("nan")
 
     def line(self) -> str:
-        return (f"CAM peak inside the lesion mask dilated by 5 mm in {self.hits}/{self.studies} positive "
-                f"studies ({100 * self.hit_rate:.0f}%); mean CAM inside / outside the mask "
-                f"{self.mean_ratio:.1f}x")
+        return (f"CAM peak inside the lesion mask dilated by {self.margin_mm:g} mm in "
+                f"{self.hits}/{self.studies} positive studies ({100 * self.hit_rate:.0f}%); "
+                f"mean CAM inside / outside the mask {self.mean_ratio:.1f}x")
 
 
 def dilate_mm(mask: np.ndarray, spacing: tuple[float, ...], margin_mm: float) -> np.ndarray:
@@ -88,4 +90,19 @@ def localisation(cam_dir: str | Path, manifest: str | Path, records: list[dict],
         per_study.append({"study_id": rec["study_id"], **score})
     ratios = [s["ratio"] for s in per_study if np.isfinite(s["ratio"])]
     return Localisation(len(per_study), sum(s["hit"] for s in per_study),
-                        float(np.mean(ratios)) if ratios else float("nan"), per_study)
+                        float(np.mean(ratios)) if ratios else float("nan"), per_study, margin_mm)
+
+
+def write_localisation(cam_dir: str | Path, manifest: str | Path, records: list[dict],
+                       margin_mm: float = 5.0) -> Localisation | None:
+    """Score the overlays against the manifest's lesion masks and write
+    ``localisation.json`` beside them; None (nothing written) when no positive study of
+    ``records`` has a mask, as on real cohorts."""
+    found = localisation(cam_dir, manifest, records, margin_mm)
+    if not found.studies:
+        return None
+    (Path(cam_dir) / "localisation.json").write_text(json.dumps(
+        {"summary": found.line(), "margin_mm": margin_mm, "studies": found.studies, "hits": found.hits,
+         "hit_rate": found.hit_rate, "mean_ratio": found.mean_ratio, "per_study": found.per_study},
+        indent=2))
+    return found

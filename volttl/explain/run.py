@@ -3,8 +3,10 @@
 Per study: ``<study>_cam.nii.gz`` (float32 in [0, 1], the original CT's exact shape and
 affine), ``<study>_ct.nii.gz`` when the source was not NIfTI (DICOM, NRRD, HDF5), a PNG
 preview through the map's peak, and ``<study>_cam.json`` with the study probability
-and the peak in world (RAS) millimetres. Only the store's geometry and the source path
-are used; no DICOM tag is read beyond what the reader needs for pixels and geometry.
+and the peak in world (RAS) millimetres; ``cam_summary.json`` for all of them, and
+``localisation.json`` when the manifest has lesion masks (the synthetic cohort). Only the
+store's geometry and the source path are used; no DICOM tag is read beyond what the
+reader needs for pixels and geometry.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from volttl.errors import VolttlError
 from volttl.explain.gradcam import WindowGradCAM, stitch_study
+from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
 from volttl.io.geometry import Geometry
@@ -121,4 +124,6 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
         for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):
             records.append(cam_study(store, sid, cam, cfg, out))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
+    if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
+        write_localisation(out, cfg.data.manifest, records)
     return records

@@ -18,7 +18,8 @@ from volttl.errors import VolttlError
 
 REQUIRED = ("study_id", "path", "label", "split")
 SPLITS = ("train", "val", "test")
-STUDY_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# letters, digits, _ . - ; not starting with a dot (hidden files, "." and ".." as names)
+STUDY_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
 
 class ManifestError(VolttlError):
@@ -41,6 +42,10 @@ def parse_slices(text: str) -> list[int]:
     for part in (p.strip() for p in text.replace(",", ";").split(";")):
         if not part:
             continue
+        if part.startswith("-"):
+            raise ValueError(f"negative slice index in {part!r}")
+        if not re.fullmatch(r"\d+(\s*-\s*\d+)?", part):
+            raise ValueError(f"{part!r} is not an index or a range like 12-30")
         if "-" in part:
             lo, hi = (int(v) for v in part.split("-", 1))
             if hi < lo:
@@ -74,41 +79,58 @@ def _resolve(path: str, base: Path) -> str:
     return f"{p}{sep}{name}"
 
 
-def read_manifest(path: str | Path) -> list[StudyRow]:
-    """Read and validate a manifest; relative study paths are resolved to its folder."""
+def read_manifest(path: str | Path, check_paths: bool = True) -> list[StudyRow]:
+    """Read and validate a manifest; relative study paths are resolved to its folder.
+
+    Every problem of the file is collected and reported in one error (line by line),
+    not only the first: bad ids (letters, digits, _ . -, not starting with a dot),
+    duplicates, labels, splits, ``pe_slices``, and with ``check_paths`` study paths that
+    do not exist. A UTF-8 byte-order mark (Excel's CSV) is accepted."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    with path.open(newline="") as fh:
+    problems: list[str] = []
+    rows, seen = [], set()
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        rows, seen = [], set()
+            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)} "
+                                f"(found: {', '.join(reader.fieldnames or []) or 'none'})")
         for line, rec in enumerate(reader, start=2):
-            where = f"{path}:{line}"
+            bad = []
             sid = (rec["study_id"] or "").strip()
             if not STUDY_ID.match(sid):
-                raise ManifestError(f"{where}: study_id {sid!r} must be letters, digits, _ . -")
-            if sid in seen:
-                raise ManifestError(f"{where}: duplicate study_id {sid}")
+                bad.append(f"study_id {sid!r} must be letters, digits, _ . - and not start with a dot")
+            elif sid in seen:
+                bad.append(f"duplicate study_id {sid}")
             seen.add(sid)
             label = (rec["label"] or "").strip()
             if label not in ("0", "1"):
-                raise ManifestError(f"{where}: label must be 0 or 1, got {label!r}")
+                bad.append(f"label must be 0 or 1, got {label!r}")
             split = (rec["split"] or "").strip()
             if split not in SPLITS:
-                raise ManifestError(f"{where}: split must be one of {', '.join(SPLITS)}")
+                bad.append(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
             try:
                 pe = parse_slices(rec.get("pe_slices") or "")
             except ValueError as exc:
-                raise ManifestError(f"{where}: bad pe_slices ({exc})") from None
-            if not (rec["path"] or "").strip():
-                raise ManifestError(f"{where}: empty path")
+                bad.append(f"bad pe_slices ({exc})")
+                pe = []
+            raw_path = (rec["path"] or "").strip()
+            resolved = _resolve(raw_path, path.parent) if raw_path else ""
+            if not raw_path:
+                bad.append("empty path")
+            elif check_paths and not Path(resolved.partition("#")[0]).exists():
+                bad.append(f"path {raw_path} does not exist")
+            if bad:
+                problems += [f"line {line}: {b}" for b in bad]
+                continue
             extras = {k: v for k, v in rec.items() if k not in REQUIRED and k != "pe_slices"
                       and k is not None}
-            rows.append(StudyRow(sid, _resolve(rec["path"].strip(), path.parent), int(label),
-                                 split, pe, extras))
+            rows.append(StudyRow(sid, resolved, int(label), split, pe, extras))
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ManifestError(f"{path}: {len(problems)} problem(s): {shown}")
     if not rows:
         raise ManifestError(f"{path}: no studies")
     return rows

@@ -16,8 +16,11 @@ A pipeline file names a base config, overrides for it, a work folder and the ste
 
 Steps run in order, and each is skipped when its outputs are already there (synth: the
 manifest; manifest: the manifest; preprocess: finished studies, by the store itself;
-search: finished trials; svcca: svcca.json; cam: cam_summary.json); `report` is always
-rewritten. So a killed pipeline is rerun with the same command.
+train: finished epochs, resumed; search: finished trials; svcca: svcca.json; cam:
+cam_summary.json); `evaluate` and `report` are always rewritten. So a killed pipeline is
+rerun with the same command. ``train: {run: runs/x}`` trains one run (``train.repeats``
+seeds) in the work folder; `evaluate`, `svcca` and `cam` then use it unless they name a
+search-table ``row``. `volttl demo` is the packaged pipeline ``resources/demo_pipeline.yaml``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,20 @@ from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict
 from volttl.errors import VolttlError
 
 log = logging.getLogger("volttl.pipeline")
-STEPS = ("synth", "manifest", "preprocess", "search", "svcca", "cam", "report")
+STEPS = ("synth", "manifest", "preprocess", "train", "evaluate", "search", "svcca", "cam", "report")
 
 
 class PipelineError(VolttlError):
     """A pipeline file problem; the message names the file."""
+
+
+def _read_yaml(path: Path, what: str):
+    """A YAML file through the safe loader; a syntax error or a ``!!python`` tag is one line."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PipelineError(f"{path}: not a valid {what} ({first})") from None
 
 
 def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
@@ -45,7 +57,9 @@ def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
     path = Path(path).resolve()
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = _read_yaml(path, "pipeline file")
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{path}: the top level must be a mapping")
     unknown = set(spec) - {"name", "workdir", "config", "set", "steps"}
     if unknown:
         raise PipelineError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -60,7 +74,7 @@ def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
         name = next(iter(step)) if isinstance(step, dict) and len(step) == 1 else None
         if name not in STEPS:
             raise PipelineError(f"{path}: step {step!r} is not one of {', '.join(STEPS)}")
-    raw = yaml.safe_load(config_path.read_text()) or {}
+    raw = _read_yaml(config_path, "config")
     overrides = list(spec.get("set") or [])
     raw = apply_overrides(raw, overrides)
     cfg = config_from_dict(raw, config_path.parent)
@@ -72,6 +86,25 @@ def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
         if (section, key) in PATH_KEYS and value and not Path(value).expanduser().is_absolute():
             setattr(getattr(cfg, section), key, str(work / value))
     return spec, work, cfg
+
+
+def _step_run(cfg: Config, work: Path, args: dict, report: dict, default_row: str) -> tuple[str, Path]:
+    """The run a step works on, and how to name it: ``run`` (relative to the work folder),
+    a search-table ``row``, the run of an earlier ``train`` step, or ``default_row``."""
+    if "run" in args:
+        return str(args["run"]), work / str(args["run"])
+    if "row" not in args and "run" in report:
+        return report["run"]["name"], Path(report["run"]["dir"])
+    label = args.get("row", default_row)
+    row, run = _table_run(cfg, label)
+    return f"{label} ({row['cut'] or 'full'})", run
+
+
+def _one_seed(cfg: Config, run: Path) -> Path:
+    """A run dir itself, or the first seed's run of a repeat group."""
+    from volttl.runs import RunDir
+
+    return RunDir(run).seed(cfg.train.seed).path if RunDir(run).is_repeat_group() else run
 
 
 def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
@@ -120,24 +153,16 @@ def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 
 
 def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.manifests import write_manifest
+    """``manifest: {format: penet|rsna|csv, ...}`` with `volttl manifest`'s options as keys."""
+    from volttl.manifests import import_manifest, split_counts, write_manifest
 
     manifest = Path(cfg.data.manifest)
     if manifest.is_file():
         return f"skipped: {manifest} exists"
-    kind = args.get("format", "penet")
-    if kind == "penet":
-        from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
-
-        rows = penet_rows(penet_filter(load_series_list(args["series_list"])), args["hdf5"])
-    elif kind == "rsna":
-        from volttl.manifests.rsna import rsna_rows
-
-        rows = rsna_rows(args["root"], args.get("csv"))
-    else:
-        raise PipelineError(f"manifest step: format '{kind}' is not one of penet, rsna")
+    options = dict(args)
+    rows = import_manifest(options.pop("format", "penet"), **options)
     write_manifest(rows, manifest)
-    return f"wrote {len(rows)} studies to {manifest}"
+    return f"wrote {len(rows)} studies to {manifest}: {split_counts(rows)}"
 
 
 def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -147,6 +172,42 @@ def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dic
     if summary.failed:
         raise PipelineError(f"preprocess: {summary.line()}")
     return summary.line()
+
+
+def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
+    """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
+    from volttl.runs import RunDir
+    from volttl.train.loop import train_run
+    from volttl.train.repeats import train_repeats
+
+    name = str(args.get("run", "runs/run"))
+    run = RunDir(work / name)
+    report["run"] = {"name": name, "dir": str(run.path)}
+    if cfg.train.repeats > 1:
+        summary = train_repeats(cfg, run.path, resume=True, progress=progress)
+        a = summary["val_study_auroc"]
+        report["run"]["first_seed"] = str(run.seed(cfg.train.seed).path)
+        return f"{name}: best validation study AUROC {a['mean']:.3f} +- {a['std']:.3f} over {a['n']} seeds"
+    if run.finished_epochs() >= cfg.train.epochs:
+        return f"skipped: {name} has finished {cfg.train.epochs} epochs"
+    best = train_run(cfg, run.path, resume=run.last.exists(), progress=progress)
+    return f"{name}: best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
+
+
+def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
+    """Metrics of the run on ``split`` (default test), rewritten every time."""
+    from volttl.runs import RunDir
+    from volttl.train.evaluate import evaluate_run
+    from volttl.train.repeats import evaluate_repeats
+
+    name, path = _step_run(cfg, work, args, report, "FTL")
+    split = args.get("split", "test")
+    run = RunDir(path)
+    metrics = evaluate_repeats(path, split) if run.is_repeat_group() else evaluate_run(path, split)
+    table = run.metrics_md(split).read_text().strip()
+    report["evaluate"] = {"run": name, "split": split, "table": table,
+                          "study_auroc": metrics["study_auroc"], "studies": metrics.get("studies")}
+    return table
 
 
 def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -168,13 +229,14 @@ def _done(output: Path):
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     from volttl.analysis.svcca_run import svcca_run
 
-    _, run = _table_run(cfg, args.get("row", "FTL"))
+    _, run = _step_run(cfg, work, args, report, "FTL")
+    run = _one_seed(cfg, run)
     out = work / "svcca"
     rec, outcome = _done(out / "svcca.json")
     if rec is None:
         rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
-                        max_points=int(args.get("max_points", 8192)), cuts=args.get("cuts"),
-                        progress=progress)
+                        max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
+                        cuts=args.get("cuts"), progress=progress)
         outcome = f"suggested cut {rec['suggested_cut']}"
     keys = ("cut", "mean", "random_mean", "overlap")
     report["svcca"] = {"run": str(run), "suggested_cut": rec["suggested_cut"],
@@ -183,23 +245,20 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 
 
 def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.explain.localisation import localisation
     from volttl.explain.run import cam_run
 
-    label = args.get("row", "TTL-2")
-    row, run = _table_run(cfg, label)
-    out = work / "cam"
+    name, run = _step_run(cfg, work, args, report, "TTL-2")
+    run = _one_seed(cfg, run)
+    out = work / str(args.get("out", "cam"))
     records, outcome = _done(out / "cam_summary.json")
     if records is None:
         records = cam_run(run, out, split=args.get("split", "test"), progress=progress)
-        outcome = f"{len(records)} overlays of {label} ({row['cut']}) in {out}"
-    report["cam"] = {"row": label, "run": str(run), "overlays": len(records)}
-    try:
-        found = localisation(out, cfg.data.manifest, records)
-        if found.studies:
-            report["cam"]["localisation"] = found.line()
-    except (FileNotFoundError, ValueError) as exc:  # no lesion masks: real data
-        log.info("no localisation figures: %s", exc)
+        outcome = f"{len(records)} overlays of {name} in {out}"
+    report["cam"] = {"row": name, "run": str(run), "out": str(out), "overlays": len(records)}
+    found = out / "localisation.json"  # written by cam when the manifest has lesion masks
+    if found.is_file():
+        report["cam"]["localisation"] = json.loads(found.read_text())["summary"]
+        outcome += f"\n   {report['cam']['localisation']}"
     return outcome
 
 
@@ -207,6 +266,9 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     lines = [f"# {report['name']}", ""]
     if "table" in report:
         lines += ["## Results", "", report["table"].strip(), ""]
+    if "evaluate" in report:
+        e = report["evaluate"]
+        lines += [f"## Evaluation of {e['run']} ({e['split']} split)", "", e["table"], ""]
     if "svcca" in report:
         s = report["svcca"]
         lines += ["## SVCCA: feature reuse per cut point", "",
@@ -219,7 +281,7 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     if "cam" in report:
         c = report["cam"]
         lines += ["## Grad-CAM", "", f"{c['overlays']} overlays of the {c['row']} model (`{c['run']}`) in "
-                  f"`{work / 'cam'}`."]
+                  f"`{c['out']}`."]
         if "localisation" in c:
             lines.append(c["localisation"] + ".")
         lines.append("")
@@ -230,5 +292,5 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     return f"wrote {work / 'report.md'}"
 
 
-_STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "search": _search,
-               "svcca": _svcca, "cam": _cam, "report": _report}
+_STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "train": _train,
+               "evaluate": _evaluate, "search": _search, "svcca": _svcca, "cam": _cam, "report": _report}

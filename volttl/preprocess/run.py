@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,13 @@ def _run_one(args) -> tuple[str, StudyRecord | None, str | None]:
         return row.study_id, None, f"{row.path}: {type(exc).__name__}: {exc}"
 
 
+def _fault_point(where: str, finished: int) -> None:
+    """Crash tests: ``VOLTTL_FAULT_KILL=<where>:<n>`` kills this process with SIGKILL at
+    ``where`` once ``n`` studies have finished, so a test kills at a known point."""
+    if os.environ.get("VOLTTL_FAULT_KILL") == f"{where}:{finished}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _init_worker() -> None:
     import cv2
 
@@ -129,7 +138,9 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         if rec is not None:
             records[sid] = rec
             summary.done.append(sid)
+            _fault_point("before-index", len(summary.done))
             reindex()
+            _fault_point("after-index", len(summary.done))
         else:
             summary.failed[sid] = err or "unknown error"
             tqdm.write(f"FAILED {sid}: {err}")
