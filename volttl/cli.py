@@ -45,8 +45,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if not cfg.data.store:
         raise CommandError(f"{args.config}: data.store is not set")
     summary = preprocess(cfg, progress=not args.quiet)
+    for line in summary.warnings:
+        print(f"volttl preprocess: warning: {line}", file=sys.stderr)
     for sid, reason in summary.failed.items():
-        print(f"failed {sid}: {reason}", file=sys.stderr)
+        print(f"volttl preprocess: failed {sid}: {reason}", file=sys.stderr)
     print(f"{summary.line()}; store: {cfg.data.store}")
     return 1 if summary.failed else 0
 
@@ -118,7 +120,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from volttl.preprocess.store import open_store
-    from volttl.runs import default_run_dir
+    from volttl.runs import default_run_dir, resolve_device
     from volttl.train.loop import train_run
     from volttl.train.repeats import train_repeats
 
@@ -127,6 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CommandError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    resolve_device(cfg.train.device)  # a device that is not there fails before any work
+    if args.resume and not run_dir.is_dir():
+        raise CommandError(f"{run_dir}: no run to resume (drop --resume to start one)")
     main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if cfg.train.repeats > 1:
         summary = train_repeats(cfg, run_dir, resume=args.resume, progress=not args.quiet)

@@ -111,6 +111,32 @@ class RunDir:
             raise RunError(f"{self.config}: unreadable run config ({exc})") from None
 
 
+def model_keys(cfg: Config) -> dict:
+    """The config keys that define the model's architecture and weights layout: a resumed
+    run must have the same, or its checkpoint cannot fit."""
+    from volttl.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    keys = {f"model.{k}": v for k, v in d["model"].items() if k != "pretrained"}
+    keys.update({f"transfer.{k}": v for k, v in d["transfer"].items() if k != "head"})
+    keys.update({f"transfer.head.{k}": v for k, v in d["transfer"]["head"].items()})
+    keys.update({"preprocess.window": d["preprocess"]["window"], "data.crop": d["data"]["crop"]})
+    return keys
+
+
+def check_resumable(run_dir: str | Path, cfg: Config) -> None:
+    """Before ``--resume`` writes anything: the run must exist and its model-defining keys
+    must equal the new config's, else a one-line error lists the keys that differ."""
+    run = RunDir(run_dir)
+    if not run.last.is_file():
+        raise RunError(f"{run.path}: nothing to resume (no {LAST}); drop --resume to start a new run")
+    before, now = model_keys(run.read_config()), model_keys(cfg)
+    differ = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    if differ:
+        raise RunError(f"{run.path}: --resume with a different model ({'; '.join(differ)}); "
+                       "the run is left as it was")
+
+
 def default_run_dir(cfg: Config) -> Path:
     """``train.out_dir/<model>_<strategy>[_<cut>]_seed<S>[-<S+N-1>]``."""
     t = cfg.transfer

@@ -86,12 +86,13 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def read_window(self, study: int, start: int) -> np.ndarray:
         """HU ``(window, size, size)`` from ``start``, padded with air beyond the study."""
-        hu = self._open().hu(self.study_ids[study])
+        store, sid = self._open(), self.study_ids[study]
+        hu = store.hu(sid)
         n = hu.shape[0]
         lo, hi = max(start, 0), min(start + self.window, n)
         out = np.full((self.window, *hu.shape[1:]), AIR_HU, dtype=np.float32)
         if hi > lo:
-            out[lo - start: hi - start] = hu[lo:hi]
+            out[lo - start: hi - start] = store.read_slices(sid, lo, hi)
         return out
 
     def window_label(self, study: int, start: int) -> int:

@@ -69,7 +69,7 @@ def localisation(cam_dir: str | Path, manifest: str | Path, records: list[dict],
                  ) -> Localisation:
     """Score the CAMs of ``records`` (as `volttl cam` returns them) for the positive studies."""
     cam_dir = Path(cam_dir)
-    rows = {r.study_id: r for r in read_manifest(manifest)}
+    rows = {r.study_id: r for r in read_manifest(manifest, check_paths=False)}
     base = Path(manifest).resolve().parent
     per_study = []
     for rec in records:

@@ -50,6 +50,8 @@ PIXEL_REPRESENTATION = 0x00280103
 SAMPLES_PER_PIXEL = 0x00280002
 NUMBER_OF_FRAMES = 0x00280008
 PIXEL_DATA = 0x7FE00010
+SOP_CLASS = 0x00080016
+CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
 
 class DicomSeriesError(VolttlError):
@@ -108,11 +110,23 @@ class _Slice:
     signed: bool
 
 
+def _sop_class(ds: pydicom.Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = (_raw_text(ds, SOP_CLASS) or [""])[0] if SOP_CLASS in ds else ""
+    return uid or str(getattr(meta, "MediaStorageSOPClassUID", "") if meta is not None else "")
+
+
 def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
-    """The slice's values, or None for files that are not positioned images."""
+    """The slice's values, or None for files that are not positioned images (structured
+    reports, presentation states). A CT image file that lacks its position, orientation
+    or pixel data, or a file with no elements at all, was cut short: named, never skipped."""
     position, orientation = _raw_text(ds, IMAGE_POSITION), _raw_text(ds, IMAGE_ORIENTATION)
+    incomplete = not position or not orientation or PIXEL_DATA not in ds
+    if incomplete and (len(ds) == 0 or _sop_class(ds) in CT_IMAGE_CLASSES):
+        raise DicomSeriesError(f"{path}: unreadable, a truncated or incomplete CT image file "
+                               f"({path.stat().st_size} bytes)")
     if not position or not orientation:
-        return None  # structured reports, presentation states, ...
+        return None
     try:
         position = [float(v) for v in position]
         orientation = [float(v) for v in orientation]

@@ -39,7 +39,8 @@ class Geometry:
     def from_affine_lps(affine: np.ndarray, shape: tuple[int, int, int]) -> Geometry:
         m = np.asarray(affine, dtype=float)[:3, :3]
         spacing = np.linalg.norm(m, axis=0)
-        direction = m / spacing
+        with np.errstate(invalid="ignore", divide="ignore"):  # zero spacing: caught by the reader
+            direction = m / spacing
         return Geometry(
             shape=tuple(int(s) for s in shape),
             spacing=tuple(float(s) for s in spacing),

@@ -46,8 +46,30 @@ def read_hdf5_dataset(spec: str, slice_thickness: float = 1.25, pixel_spacing: f
     return Volume(hu=hu, geometry=geometry, source_kind="hdf5")
 
 
+def check_volume(vol: Volume, where: str) -> Volume:
+    """Refuse what would be stored wrong: non-finite voxels (they would become -32768 HU or
+    flip sign in int16) and a grid without a positive, finite spacing."""
+    spacing = np.asarray(vol.geometry.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise StudyReadError(f"{where}: voxel spacing {tuple(round(float(v), 4) for v in spacing)} mm "
+                             "is not positive and finite")
+    if not np.all(np.isfinite(np.asarray(vol.geometry.direction, dtype=float))):
+        raise StudyReadError(f"{where}: the orientation (direction cosines) is not finite")
+    if vol.hu.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(vol.hu)))
+        if bad:
+            raise StudyReadError(f"{where}: {bad} of {vol.hu.size} voxels are NaN or infinite "
+                                 "(fix or mask them before preprocessing)")
+    return vol
+
+
 def read_study(path: str | Path, series_uid: str | None = None, **hdf5_geometry) -> Volume:
-    """Read a study as float32 HU ``(slices, rows, cols)`` with its full geometry."""
+    """Read a study as float32 HU ``(slices, rows, cols)`` with its full geometry; the
+    voxels and spacing are checked (:func:`check_volume`)."""
+    return check_volume(_read(path, series_uid, **hdf5_geometry), str(path))
+
+
+def _read(path: str | Path, series_uid: str | None = None, **hdf5_geometry) -> Volume:
     text = str(path)
     try:
         if "#" in text and Path(text.partition("#")[0]).suffix.lower() in (".h5", ".hdf5"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({reason})") from None
+        text = str(exc)
+        if "weights_only" in text or "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: refused: it pickles Python objects beyond tensors{what}, and "
+                                  "unpickling them could run code; only weights are loaded") from None
+        reason = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     if obj.get("format") == VOLTTL_FORMAT:

@@ -8,11 +8,14 @@ finished study so that a kill loses nothing that was finished.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import sys
+import time
 from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,13 @@ from tqdm import tqdm
 
 from volttl.config import Config, config_to_yaml
 from volttl.io.studies import StudyReadError, read_study
-from volttl.manifests.schema import StudyRow, read_manifest
+from volttl.manifests.schema import StudyRow, format_slices, read_manifest
 from volttl.preprocess.resample import resample_to_store
 from volttl.preprocess.store import (
     StudyMeta,
     StudyRecord,
     read_record,
+    remove_stale_temps,
     settings_hash,
     write_index,
     write_study,
@@ -35,6 +39,7 @@ from volttl.preprocess.windows import pe_flags_on_stored_grid
 log = logging.getLogger("volttl.preprocess")
 # Workers only decode, resize and write (numpy, pydicom, OpenCV, h5py; never torch), so
 # forking is safe where the platform offers it, and saves each worker its imports.
+INT16_MIN, INT16_MAX = -32768, 32767
 POOL_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -43,6 +48,7 @@ class PreprocessSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"{len(self.done)} preprocessed, {len(self.skipped)} already stored, "
@@ -56,6 +62,28 @@ def _hdf5_geometry(row: StudyRow) -> dict:
             "pixel_spacing": float(row.extras.get("pixel_spacing") or 1.0)}
 
 
+class ThrottledIndex:
+    """Rewrites the index after a finished study, but no more often than ten times its own
+    cost: the index grows with the store, so rewriting it after every study would make the
+    per-study cost grow with the store. A kill between rewrites loses no study: its file is
+    in place, and the next run finds it by its file and indexes it without recomputing."""
+
+    def __init__(self, rewrite, min_interval_s: float = 1.0) -> None:
+        self.rewrite, self.min_interval_s = rewrite, min_interval_s
+        self.last_cost, self.last_end, self.dirty = 0.0, -math.inf, False
+
+    def write(self) -> None:
+        t0 = time.perf_counter()
+        self.rewrite()
+        self.last_end = time.perf_counter()
+        self.last_cost, self.dirty = self.last_end - t0, False
+
+    def study_finished(self) -> None:
+        self.dirty = True
+        if time.perf_counter() - self.last_end >= max(self.min_interval_s, 10 * self.last_cost):
+            self.write()
+
+
 def study_settings(row: StudyRow, thickness: float, size: int) -> str:
     return settings_hash({
         "path": row.path, "series_uid": row.extras.get("series_uid", ""), "label": row.label,
@@ -65,11 +93,25 @@ def study_settings(row: StudyRow, thickness: float, size: int) -> str:
 
 
 def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
-                  settings: str) -> StudyRecord:
-    """Read, resample and store one study; runs in a worker process."""
+                  settings: str) -> tuple[StudyRecord, list[str]]:
+    """Read, check, resample and store one study (in a worker process); returns its
+    index record and warnings for the user."""
     vol = read_study(row.path, row.extras.get("series_uid") or None, **_hdf5_geometry(row))
-    geo = vol.geometry
+    geo, warnings = vol.geometry, []
+    outside = [p for p in row.pe_slices if p >= geo.shape[0]]
+    if outside:
+        raise StudyReadError(f"{row.path}: pe_slices {format_slices(outside)} lie outside the study's "
+                             f"{geo.shape[0]} slices (0-{geo.shape[0] - 1})")
+    if vol.hu.dtype.kind == "f":
+        clipped = int(np.count_nonzero((vol.hu < INT16_MIN) | (vol.hu > INT16_MAX)))
+        if clipped:
+            warnings.append(f"{clipped} voxels outside the int16 range [{INT16_MIN}, {INT16_MAX}] HU "
+                            "were clipped to it")
     hu, grid = resample_to_store(vol.hu, geo.spacing[2], thickness, size)
+    if grid.num_slices < window:
+        raise StudyReadError(f"{row.path}: {geo.shape[0]} slice(s) of {geo.spacing[2]:g} mm give "
+                             f"{grid.num_slices} stored slice(s) of {thickness:g} mm; at least one window "
+                             f"of real data ({window} slices, {window * thickness:g} mm) is needed")
     flags = pe_flags_on_stored_grid(row.pe_slices, geo.shape[0],
                                     grid.original_slice_of(np.arange(grid.num_slices)))
     meta = StudyMeta(
@@ -79,19 +121,80 @@ def process_study(row: StudyRow, store: str, thickness: float, size: int, window
         settings=settings, slice_thickness=thickness, size=size, original=geo,
         stored_to_original=grid.stored_to_original())
     write_study(store, hu, meta, window)
-    return StudyRecord(row.study_id, row.split, row.label, flags, settings)
+    return StudyRecord(row.study_id, row.split, row.label, flags, settings), warnings
 
 
-def _run_one(args) -> tuple[str, StudyRecord | None, str | None]:
+Outcome = tuple[str, StudyRecord | None, str | None, list[str]]
+
+
+def _run_one(args) -> Outcome:
+    """One study, never raising: (id, record or None, error or None, warnings)."""
     row = args[0]
     try:
-        return row.study_id, process_study(*args), None
+        rec, warnings = process_study(*args)
+        return row.study_id, rec, None, warnings
     except StudyReadError as exc:
-        return row.study_id, None, str(exc)
+        return row.study_id, None, str(exc), []
     except MemoryError:
-        return row.study_id, None, f"{row.path}: out of memory"
+        return row.study_id, None, f"{row.path}: out of memory", []
     except Exception as exc:  # keep the other studies going; report this one
-        return row.study_id, None, f"{row.path}: {type(exc).__name__}: {exc}"
+        return row.study_id, None, f"{row.path}: {type(exc).__name__}: {exc}", []
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies, so a
+    killed `volttl preprocess` leaves no orphaned workers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _worker(conn, args) -> None:
+    _die_with_parent()
+    _init_worker()
+    if os.environ.get("VOLTTL_FAULT_KILL_WORKER") == args[0].study_id:  # crash tests: an OOM kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    conn.send(_run_one(args))
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (likely out of memory)" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with code {exitcode} before reporting"
+
+
+def run_isolated(jobs: list, workers: int, finish) -> None:
+    """Each study in its own worker process, ``workers`` at a time. A worker that dies
+    (out-of-memory kill, crash in a native library) fails only its own study, named with
+    the cause; the other studies go on."""
+    ctx = multiprocessing.get_context(POOL_START_METHOD)
+    pending, running = list(jobs), {}
+    while pending or running:
+        while pending and len(running) < workers:
+            args = pending.pop(0)
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(send, args), daemon=True)
+            proc.start()
+            send.close()
+            running[receive] = (proc, args)
+        for receive in mp_connection.wait(list(running)):
+            proc, args = running.pop(receive)
+            try:
+                outcome = receive.recv()
+            except EOFError:  # the worker died without a word
+                proc.join()
+                row = args[0]
+                outcome = (row.study_id, None, f"{row.path}: {_death(proc.exitcode)}", [])
+            receive.close()
+            proc.join()
+            finish(*outcome)
 
 
 def _fault_point(where: str, finished: int) -> None:
@@ -111,9 +214,11 @@ def _init_worker() -> None:
 def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     """Preprocess every study of ``cfg.data.manifest`` into ``cfg.data.store``."""
     p = cfg.preprocess
-    rows = read_manifest(cfg.data.manifest)
+    rows = read_manifest(cfg.data.manifest, check_paths=False)  # a missing study fails alone
     store = cfg.data.store
     Path(store).parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(store):
+        log.info("removed %s, left by a killed run", stale.name)
     summary = PreprocessSummary()
     records: dict[str, StudyRecord] = {}
     todo = []
@@ -131,33 +236,28 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         done = [records[r.study_id] for r in rows if r.study_id in records]
         write_index(store, done, p.window, p.train_stride, p.min_pe_slices, config_yaml)
 
-    reindex()
+    index = ThrottledIndex(reindex)
+    index.write()
     bar = tqdm(total=len(todo), desc="preprocess", unit="study", disable=not progress)
 
-    def finish(sid: str, rec: StudyRecord | None, err: str | None) -> None:
+    def finish(sid: str, rec: StudyRecord | None, err: str | None, warnings: list[str]) -> None:
+        for w in warnings:
+            summary.warnings.append(f"{sid}: {w}")
         if rec is not None:
             records[sid] = rec
             summary.done.append(sid)
             _fault_point("before-index", len(summary.done))
-            reindex()
+            index.study_finished()
             _fault_point("after-index", len(summary.done))
         else:
             summary.failed[sid] = err or "unknown error"
-            tqdm.write(f"FAILED {sid}: {err}")
         bar.update(1)
 
     if p.workers <= 1 or len(todo) <= 1:
         for args in todo:
             finish(*_run_one(args))
     else:
-        ctx = multiprocessing.get_context(POOL_START_METHOD)
-        with ProcessPoolExecutor(max_workers=p.workers, mp_context=ctx,
-                                 initializer=_init_worker) as pool:
-            futures = {pool.submit(_run_one, a): a[0].study_id for a in todo}
-            for fut in as_completed(futures):
-                try:
-                    finish(*fut.result())
-                except Exception as exc:  # a worker died (killed, out of memory)
-                    finish(futures[fut], None, f"worker failed: {type(exc).__name__}")
+        run_isolated(todo, p.workers, finish)
+    index.write()
     bar.close()
     return summary

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,61 @@ def settings_hash(payload: dict) -> str:
     """Hash of everything that determines a study's stored volume and labels."""
     text = json.dumps({"version": VERSION, **payload}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+CHECKSUM = "hu_chunks_crc32"
+
+
+def chunk_checksum(dset: h5py.Dataset) -> int:
+    """CRC32 over the stored (compressed) chunks of a dataset, read raw: it detects a
+    corrupted or truncated chunk at the cost of reading the file's bytes, no decompression."""
+    crc = 0
+    n = dset.shape[0]
+    step = dset.chunks[0]
+    for start in range(0, n, step):
+        _, raw = dset.id.read_direct_chunk((start, 0, 0))
+        crc = zlib.crc32(raw, crc)
+    return crc
+
+
+def verify_study_file(path: Path) -> str | None:
+    """None when the study file is whole, else what is wrong with it (for a rerun to
+    redo it). Files written before checksums were recorded are taken as whole."""
+    try:
+        with h5py.File(path, "r") as f:
+            expected = f.attrs.get(CHECKSUM)
+            if expected is not None and chunk_checksum(f["hu"]) != int(expected):
+                return "its HU data do not match the checksum recorded when it was written"
+    except (OSError, KeyError) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(store: str | Path) -> list[Path]:
+    """Delete temporary files left by killed writers (``.<name>.tmp<pid>`` whose process is
+    gone) beside the index and in the study folder; a live writer's files are kept, so
+    two runs on one store stay safe. Returns what was removed."""
+    store = Path(store)
+    removed = []
+    for folder, prefix in ((store.parent, f".{store.name}.tmp"), (study_dir(store), ".")):
+        if not folder.is_dir():
+            continue
+        for f in folder.glob(f"{prefix}*"):
+            head, sep, pid = f.name.rpartition(".tmp")
+            if sep and pid.isdigit() and f.name.startswith(prefix) and not _pid_alive(int(pid)):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 def _atomic_h5(path: Path):
@@ -124,9 +180,11 @@ def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int)
     try:
         with f:
             chunks = (min(window, hu.shape[0]), hu.shape[1], hu.shape[2])
-            f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
+            dset = f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
             for key, value in meta.to_attrs().items():
                 f.attrs[key] = value
+            f.flush()
+            f.attrs[CHECKSUM] = chunk_checksum(dset)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -144,10 +202,13 @@ class StudyRecord:
     settings: str
 
 
-def read_record(store: str | Path, study_id: str) -> StudyRecord | None:
-    """The record of a finished study file, or None when absent or unreadable."""
+def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyRecord | None:
+    """The record of a finished study file, or None when absent, unreadable or (with
+    ``verify``) corrupted, so that preprocessing redoes it."""
     path = study_file(store, study_id)
     if not path.is_file():
+        return None
+    if verify and verify_study_file(path) is not None:
         return None
     try:
         with h5py.File(path, "r") as f:
@@ -267,6 +328,16 @@ class Store:
             raise StoreError(f"{self.path}: study '{study_id}': its file {study_file(self.path, study_id)} "
                              "is missing or unreadable; rerun `volttl preprocess` with the same config "
                              "to restore it") from None
+
+    def read_slices(self, study_id: str, lo: int, hi: int) -> np.ndarray:
+        """Stored slices ``lo:hi`` of a study; a corrupted file is a named error."""
+        try:
+            return self.hu(study_id)[lo:hi]
+        except OSError as exc:
+            file = study_file(self.path, study_id)
+            raise StoreError(f"{self.path}: study '{study_id}': cannot read {file} "
+                             f"({str(exc).splitlines()[0][:120]}); rerun `volttl preprocess` with the same "
+                             "config to redo it") from None
 
     def hu(self, study_id: str) -> h5py.Dataset:
         """The stored int16 HU volume ``(slices, size, size)``, read lazily."""

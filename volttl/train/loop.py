@@ -33,7 +33,7 @@ from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
-from volttl.runs import RunDir, model_from_config
+from volttl.runs import RunDir, check_resumable, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -116,6 +116,8 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     tc = cfg.train
     if RunDir(run_dir).last.exists() and not resume:
         raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
+    if resume:
+        check_resumable(run_dir, cfg)
     dist = init_distributed(tc.device)
     root, handler = logging.getLogger("volttl"), None
     level = root.level
