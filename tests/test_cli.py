@@ -69,7 +69,7 @@ def test_train_fails_on_a_missing_pretrained_checkpoint(cohort, tmp_path, capsys
     store = tmp_path / "s.h5"
     assert not preprocess(small_config(cohort, store), progress=False).failed
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(f"data: {{store: {store}}}\nmodel: {{pretrained: {tmp_path / 'r101.pth'}}}\n"
+    cfg.write_text(f"data: {{store: {store}, crop: 32}}\nmodel: {{pretrained: {tmp_path / 'r101.pth'}}}\n"
                    f"train: {{out_dir: {tmp_path / 'runs'}}}\n")
     assert main(["train", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err.strip()

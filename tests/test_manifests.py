@@ -27,7 +27,9 @@ def test_slice_lists_round_trip():
 def test_manifest_errors_name_file_and_line(tmp_path):
     p = tmp_path / "m.csv"
     p.write_text("study_id,path,label,split\na,x.nii.gz,1,train\nb,y.nii.gz,2,train\n")
-    with pytest.raises(ManifestError, match=r"m\.csv:3: label must be 0 or 1"):
+    with pytest.raises(ManifestError, match=r"m\.csv: 1 problem\(s\): line 3: label must be 0 or 1"):
+        read_manifest(p, check_paths=False)
+    with pytest.raises(ManifestError, match=r"line 2: path x.nii.gz does not exist; line 3: label"):
         read_manifest(p)
     p.write_text("study_id,path,label\na,x,1\n")
     with pytest.raises(ManifestError, match="missing column.*split"):
@@ -37,11 +39,11 @@ def test_manifest_errors_name_file_and_line(tmp_path):
 def test_extra_columns_are_kept(tmp_path):
     p = tmp_path / "m.csv"
     p.write_text("study_id,path,label,split,pe_slices,site\na,x.nii.gz,1,val,3-4,north\n")
-    rows = read_manifest(p)
+    rows = read_manifest(p, check_paths=False)
     assert rows[0].extras == {"site": "north"} and rows[0].pe_slices == [3, 4]
     assert rows[0].path == str(tmp_path / "x.nii.gz")
     write_manifest(rows, tmp_path / "again.csv")
-    assert read_manifest(tmp_path / "again.csv")[0].extras == {"site": "north"}
+    assert read_manifest(tmp_path / "again.csv", check_paths=False)[0].extras == {"site": "north"}
 
 
 def test_penet_real_series_list_counts():
@@ -84,14 +86,14 @@ def test_penet_import_then_preprocess(tmp_path):
     rng = np.random.default_rng(0)
     with h5py.File(data, "w") as f:
         f["7"] = rng.integers(-1000, 1000, (30, 64, 64)).astype(np.int16)
-        f["9"] = rng.integers(-1000, 1000, (1, 64, 64)).astype(np.int16)
+        f["9"] = rng.integers(-1000, 1000, (8, 64, 64)).astype(np.int16)
     series = [CTPE(7, 1.25, 1, 30, [10, 11, 12], "train", "central"),
-              CTPE(9, 1.25, 0, 1, [], "test", "")]
+              CTPE(9, 1.25, 0, 8, [], "test", "")]
     write_manifest(penet_rows(series, data), tmp_path / "m.csv")
     cfg = small_config(tmp_path / "m.csv", tmp_path / "s.h5", slice_thickness=1.25, size=32)
     assert not preprocess(cfg, progress=False).failed
     with h5py.File(tmp_path / "s.h5", "r") as f:
-        assert f["studies/7/hu"].shape == (30, 32, 32) and f["studies/9/hu"].shape == (1, 32, 32)
+        assert f["studies/7/hu"].shape == (30, 32, 32) and f["studies/9/hu"].shape == (8, 32, 32)
         assert list(f["studies/7"].attrs["pe_slices"]) == [10, 11, 12]
 
 

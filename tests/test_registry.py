@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from torch import nn
 
@@ -12,15 +11,7 @@ from volttl.cli import main
 from volttl.models import BACKBONES, Backbone3D, get_backbone_spec, register_backbone
 from volttl.models.base import Unit, cut_points_from_units, stage_units
 
-
-class PlainBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
-        self.norm = nn.BatchNorm3d(cout)
-
-    def forward(self, x):
-        return torch.relu(self.norm(self.conv(x)))
+from .test_strategies import TinyBlock
 
 
 def _units():
@@ -37,8 +28,8 @@ class Plain3D(Backbone3D):
         super().__init__()
         self.in_channels = in_channels
         self.stem = nn.Conv3d(in_channels, 4, 3, padding=1)
-        self.body = nn.ModuleList([nn.Sequential(PlainBlock(4, 8, 2)),
-                                   nn.Sequential(PlainBlock(8, 16, 2), PlainBlock(16, 16, 1))])
+        self.body = nn.ModuleList([nn.Sequential(TinyBlock(4, 8, 2)),
+                                   nn.Sequential(TinyBlock(8, 16, 2), TinyBlock(16, 16, 1))])
         self.head = nn.Linear(16, num_outputs)
         self.units, _ = _units()
 
@@ -48,7 +39,7 @@ class Plain3D(Backbone3D):
     def make_block(self, unit_name, in_channels, width):
         _, s, b = unit_name.split(".")
         out = max(1, int((8, 16)[int(s)] * width))
-        return PlainBlock(in_channels, out, 2 if b == "0" else 1), out
+        return TinyBlock(in_channels, out, 2 if b == "0" else 1), out
 
     @classmethod
     def cut_points(cls):

@@ -22,6 +22,8 @@ class CommandError(VolttlError):
 def cmd_synth(args: argparse.Namespace) -> int:
     from volttl.synth import synth_cohort
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"{args.out}: --out must be a folder, and this is a file")
     manifest = synth_cohort(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix,
                             workers=args.workers)
     print(f"wrote {args.studies} synthetic studies; manifest: {manifest}")
@@ -119,6 +121,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from volttl.data import WindowDataset
     from volttl.preprocess.store import open_store
     from volttl.runs import default_run_dir, resolve_device
     from volttl.train.loop import train_run
@@ -126,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     open_store(cfg.data.store).close()  # fail before any work when the store is missing
+    WindowDataset.from_config(cfg, "train")  # a crop larger than the stored slices fails here
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CommandError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)

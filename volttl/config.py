@@ -275,8 +275,9 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 def check_ranges(cfg: Config) -> None:
     """Values the types allow but the work cannot use, each named in one line: sizes,
-    strides, counts and rates that must be positive, crop <= size, an increasing HU
-    window, finite numbers, a device name torch knows."""
+    strides, counts and rates that must be positive, an increasing HU window, finite
+    numbers, a device name torch knows. (``data.crop`` against the stored size is checked
+    where a store is opened for training.)"""
     problems: list[str] = []
 
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -307,7 +308,6 @@ def check_ranges(cfg: Config) -> None:
     positive("profile", "repeats")
     non_negative("profile", "warmup")
     d = cfg.data
-    need(d.crop <= cfg.preprocess.size, "data.crop", f"<= preprocess.size ({cfg.preprocess.size})", d.crop)
     lo, hi = d.hu_clip
     need(math.isfinite(lo) and math.isfinite(hi) and lo < hi, "data.hu_clip", "[low, high] with low < high",
          list(d.hu_clip))

@@ -1,7 +1,7 @@
 """Parameters, multiply-accumulates and latency of a model, as the TTL paper tabulates.
 
 MACs count convolutions and linear layers only (groups honoured), which is what the
-paper's and FACTS.md's figures count; norms, activations and pooling are left out.
+paper's figures count; norms, activations and pooling are left out.
 Latency is the median of timed forward passes at batch 1 after warm-up, on a named device.
 """
 

@@ -55,8 +55,12 @@ class WindowDataset(torch.utils.data.Dataset):
             members = s.studies_in(split)
             self.pe_slices = {i: s.meta(self.study_ids[i]).pe_slices for i in members}
             self.num_slices = {i: s.hu(self.study_ids[i]).shape[0] for i in members}
+            self.size = s.hu(self.study_ids[members[0]]).shape[1] if members else crop
         if len(self.windows) == 0:
             raise VolttlError(f"{store}: no {split} windows in the store")
+        if crop > self.size:
+            raise VolttlError(f"data.crop {crop} is larger than the stored {self.size} x {self.size} slices "
+                              f"of {store} (preprocess.size)")
         self.positive_studies = [i for i, p in self.pe_slices.items()
                                  if self.study_labels[i] == 1 and len(p)]
         self._store: Store | None = None

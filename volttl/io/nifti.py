@@ -27,6 +27,11 @@ def read_nifti(path: str | Path) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise ImageFileError(f"{path}: expected a 3D image, got shape {data.shape}")
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        pixdim = tuple(float(v) for v in header["pixdim"][1:4])
+        if any(not np.isfinite(v) or v <= 0 for v in pixdim):  # nibabel would quietly take 1 mm
+            raise ImageFileError(f"{path}: no sform or qform, and pixdim {pixdim} has a zero spacing")
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
     geometry = Geometry.from_affine_ras(img.affine, hu.shape)
     return Volume(hu=hu, geometry=geometry, source_kind="nifti")
