@@ -1,10 +1,12 @@
 """Maps computed on the stored grid, taken back onto the original CT voxel grid.
 
-Preprocessing records ``stored_to_original``: a diagonal 4x4 map from stored voxel
-``(c, r, s)`` to original voxel ``(i, j, k)`` (in-plane resize, slice resampling). Its
-inverse gives, for every original voxel, a fractional stored index; the map is read
-there by linear interpolation, one axis at a time (no per-voxel Python, no 3-D index
-arrays), so a 512 x 512 x 300 grid costs a few array passes.
+Preprocessing records ``stored_to_original``: a 4x4 map from stored voxel ``(c, r, s)``
+to original voxel ``(i, j, k)``: the reorientation to the canonical voxel order (a
+permutation and flips of the axes) composed with the in-plane resize and the slice
+resampling (a scale and offset per axis). Each original axis therefore reads one stored
+axis; the map is transposed to the original axis order and read at the fractional
+stored index of every original voxel by linear interpolation, one axis at a time (no
+per-voxel Python, no 3-D index arrays), so a 512 x 512 x 300 grid costs a few passes.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ import numpy as np
 from volttl.preprocess.resample import linear_along
 
 
+def axis_map(stored_to_original: np.ndarray) -> list[tuple[int, float, float]]:
+    """For each original axis (i, j, k): the stored axis it reads, the scale and offset of
+    ``original = scale * stored + offset``. Raises when the map mixes axes."""
+    m = np.asarray(stored_to_original, dtype=float)
+    a = m[:3, :3]
+    source = np.argmax(np.abs(a), axis=1)
+    mask = np.zeros((3, 3), dtype=bool)
+    mask[np.arange(3), source] = True
+    if sorted(source.tolist()) != [0, 1, 2] or np.abs(a[~mask]).max(initial=0) > 1e-9:
+        raise ValueError("stored_to_original mixes axes; this store needs a general resampler")
+    return [(int(source[o]), float(a[o, source[o]]), float(m[o, 3])) for o in range(3)]
+
+
 def to_original_grid(stored_map: np.ndarray, stored_to_original: np.ndarray,
                      original_shape: tuple[int, int, int]) -> np.ndarray:
     """``stored_map`` ``(s, r, c)`` -> float32 ``original_shape`` ``(k, j, i)``."""
-    m = np.asarray(stored_to_original, dtype=float)
-    if np.abs(m[:3, :3] - np.diag(np.diag(m[:3, :3]))).max() > 1e-9:
-        raise ValueError("stored_to_original is not axis-aligned; this store needs a general resampler")
-    inv = np.linalg.inv(m)
-    n, rows, cols = (int(v) for v in original_shape)
-    c = inv[0, 0] * np.arange(cols) + inv[0, 3]
-    r = inv[1, 1] * np.arange(rows) + inv[1, 3]
-    s = inv[2, 2] * np.arange(n) + inv[2, 3]
-    out = linear_along(np.asarray(stored_map, dtype=np.float32), 2, c)
-    out = linear_along(out, 1, r)
-    return linear_along(out, 0, s).astype(np.float32, copy=False)
+    axes = axis_map(stored_to_original)
+    # array axis 2 - o of the output holds original axis o, read from stored array axis 2 - source
+    out = np.transpose(np.asarray(stored_map, dtype=np.float32), [2 - axes[2 - ax][0] for ax in range(3)])
+    for o, (_, scale, offset) in enumerate(axes):
+        length = int(original_shape[2 - o])
+        out = linear_along(out, 2 - o, (np.arange(length) - offset) / scale)
+    return np.ascontiguousarray(out, dtype=np.float32)

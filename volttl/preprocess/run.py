@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from volttl.config import Config, config_to_yaml
+from volttl.io.orientation import OrientationError, to_canonical
 from volttl.io.studies import StudyReadError, read_study
 from volttl.manifests.schema import StudyRow, format_slices, read_manifest
 from volttl.preprocess.resample import resample_to_store
@@ -92,35 +93,55 @@ def study_settings(row: StudyRow, thickness: float, size: int) -> str:
     })
 
 
+def integral_as_int16(hu: np.ndarray) -> np.ndarray:
+    """Float HU that are whole numbers within int16 (most NIfTI and NRRD CT) as int16, so a
+    study resizes identically whichever format it came in (DICOM pixels are int16)."""
+    if hu.dtype.kind != "f" or hu.size == 0:
+        return hu
+    if hu.min() < INT16_MIN or hu.max() > INT16_MAX or not np.array_equal(hu, np.round(hu)):
+        return hu
+    return hu.astype(np.int16)
+
+
 def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
                   settings: str) -> tuple[StudyRecord, list[str]]:
     """Read, check, resample and store one study (in a worker process); returns its
     index record and warnings for the user."""
     vol = read_study(row.path, row.extras.get("series_uid") or None, **_hdf5_geometry(row))
-    geo, warnings = vol.geometry, []
-    outside = [p for p in row.pe_slices if p >= geo.shape[0]]
+    source, warnings = vol.geometry, []
+    outside = [p for p in row.pe_slices if p >= source.shape[0]]
     if outside:
         raise StudyReadError(f"{row.path}: pe_slices {format_slices(outside)} lie outside the study's "
-                             f"{geo.shape[0]} slices (0-{geo.shape[0] - 1})")
+                             f"{source.shape[0]} slices (0-{source.shape[0] - 1})")
     if vol.hu.dtype.kind == "f":
         clipped = int(np.count_nonzero((vol.hu < INT16_MIN) | (vol.hu > INT16_MAX)))
         if clipped:
             warnings.append(f"{clipped} voxels outside the int16 range [{INT16_MIN}, {INT16_MAX}] HU "
                             "were clipped to it")
-    hu, grid = resample_to_store(vol.hu, geo.spacing[2], thickness, size)
+    try:
+        vol, canonical_to_source = to_canonical(vol)
+    except OrientationError as exc:
+        raise StudyReadError(f"{row.path}: {exc}") from None
+    if row.pe_slices and canonical_to_source[2, 2] == 0:
+        raise StudyReadError(f"{row.path}: pe_slices count along the file's third voxel axis, which is not "
+                             "the patient's head-foot axis here; give pe_slices for an axial volume")
+    hu = integral_as_int16(vol.hu)
+    geo = vol.geometry
+    stored, grid = resample_to_store(hu, geo.spacing[2], thickness, size)
     if grid.num_slices < window:
         raise StudyReadError(f"{row.path}: {geo.shape[0]} slice(s) of {geo.spacing[2]:g} mm give "
                              f"{grid.num_slices} stored slice(s) of {thickness:g} mm; at least one window "
                              f"of real data ({window} slices, {window * thickness:g} mm) is needed")
-    flags = pe_flags_on_stored_grid(row.pe_slices, geo.shape[0],
-                                    grid.original_slice_of(np.arange(grid.num_slices)))
+    stored_to_source = canonical_to_source @ grid.stored_to_original()
+    source_k = stored_to_source[2, 2] * np.arange(grid.num_slices) + stored_to_source[2, 3]
+    flags = pe_flags_on_stored_grid(row.pe_slices, source.shape[0], source_k)
     meta = StudyMeta(
         study_id=row.study_id, label=row.label, split=row.split,
         pe_slices=np.flatnonzero(flags), pe_slices_original=np.asarray(row.pe_slices, dtype=np.int64),
         source=row.path, source_kind=vol.source_kind, series_uid=row.extras.get("series_uid") or "",
-        settings=settings, slice_thickness=thickness, size=size, original=geo,
-        stored_to_original=grid.stored_to_original())
-    write_study(store, hu, meta, window)
+        settings=settings, slice_thickness=thickness, size=size, original=source,
+        stored_to_original=stored_to_source)
+    write_study(store, stored, meta, window)
     return StudyRecord(row.study_id, row.split, row.label, flags, settings), warnings
 
 

@@ -44,7 +44,7 @@ from volttl.io.geometry import Geometry
 from volttl.preprocess.windows import WINDOW_DTYPE, study_windows
 
 FORMAT = "volttl-store"
-VERSION = 1
+VERSION = 2  # 2: canonical LPS voxel order, float HU that are whole numbers stored via int16
 
 
 def study_dir(store: str | Path) -> Path:
