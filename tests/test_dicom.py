@@ -232,3 +232,39 @@ def test_compressed_without_decoder(tmp_path):
     ds["PixelData"].VR = "OB"
     ds.save_as(f, enforce_file_format=True)
     expect_error(tmp_path / "s", "compressed transfer syntax 'JPEG-LS Lossless.*no decoder installed")
+
+
+def _shift_positions(folder: Path, shift) -> None:
+    """Move each slice's ImagePositionPatient by ``shift(index_along_z)`` (a 3-vector)."""
+    for k, f in enumerate(files_by_position(folder)):
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(ds.ImagePositionPatient, float) + shift(k)]
+        ds.save_as(f)
+
+
+def test_uneven_slices_are_resampled_at_their_true_positions(tmp_path):
+    hu = make_series(tmp_path / "s")
+    # positions 0, 2, 4, 6.6, 8.6, 10.6 mm along z: under the gap rule, but 0.6 mm off a uniform grid
+    _shift_positions(tmp_path / "s", lambda k: np.array([0.0, 0.0, 0.6 if k >= 3 else 0.0]))
+    vol = read_study(tmp_path / "s")
+    assert vol.hu.shape[0] == 6 and vol.geometry.spacing[2] == pytest.approx(2.0)
+    w = 2.0 / 2.6  # the uniform slice at 6 mm lies between the true slices at 4 and 6.6 mm
+    np.testing.assert_allclose(vol.hu[3], hu[2] * (1 - w) + hu[3] * w, atol=1e-3)
+    np.testing.assert_allclose(vol.hu[:3], hu[:3])
+    w5 = (10.0 - 8.6) / 2.0
+    np.testing.assert_allclose(vol.hu[5], hu[4] * (1 - w5) + hu[5] * w5, atol=1e-3)
+
+
+def test_small_position_rounding_keeps_the_slices_as_they_are(tmp_path):
+    hu = make_series(tmp_path / "s")
+    _shift_positions(tmp_path / "s", lambda k: np.array([0.0, 0.0, 0.01 * (k % 2)]))
+    vol = read_study(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu, hu)
+
+
+def test_gantry_tilt_is_refused_by_name(tmp_path):
+    make_series(tmp_path / "s")
+    shear = np.tan(np.radians(20.0)) * 2.0  # 20 degrees over 2 mm slices, along the rows
+    _shift_positions(tmp_path / "s", lambda k: np.array([0.0, k * shear, 0.0]))
+    with pytest.raises(StudyReadError, match=r"gantry tilt of 20\.0 degrees .* does not correct tilt"):
+        read_study(tmp_path / "s")

@@ -50,13 +50,32 @@ def test_inplane_enlarge_is_linear_with_centres_aligned():
     np.testing.assert_allclose(resize_inplane(a, 4)[0, 0], [0.0, 2.5, 7.5, 10.0])
 
 
-def test_slice_resampling_count_and_values():
-    # 11 slices at 1 mm -> 2.5 mm: positions 0, 2.5, 5, 7.5, 10 (mm) -> 5 slices
+def test_slice_thinning_averages_the_slices_each_stored_slice_covers():
+    # 11 slices of 1 mm -> 2.5 mm: whole footprints [0, 2.5), [2.5, 5), ... -> 4 slices, each
+    # the overlap-weighted mean of the source slices (value 10 * i) it covers
     hu = np.broadcast_to(np.arange(11, dtype=np.float32)[:, None, None] * 10, (11, 4, 4)).copy()
     out, grid = resample_to_store(hu, slice_spacing=1.0, thickness=2.5, size=4)
-    assert out.dtype == np.int16 and out.shape == (5, 4, 4)
-    np.testing.assert_array_equal(out[:, 0, 0], [0, 25, 50, 75, 100])
-    assert grid.num_slices == 5
+    assert out.dtype == np.int16 and out.shape == (4, 4, 4) and grid.num_slices == 4
+    expected = [(0 + 10 + 0.5 * 20) / 2.5, (0.5 * 20 + 30 + 40) / 2.5, (50 + 60 + 0.5 * 70) / 2.5,
+                (0.5 * 70 + 80 + 90) / 2.5]
+    np.testing.assert_array_equal(out[:, 0, 0], np.rint(expected))
+    # the recorded map puts each stored slice at the centre of its footprint
+    np.testing.assert_allclose(grid.original_slice_of(np.arange(4)), [0.75, 3.25, 5.75, 8.25])
+
+
+def test_thinning_0625_to_125_mm_is_the_mean_of_slice_pairs():
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1500, (40, 8, 8)).astype(np.int16)
+    out, grid = resample_to_store(hu, slice_spacing=0.625, thickness=1.25, size=8)
+    pairs = (hu[0::2].astype(np.float64) + hu[1::2]) / 2
+    np.testing.assert_array_equal(out, np.rint(pairs).astype(np.int16))
+    assert grid.stored_to_original()[2, 3] == 0.5  # stored slice s sits between slices 2s and 2s+1
+
+
+def test_refining_the_slices_stays_linear():
+    hu = np.broadcast_to(np.arange(5, dtype=np.float32)[:, None, None] * 10, (5, 4, 4)).copy()
+    out, grid = resample_to_store(hu, slice_spacing=2.5, thickness=1.25, size=4)
+    np.testing.assert_array_equal(out[:, 0, 0], [0, 5, 10, 15, 20, 25, 30, 35, 40])
 
 
 def test_stored_to_original_maps_pixel_centres():

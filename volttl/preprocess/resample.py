@@ -57,7 +57,12 @@ class StoredGrid:
     """How the stored grid relates to the original one, in voxel index space.
 
     Original index ``(i, j, k)`` of stored voxel ``(c, r, s)``:
-    ``i = (c + 0.5) * scale_i - 0.5``, ``j = (r + 0.5) * scale_j - 0.5``, ``k = s * scale_k``.
+    ``i = (c + 0.5) * scale_i - 0.5``, ``j = (r + 0.5) * scale_j - 0.5``, and along the
+    slices ``k = s * scale_k + offset_k``: when thinning (``scale_k > 1``) a stored slice
+    is the area average of the source slices it covers, edge-aligned like the in-plane
+    shrink (``offset_k = (scale_k - 1) / 2``: 0.625 -> 1.25 mm averages slice pairs); when
+    keeping or refining the spacing, slice centres are aligned at the first slice
+    (``offset_k = 0``) and values are linear.
     """
 
     num_slices: int
@@ -65,16 +70,24 @@ class StoredGrid:
     scale_j: float
     scale_k: float
 
+    @property
+    def thinning(self) -> bool:
+        return self.scale_k > 1.0 + 1e-9
+
+    @property
+    def offset_k(self) -> float:
+        return 0.5 * self.scale_k - 0.5 if self.thinning else 0.0
+
     def stored_to_original(self) -> np.ndarray:
         """4x4 matrix from stored ``(c, r, s, 1)`` to original ``(i, j, k, 1)``."""
         m = np.eye(4)
         m[0, 0], m[0, 3] = self.scale_i, 0.5 * self.scale_i - 0.5
         m[1, 1], m[1, 3] = self.scale_j, 0.5 * self.scale_j - 0.5
-        m[2, 2] = self.scale_k
+        m[2, 2], m[2, 3] = self.scale_k, self.offset_k
         return m
 
     def original_slice_of(self, stored_slices: np.ndarray) -> np.ndarray:
-        return np.asarray(stored_slices) * self.scale_k
+        return np.asarray(stored_slices) * self.scale_k + self.offset_k
 
 
 def stored_grid(shape: tuple[int, int, int], slice_spacing: float, thickness: float, size: int
@@ -82,7 +95,10 @@ def stored_grid(shape: tuple[int, int, int], slice_spacing: float, thickness: fl
     """The grid a volume of ``shape`` (k, j, i) is stored on."""
     n, rows, cols = shape
     scale_k = thickness / slice_spacing
-    num = int(np.floor((n - 1) / scale_k + 1e-6)) + 1 if n > 1 else 1
+    if scale_k > 1.0 + 1e-9:  # thinning: whole footprints of scale_k source slices
+        num = max(1, int(np.floor(n / scale_k + 1e-6)))
+    else:
+        num = int(np.floor((n - 1) / scale_k + 1e-6)) + 1 if n > 1 else 1
     return StoredGrid(num, cols / size, rows / size, scale_k)
 
 
@@ -91,8 +107,35 @@ def resample_to_store(hu: np.ndarray, slice_spacing: float, thickness: float, si
     """HU ``(k, j, i)`` -> int16 HU ``(slices, size, size)`` at ``thickness`` mm slices."""
     grid = stored_grid(hu.shape, slice_spacing, thickness, size)
     planes = resize_inplane(hu, size)
+    if grid.thinning:
+        return slices_area_int16(planes, grid.scale_k, grid.num_slices), grid
     coords = grid.original_slice_of(np.arange(grid.num_slices))
     return slices_to_int16(planes, coords), grid
+
+
+def area_weights(scale: float, num: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For stored slice ``s``: the source slices it covers and their weights, the overlap
+    of source slice ``[i, i + 1)`` with ``[s * scale, (s + 1) * scale)``, normalised."""
+    out = []
+    for s in range(num):
+        lo, hi = s * scale, min((s + 1) * scale, n)
+        idx = np.arange(int(np.floor(lo + 1e-9)), int(np.ceil(hi - 1e-9)))
+        w = np.minimum(idx + 1, hi) - np.maximum(idx, lo)
+        out.append((idx, w / w.sum()))
+    return out
+
+
+def slices_area_int16(planes: np.ndarray, scale: float, num: int) -> np.ndarray:
+    """Area averaging along the slices (thinning), rounded and saturated to int16."""
+    out = np.empty((num, *planes.shape[1:]), dtype=np.int16)
+    acc = np.empty(planes.shape[1:], dtype=np.float32)
+    for s, (idx, w) in enumerate(area_weights(scale, num, planes.shape[0])):
+        acc[...] = 0.0
+        for i, wi in zip(idx, w, strict=True):
+            acc += np.float32(wi) * planes[i]
+        np.clip(np.rint(acc), -32768, 32767, out=acc)
+        out[s] = acc
+    return out
 
 
 def slices_to_int16(planes: np.ndarray, coords: np.ndarray) -> np.ndarray:
