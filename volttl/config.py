@@ -36,6 +36,11 @@ class DataConfig:
     crop: int = 192
     hu_clip: tuple[float, float] = (-100.0, 900.0)
     intensity_shift: float = 0.15897
+    # slices: window labels from the manifest's pe_slices (PENet, RSNA); study: the study
+    # label only, learnt from bags of a study's windows (most hospital cohorts)
+    labels: Literal["slices", "study"] = "slices"
+    bag_windows: int = 4  # study labels: windows drawn per study per bag
+    bag_pool: Literal["max", "lse"] = "lse"  # study labels: window logits -> the study logit
 
 
 @dataclass
@@ -294,7 +299,7 @@ def check_ranges(cfg: Config) -> None:
             v = getattr(getattr(cfg, section), key)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{section}.{key}", ">= 0", v)
 
-    positive("data", "crop")
+    positive("data", "crop", "bag_windows")
     positive("preprocess", "slice_thickness", "size", "window", "train_stride", "min_pe_slices")
     non_negative("preprocess", "workers")
     positive("model", "num_outputs")

@@ -39,11 +39,13 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __init__(self, store: str, split: str, train: bool, crop: int,
                  hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
-                 augment: Augment | None = None, seed: int = 0):
+                 augment: Augment | None = None, seed: int = 0, study_labels: bool = False):
         self.store, self.split, self.train, self.crop = store, split, train, crop
         self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
+        self.study_labels_only = study_labels  # items carry their study's label (bags)
         aug = (augment or Augment()) if train else None
-        self.sampler = PECentredSampler(aug.pe_prob, aug.pe_jitter) if aug else None
+        # PE-centred sampling needs slice labels; with study labels the bags choose windows
+        self.sampler = PECentredSampler(aug.pe_prob, aug.pe_jitter) if aug and not study_labels else None
         self.transform: Compose = (training_transform(crop, aug.flip_prob, aug.max_rotation_deg) if aug
                                    else evaluation_transform(crop))
         with Store(store) as s:
@@ -69,7 +71,8 @@ class WindowDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg, split: str, train: bool = False, seed: int = 0) -> WindowDataset:
         """The split's windows as the config's ``data`` section describes them."""
         d = cfg.data
-        return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, seed=seed)
+        return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, seed=seed,
+                   study_labels=train and d.labels == "study")
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -108,7 +111,9 @@ class WindowDataset(torch.utils.data.Dataset):
         rec = self.windows[index]
         study, start = int(rec["study"]), int(rec["start"])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        if self.sampler is not None:
+        if self.study_labels_only:
+            label = int(self.study_labels[study])
+        elif self.sampler is not None:
             study, start = self.sampler.draw(rng, study, start, self.window, self.positive_studies,
                                              self.pe_slices, self.num_slices)
             label = self.window_label(study, start)

@@ -1,18 +1,22 @@
-"""PENet's PE-centred sampling: with probability ``prob`` a training window is replaced by
-one centred on a random positive study's PE slices, jittered by up to ``jitter`` slices.
-
-It chooses *which* window is read; the transforms then decide how it is augmented.
+"""Which training windows are read: PENet's PE-centred sampling (slice labels) and
+bags of windows per study (study labels). The transforms then decide how a window is
+augmented.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
 class PECentredSampler:
+    """With probability ``prob`` a training window is replaced by one centred on a random
+    positive study's PE slices, jittered by up to ``jitter`` slices."""
+
     prob: float = 0.3
     jitter: int = 12
 
@@ -26,3 +30,48 @@ class PECentredSampler:
         pe = pe_slices[study]
         centre = (int(pe.min()) + int(pe.max())) // 2 + int(rng.integers(-self.jitter, self.jitter + 1))
         return study, int(np.clip(centre - window // 2, 0, max(0, num_slices[study] - 1)))
+
+
+def pool_bags(logits: torch.Tensor, bag: int, how: str) -> torch.Tensor:
+    """Window logits ``(studies * bag,)`` -> one logit per study: the max, or the
+    log-mean-exp (``lse``: a smooth maximum between the mean and the max, so every window
+    of a bag gets some gradient)."""
+    per_study = logits.view(-1, bag)
+    if how == "max":
+        return per_study.max(dim=1).values
+    if how == "lse":
+        return torch.logsumexp(per_study, dim=1) - math.log(bag)
+    raise ValueError(f"data.bag_pool '{how}' is not one of max, lse")
+
+
+class StudyBagSampler(torch.utils.data.Sampler):
+    """Batches of ``studies_per_batch`` studies x ``bag`` windows each, for learning from
+    study labels alone. Each epoch shuffles the studies (keyed on seed and epoch) and draws
+    each study's windows without replacement, or with it when the study has fewer than
+    ``bag``. Under DDP each rank takes every ``world``-th study."""
+
+    def __init__(self, window_studies: np.ndarray, bag: int, studies_per_batch: int, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.bag, self.per_batch, self.seed = bag, max(1, studies_per_batch), seed
+        self.rank, self.world, self.epoch = rank, world, 0
+        studies = np.asarray(window_studies)
+        self.members = {int(s): np.flatnonzero(studies == s) for s in np.unique(studies)}
+        self.studies = sorted(self.members)
+        self.per_rank = math.ceil(len(self.studies) / world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.per_batch)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 7919])
+        order = rng.permutation(len(self.studies))
+        order = np.resize(order, self.per_rank * self.world)[self.rank::self.world]  # pad by wrapping
+        bags = []
+        for i in order:
+            windows = self.members[self.studies[int(i)]]
+            bags.append(rng.choice(windows, self.bag, replace=len(windows) < self.bag).tolist())
+        for b in range(0, len(bags), self.per_batch):
+            yield [w for bag in bags[b: b + self.per_batch] for w in bag]

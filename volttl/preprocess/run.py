@@ -24,7 +24,7 @@ from tqdm import tqdm
 from volttl.config import Config, config_to_yaml
 from volttl.io.orientation import OrientationError, to_canonical
 from volttl.io.studies import StudyReadError, read_study
-from volttl.manifests.schema import StudyRow, format_slices, read_manifest
+from volttl.manifests.schema import ManifestError, StudyRow, format_slices, read_manifest
 from volttl.preprocess.resample import resample_to_store
 from volttl.preprocess.store import (
     StudyMeta,
@@ -236,6 +236,14 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     """Preprocess every study of ``cfg.data.manifest`` into ``cfg.data.store``."""
     p = cfg.preprocess
     rows = read_manifest(cfg.data.manifest, check_paths=False)  # a missing study fails alone
+    unlabelled = [r.study_id for r in rows if r.label == 1 and not r.pe_slices]
+    if unlabelled and cfg.data.labels == "slices":
+        more = f" and {len(unlabelled) - 20} more" if len(unlabelled) > 20 else ""
+        shown = ", ".join(unlabelled[:20]) + more
+        raise ManifestError(f"{cfg.data.manifest}: {len(unlabelled)} positive study(ies) without pe_slices "
+                            f"({shown}); with data.labels: slices every window of them would be labelled "
+                            "negative. Give their pe_slices, or set data.labels: study to learn from study "
+                            "labels alone")
     store = cfg.data.store
     Path(store).parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(store):

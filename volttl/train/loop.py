@@ -7,6 +7,10 @@ bf16 autocast on a GPU. After every epoch: validation study-level AUROC, ``last.
 (always) and ``best.pt`` (when the AUROC improves), a line in ``metrics.jsonl``,
 TensorBoard scalars when available.
 
+With ``data.labels: study`` each batch holds whole bags (``data.bag_windows`` windows of
+one study) and the loss sees one logit per study, the bag's window logits pooled
+(``data.bag_pool``: max or log-mean-exp), against the study label.
+
 Resuming restores model, optimiser, schedule and the epoch counter; every random draw
 is keyed on (seed, epoch), so a resumed run ends with the same weights as an
 uninterrupted one.
@@ -31,6 +35,7 @@ from tqdm import tqdm
 
 from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
+from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.runs import RunDir, check_resumable, model_from_config
@@ -64,6 +69,11 @@ def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop
                                        drop_last=drop_last,
                                        pin_memory=device.type == "cuda",
                                        persistent_workers=False)
+
+
+def _bag_loader(ds, batches, workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -151,11 +161,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay)
     train_ds, val_ds = datasets(cfg, tc.seed)
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
-                                                  shuffle=True, seed=tc.seed)
-    # a last batch of one window cannot train BatchNorm (one value per channel): dropped
-    drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
-    batches = len(sampler) // tc.batch_size if drop_last else math.ceil(len(sampler) / tc.batch_size)
+    bags = cfg.data.labels == "study"
+    if bags:  # study labels: each batch is whole bags of windows, one study logit per bag
+        sampler = StudyBagSampler(train_ds.studies(), cfg.data.bag_windows,
+                                  tc.batch_size // cfg.data.bag_windows, tc.seed, dist.rank, dist.world)
+        drop_last, batches = False, len(sampler)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
+                                                      shuffle=True, seed=tc.seed)
+        # a last batch of one window cannot train BatchNorm (one value per channel): dropped
+        drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
+        batches = len(sampler) // tc.batch_size if drop_last else math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(batches / tc.grad_accum)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
@@ -181,7 +197,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []
-        bar = tqdm(_loader(train_ds, tc.batch_size, sampler, tc.workers, device, drop_last),
+        loader = (_bag_loader(train_ds, sampler, tc.workers, device) if bags
+                  else _loader(train_ds, tc.batch_size, sampler, tc.workers, device, drop_last))
+        bar = tqdm(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         for step, (x, y, _) in enumerate(bar):
@@ -192,6 +210,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
             with replica.no_sync() if dist.active and not stepping else nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = replica(x)[:, 0]
+                if bags:  # the loss sees one pooled logit per study, against the study label
+                    k = cfg.data.bag_windows
+                    logits, y = pool_bags(logits.float(), k, cfg.data.bag_pool), y.view(-1, k)[:, 0]
                 loss = loss_fn(logits.float(), y) / tc.grad_accum
                 loss.backward()
             if stepping:

@@ -1,0 +1,92 @@
+"""Study-level labels: bags of a study's windows, pooled into the study logit the loss sees."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from volttl.config import config_to_yaml
+from volttl.data.sampling import StudyBagSampler, pool_bags
+from volttl.manifests import ManifestError
+from volttl.preprocess.run import preprocess
+
+from .conftest import small_config
+
+
+def test_bags_hold_whole_studies_and_are_keyed_on_the_epoch():
+    studies = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4])
+    bags = StudyBagSampler(studies, bag=3, studies_per_batch=2, seed=5)
+    batches = list(bags)
+    assert len(batches) == len(bags) == 3
+    drawn = [b[i:i + 3] for b in batches for i in range(0, len(b), 3)]
+    assert sorted({int(studies[w[0]]) for w in drawn}) == [0, 1, 2, 3, 4]  # every study, once
+    for bag in drawn:
+        assert len({int(studies[w]) for w in bag}) == 1  # one study per bag
+        if studies[bag[0]] in (0, 3):
+            assert len(set(bag)) == 3  # without replacement when the study has enough windows
+    assert [list(b) for b in bags] == batches  # same epoch, same bags
+    bags.set_epoch(1)
+    assert list(bags) != batches
+    ranks = [StudyBagSampler(studies, 3, 2, seed=5, rank=r, world=2) for r in (0, 1)]
+    seen = {int(studies[b[i]]) for s in ranks for b in s for i in range(0, len(b), 3)}
+    assert seen == {0, 1, 2, 3, 4}
+
+
+def test_pooling_is_max_or_log_mean_exp():
+    logits = torch.tensor([0.0, 2.0, -1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(pool_bags(logits, 3, "max"), [2.0, 1.0])
+    lse = pool_bags(logits, 3, "lse")
+    assert lse[1] == pytest.approx(1.0)  # equal windows: the window's own logit
+    assert 1 / 3 < lse[0] < 2.0 and lse[0] == pytest.approx(math.log((1 + math.e ** 2 + math.e ** -1) / 3))
+
+
+def _study_label_manifest(cohort: Path, tmp_path: Path) -> Path:
+    with open(cohort) as fh:
+        rows = list(csv.DictReader(fh))
+    out = tmp_path / "m.csv"
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "path": str(cohort.parent / r["path"]), "pe_slices": "",
+                        "mask": str(cohort.parent / r["mask"])})
+    return out
+
+
+def test_slice_labels_refuse_positives_without_pe_slices(cohort, tmp_path):
+    manifest = _study_label_manifest(Path(cohort), tmp_path)
+    cfg = small_config(manifest, tmp_path / "s.h5")
+    with pytest.raises(ManifestError, match=r"positive study\(ies\) without pe_slices \(synth001, synth003"):
+        preprocess(cfg, progress=False)
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.slow
+def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_path, monkeypatch):
+    manifest = _study_label_manifest(Path(cohort), tmp_path)
+    cfg = small_config(manifest, tmp_path / "s.h5")
+    cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
+    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    assert not preprocess(cfg, progress=False).failed
+    import volttl.train.loop as loop
+
+    seen = []
+    real = loop.make_loss
+
+    def spy(name, gamma):
+        fn = real(name, gamma)
+
+        def loss(logits, y):
+            seen.append((tuple(logits.shape), y.detach().clone()))
+            return fn(logits, y)
+        return loss
+
+    monkeypatch.setattr(loop, "make_loss", spy)
+    (tmp_path / "c.yaml").write_text(config_to_yaml(cfg))
+    best = loop.train_run(cfg, tmp_path / "run", progress=False)
+    assert seen and all(shape == (2,) for shape, _ in seen)  # 4 windows per batch -> 2 studies
+    assert "study_auroc" in best
