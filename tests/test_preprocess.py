@@ -62,13 +62,22 @@ def test_geometry_and_values_against_nibabel(store, cohort):
             s2o = g.attrs["stored_to_original"]
             # the stored grid's affine is the original affine after the index transform
             np.testing.assert_allclose(g.attrs["stored_affine_ras"], img.affine @ s2o, atol=1e-6)
-        # area resizing keeps slice means; slices are linear in k
+        # area resizing keeps slice means; thinning averages the slices a stored slice covers
+        # (overlap-weighted), refining is linear in k
         means = data.mean(axis=(0, 1))
+        scale = s2o[2, 2]
         for s in range(stored.shape[0]):
-            k = s * s2o[2, 2]
-            k0 = min(int(math.floor(k)), len(means) - 1)
-            k1 = min(k0 + 1, len(means) - 1)
-            expect = means[k0] * (1 - (k - k0)) + means[k1] * (k - k0)
+            if scale > 1:
+                lo, hi = s * scale, (s + 1) * scale
+                overlap = np.clip(np.minimum(np.arange(1, len(means) + 1), hi)
+                                  - np.maximum(np.arange(len(means)), lo), 0, None)
+                expect = float((overlap * means).sum() / overlap.sum())
+                assert s2o[2, 3] == (scale - 1) / 2  # the footprint's centre, in source slices
+            else:
+                k = s * scale
+                k0 = min(int(math.floor(k)), len(means) - 1)
+                k1 = min(k0 + 1, len(means) - 1)
+                expect = means[k0] * (1 - (k - k0)) + means[k1] * (k - k0)
             assert abs(stored[s].mean() - expect) < 1.0
 
 
@@ -85,8 +94,8 @@ def test_windows_and_labels(store, cohort):
             assert len(mine) == math.ceil(n / 8)
             assert list(mine["start"]) == list(range(0, n, 8))[: len(mine)]
             pe = set(int(p) for p in g.attrs["pe_slices"])
-            scale = g.attrs["stored_to_original"][2, 2]
-            assert all(round(s * scale) in set(r.pe_slices) for s in pe)
+            s2o = g.attrs["stored_to_original"]
+            assert all(round(s * s2o[2, 2] + s2o[2, 3]) in set(r.pe_slices) for s in pe)
             assert bool(pe) == bool(r.pe_slices)
             for w in mine:
                 count = len([s for s in pe if w["start"] <= s < w["start"] + 8])

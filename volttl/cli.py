@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:  # a decoder's own traceback would sit beside volttl's one-line error
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
     except (VolttlError, FileNotFoundError) as exc:

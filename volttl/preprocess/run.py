@@ -64,8 +64,9 @@ def _hdf5_geometry(row: StudyRow) -> dict:
 
 
 class ThrottledIndex:
-    """Rewrites the index after a finished study, but no more often than ten times its own
-    cost: the index grows with the store, so rewriting it after every study would make the
+    """Rewrites the index after a finished study, but no more often than every second and
+    not before twenty times its own cost has passed (so it takes at most 5% of the time):
+    the index grows with the store, so rewriting it after every study would make the
     per-study cost grow with the store. A kill between rewrites loses no study: its file is
     in place, and the next run finds it by its file and indexes it without recomputing."""
 
@@ -81,7 +82,7 @@ class ThrottledIndex:
 
     def study_finished(self) -> None:
         self.dirty = True
-        if time.perf_counter() - self.last_end >= max(self.min_interval_s, 10 * self.last_cost):
+        if time.perf_counter() - self.last_end >= max(self.min_interval_s, 20 * self.last_cost):
             self.write()
 
 
