@@ -17,6 +17,7 @@ from volttl.config import config_from_dict
 from volttl.explain.gradcam import WindowGradCAM, default_target_layer, sliding_window_starts, stitch_study
 from volttl.explain.regrid import to_original_grid
 from volttl.explain.run import cam_run, overlay_on_original
+from volttl.io import read_study
 from volttl.io.nifti import write_nifti
 from volttl.preprocess.run import preprocess
 from volttl.preprocess.store import StudyMeta
@@ -223,7 +224,9 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
         sid = rec["study_id"]
         cam = nib.load(tmp_path / "cam" / f"{sid}_cam.nii.gz")
         data = np.asarray(cam.dataobj)
-        assert data.dtype == np.float32 and 0 <= data.min() and data.max() == pytest.approx(1.0)
+        assert cam.get_data_dtype() == np.uint8 and cam.dataobj.slope == pytest.approx(1 / 255)
+        assert 0 <= data.min() and data.max() == pytest.approx(1.0)
+        assert cam.header.get_xyzt_units()[0] == "mm" and cam.header["cal_max"] == 1.0
         source = Path(cohort).parent / rows[sid]["path"]
         if source.suffix == ".gz":  # a NIfTI source: the overlay carries its exact shape and affine
             ct = nib.load(source)
@@ -235,12 +238,14 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
             assert ct.shape == sitk.GetArrayFromImage(reader.Execute()).T.shape
         assert cam.shape == ct.shape
         np.testing.assert_allclose(cam.affine, ct.affine, atol=1e-4)
-        peak = np.unravel_index(np.argmax(data), data.shape)
-        np.testing.assert_allclose((cam.affine @ np.append(peak, 1.0))[:3], rec["peak_ras_mm"], atol=1e-2)
+        # the JSON's peak (from the unquantised map) is one of the file's maximal voxels
+        ijk = np.rint(np.linalg.inv(cam.affine) @ np.append(rec["peak_ras_mm"], 1.0))[:3].astype(int)
+        assert data[tuple(ijk)] == data.max() and list(ijk) == rec["peak_voxel_ijk"]
         assert rec["probability"] == pytest.approx(preds[sid], abs=1e-4)  # the study score evaluate gives
         assert (tmp_path / "cam" / f"{sid}_cam.png").stat().st_size > 1000
         saved = json.loads((tmp_path / "cam" / f"{sid}_cam.json").read_text())
         assert saved["target_layer"] == "layer1.0" and saved["files"]["cam"] == f"{sid}_cam.nii.gz"
+        assert saved["source"] == str(source)
     text = (tmp_path / "cam" / "cam_summary.json").read_text()
     assert "Synthetic" not in text and "SYNPID" not in text  # no patient tag travels along
     with pytest.raises(ValueError, match="no study nope"):
@@ -266,3 +271,53 @@ def test_real_ct_overlay_has_the_cts_shape_and_affine(run, tmp_path):
     ct = nib.load(tmp_path / "cam" / "lung1_ct.nii.gz")
     np.testing.assert_array_equal(np.asarray(ct.dataobj), sitk.GetArrayFromImage(img).T)
 
+
+
+def test_unit_maps_are_uint8_with_a_slope_or_float32(tmp_path):
+    from volttl.io.geometry import Geometry
+    from volttl.io.nifti import write_unit_map
+
+    geo = Geometry((30, 64, 64), (0.7, 0.7, 2.5), (1.0, 2.0, 3.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    smooth = np.random.default_rng(0).random((30, 64, 64)).astype(np.float32)
+    write_unit_map(smooth, geo, tmp_path / "u8.nii.gz")
+    write_unit_map(smooth, geo, tmp_path / "f32.nii.gz", dtype="float32")
+    u8, f32 = nib.load(tmp_path / "u8.nii.gz"), nib.load(tmp_path / "f32.nii.gz")
+    assert u8.get_data_dtype() == np.uint8 and f32.get_data_dtype() == np.float32
+    back = np.asarray(u8.dataobj, dtype=np.float64).transpose(2, 1, 0)
+    assert np.abs(back - smooth).max() <= 1 / 510 + 1e-6  # at most half a step of 1/255
+    np.testing.assert_array_equal(np.asarray(f32.dataobj).transpose(2, 1, 0), smooth)
+    for img in (u8, f32):
+        assert img.header.get_xyzt_units()[0] == "mm"
+        assert (float(img.header["cal_min"]), float(img.header["cal_max"])) == (0.0, 1.0)
+        np.testing.assert_allclose(img.affine, geo.affine_ras(), atol=1e-5)
+    assert (tmp_path / "u8.nii.gz").stat().st_size < 0.5 * (tmp_path / "f32.nii.gz").stat().st_size
+
+
+def _share_at_period(profile: np.ndarray, period: int) -> float:
+    """The share of a profile's spectrum (mean removed) in the bins at ``period`` slices."""
+    power = np.abs(np.fft.rfft(profile - profile.mean())) ** 2
+    k = int(round(len(profile) / period))
+    return float(power[max(k - 1, 1): k + 2].sum() / power[1:].sum())
+
+
+def test_default_stride_leaves_no_bands_on_a_real_ct():
+    """On the real CT: the stitched map's slice profile has at most 2% of its spectrum at
+    the stride period with the default (a quarter window); half a window showed bands."""
+    from volttl.explain.gradcam import default_stride
+    from volttl.io.orientation import to_canonical
+    from volttl.preprocess.resample import resample_to_store
+    from volttl.runs import model_from_config
+
+    vol, _ = to_canonical(read_study(shared_path("data", "real_ct", "lung1_image.nrrd")))
+    hu, _ = resample_to_store(vol.hu.astype(np.int16), vol.geometry.spacing[2], 2.5, 64)
+    cfg = config_from_dict({"data": {"crop": 48}, "preprocess": {"slice_thickness": 2.5, "size": 64,
+                                                                 "window": 16},
+                            "transfer": {"strategy": "ttl", "cut": "layer1", "head": {"norm": True}}})
+    torch.manual_seed(0)
+    cam = WindowGradCAM(model_from_config(cfg, weights=False).model)
+    shares = {}
+    for stride in (default_stride(16), 8):
+        result = stitch_study(hu, cam, 16, 48, stride, batch_size=8)
+        shares[stride] = _share_at_period(result.stored_map.mean(axis=(1, 2)), stride)
+    assert default_stride(16) == 4
+    assert shares[4] <= 0.02 < shares[8]

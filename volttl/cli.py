@@ -183,6 +183,21 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from volttl.predict import predict_run
+
+    records, failed = predict_run(args.run, args.paths, args.out, cam=not args.no_cam, overrides=args.set,
+                                  progress=not args.quiet)
+    for r in records:
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f} (best window from stored slice "
+              f"{r['best_window_start_slice']})")
+    for sid, reason in failed.items():
+        print(f"volttl predict: failed {sid}: {reason}", file=sys.stderr)
+    print(f"{len(records)} studies scored, {len(failed)} failed; {Path(args.out) / 'predictions.csv'}"
+          + ("" if args.no_cam else " and overlays"))
+    return 1 if failed else 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from volttl.search import search_run
 
@@ -311,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the run's config, e.g. cam.stride=4; repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cam)
+
+    p = sub.add_parser("predict", help="score new scans with a run (no manifest or store) + overlays",
+                       description="Each study (a DICOM series folder, a NIfTI or NRRD file, or every "
+                       "such study inside a folder) is preprocessed in memory with the run's settings and "
+                       "scored as `volttl evaluate` scores a stored study. Writes predictions.csv and "
+                       "predictions.json, and the Grad-CAM overlays of `volttl cam` unless --no-cam. A "
+                       "failing study is named and the others complete (exit 1 if any failed).")
+    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="DICOM folder, NIfTI/NRRD file, or a folder of them")
+    p.add_argument("--out", required=True, help="folder for predictions and overlays")
+    p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the run's config, e.g. train.device=cpu; repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("search", help="two-stage cut-point search and the Table-2 style results table",
                        description="Stage 1: each search.strategies at every block cut; stage 2: the "

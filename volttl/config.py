@@ -128,11 +128,14 @@ class CamConfig:
 
     method: Literal["gradcam", "hirescam", "gradcam++", "layercam"] = "gradcam"
     target_layer: str = ""  # module path; "" = the last unit before the head
-    stride: int = 0  # slices between windows; 0 = half a window
+    stride: int = 0  # slices between windows; 0 = a quarter window (no banding between windows)
     stitch: Literal["mean", "max"] = "mean"
     blend: Literal["gaussian", "constant"] = "gaussian"  # weights along a window's slices (MONAI)
     batch_size: int = 4
-    write_ct: bool = True  # the CT as NIfTI beside the overlay, for non-NIfTI sources
+    # the CT as NIfTI beside the overlay: auto = when the source is not NIfTI (DICOM, NRRD,
+    # HDF5), always = for every source kind, never (true/false of older configs: auto/never)
+    write_ct: Literal["auto", "always", "never"] | bool = "auto"
+    dtype: Literal["uint8", "float32"] = "uint8"  # uint8 with scl_slope 1/255, or float32
     preview: bool = True
 
 
@@ -333,6 +336,8 @@ def check_ranges(cfg: Config) -> None:
 def config_from_dict(raw: dict | None, base: Path | None = None) -> Config:
     """Validate a raw mapping into a Config; paths resolved against ``base``."""
     cfg = _build(Config, raw or {}, "")
+    if isinstance(cfg.cam.write_ct, bool):  # configs and run folders written before "always"
+        cfg.cam.write_ct = "auto" if cfg.cam.write_ct else "never"
     check_ranges(cfg)
     if base is not None:
         _resolve_paths(cfg, base)

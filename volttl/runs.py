@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -197,3 +198,14 @@ def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D
         first = str(exc).strip().splitlines()[0][:200]
         raise RunError(f"{path}: does not fit the model in {CONFIG} ({first})") from None
     return cfg, model
+
+
+@torch.no_grad()
+def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The positive-class probability of each window ``(N, 1, D, H, W)``, computed as every
+    inference path does (evaluation, validation, prediction): channels_last_3d, bf16
+    autocast on a GPU, the logit cast to float32 before the sigmoid."""
+    x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x)[:, 0]
+    return torch.sigmoid(logits.float()).cpu().numpy()

@@ -8,7 +8,7 @@ evidence; so the maps are taken before that rescaling (ReLU of the channel-weigh
 activations, upsampled trilinearly), which keeps them comparable across the windows of
 a study. Each map is also weighted by its window's predicted probability.
 
-Windows slide along the slices at ``stride`` (half a window by default) starting half a
+Windows slide along the slices at ``stride`` (a quarter window by default) starting half a
 window before the study, so every slice lies near the centre of some window, and
 overlaps are blended with MONAI's Gaussian importance map along the slice axis (as in
 MONAI's sliding-window inference): the first and last slices of a window, where
@@ -34,6 +34,14 @@ def default_target_layer(model: Backbone3D) -> str:
     """The last unit before the head: its block, or the stem's last module."""
     unit = model.units[-1]
     return unit.paths[0] if len(model.units) > 1 else unit.paths[-1]
+
+
+def default_stride(window: int) -> int:
+    """A quarter window. At half a window the stitched map's slice profile dips every
+    stride (each slice is seen from only two offsets in its windows), which shows as
+    bands in coronal and sagittal views; at a quarter the share of the profile's spectrum
+    at that period falls under 0.02 on a real CT (see tests/test_cam.py)."""
+    return max(1, window // 4)
 
 
 def sliding_window_starts(num_slices: int, window: int, stride: int) -> list[int]:
@@ -118,7 +126,7 @@ def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, str
         raise VolttlError(f"cam.stitch '{how}' is not one of mean, max")
     weights = blend_weights(window, blend)[:, None, None]
     n, size = hu.shape[0], hu.shape[1]
-    stride = stride or max(1, window // 2)
+    stride = stride or default_stride(window)
     y0 = (size - crop) // 2
     starts = sliding_window_starts(n, window, stride)
     pad = window  # the accumulators reach a window beyond both ends of the study

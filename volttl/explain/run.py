@@ -1,7 +1,9 @@
 """`volttl cam`: a run's best model -> Grad-CAM overlays on each study's original CT grid.
 
-Per study: ``<study>_cam.nii.gz`` (float32 in [0, 1], the original CT's exact shape and
-affine), ``<study>_ct.nii.gz`` when the source was not NIfTI (DICOM, NRRD, HDF5), a PNG
+Per study: ``<study>_cam.nii.gz`` (values in [0, 1], stored as uint8 with scl_slope 1/255
+unless ``cam.dtype: float32``; the original CT's exact shape and affine, mm units,
+cal_min/cal_max 0 and 1), ``<study>_ct.nii.gz`` (by default when the source was not
+NIfTI: DICOM, NRRD, HDF5; ``cam.write_ct: always`` for every source), a PNG
 preview through the map's peak, and ``<study>_cam.json`` with the study probability
 and the peak in world (RAS) millimetres; ``cam_summary.json`` for all of them, and
 ``localisation.json`` when the manifest has lesion masks (the synthetic cohort). Only the
@@ -19,12 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from volttl.errors import VolttlError
-from volttl.explain.gradcam import WindowGradCAM, stitch_study
+from volttl.explain.gradcam import WindowGradCAM, default_stride, stitch_study
 from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
 from volttl.io.geometry import Geometry
-from volttl.io.nifti import write_nifti
+from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
 from volttl.preprocess.store import Store, StudyMeta
 
@@ -61,20 +63,20 @@ def select_studies(store: Store, studies: list[str] | None, split: str) -> list[
     return [store.study_ids[i] for i in store.studies_in(split)]
 
 
-def cam_study(store: Store, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dict:
-    """Everything `volttl cam` writes for one study; returns its JSON record."""
-    meta = store.meta(sid)
-    hu = store.hu(sid)[...]
-    window = store.window
+def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path) -> dict:
+    """Everything `volttl cam` writes for one study (its stored HU ``hu`` and metadata);
+    returns its JSON record."""
+    sid = meta.study_id
     result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
                           cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend)
     cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
-    write_nifti(cam_map, geo, out / f"{sid}_cam.nii.gz")
+    write_unit_map(cam_map, geo, out / f"{sid}_cam.nii.gz", cfg.cam.dtype)
     files = {"cam": f"{sid}_cam.nii.gz"}
     ct = _read_source_ct(meta)
-    if ct is not None and meta.source_kind != "nifti" and cfg.cam.write_ct:
+    wanted = cfg.cam.write_ct == "always" or (cfg.cam.write_ct == "auto" and meta.source_kind != "nifti")
+    if ct is not None and wanted:
         write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, out / f"{sid}_ct.nii.gz")
         files["ct"] = f"{sid}_ct.nii.gz"
     k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
@@ -91,12 +93,12 @@ def cam_study(store: Store, sid: str, cam: WindowGradCAM, cfg, out: Path) -> dic
                       f"{sid}: p(PE) = {probability:.3f}")
         files["preview"] = f"{sid}_cam.png"
     record = {
-        "study_id": sid, "label": meta.label, "probability": probability,
+        "study_id": sid, "source": meta.source, "label": meta.label, "probability": probability,
         "aggregate": cfg.eval.aggregate,
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
         "target_layer": cam.target_layer, "method": cam.method,
-        "stride": cfg.cam.stride or max(1, window // 2), "stitch": cfg.cam.stitch,
+        "stride": cfg.cam.stride or default_stride(window), "stitch": cfg.cam.stitch,
         "blend": cfg.cam.blend,
         "window_starts": result.starts,
         "window_probabilities": [round(float(p), 5) for p in result.window_probs],
@@ -122,7 +124,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
         out.mkdir(parents=True, exist_ok=True)
         cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device), cfg.cam.method)
         for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):
-            records.append(cam_study(store, sid, cam, cfg, out))
+            records.append(cam_study(store.meta(sid), store.hu(sid)[...], store.window, cam, cfg, out))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)

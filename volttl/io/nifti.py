@@ -59,9 +59,32 @@ def read_itk_image(path: str | Path) -> Volume:
     return Volume(hu=hu, geometry=geometry, source_kind="itk")
 
 
-def write_nifti(array_kji: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a ``(k, j, i)`` array on ``geometry`` as NIfTI with its exact RAS affine."""
+def _image(array_kji: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
     img = nib.Nifti1Image(np.ascontiguousarray(array_kji.transpose(2, 1, 0)), geometry.affine_ras())
     img.set_qform(geometry.affine_ras(), code=1)
     img.set_sform(geometry.affine_ras(), code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def write_nifti(array_kji: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a ``(k, j, i)`` array on ``geometry`` as NIfTI with its exact RAS affine."""
+    nib.save(_image(array_kji, geometry), str(path))
+
+
+def write_unit_map(map_kji: np.ndarray, geometry: Geometry, path: str | Path, dtype: str = "uint8") -> None:
+    """A map in [0, 1] as NIfTI for viewers: ``uint8`` stores ``round(255 * value)`` with
+    ``scl_slope = 1/255`` (a viewer shows the value; at most 1/510 off, and a tenth of the
+    float32 file, much faster to compress), ``float32`` stores the values as they are.
+    ``cal_min``/``cal_max`` are 0 and 1, so a viewer's window starts at the full range."""
+    if dtype not in ("uint8", "float32"):
+        raise ValueError(f"cam.dtype '{dtype}' is not one of uint8, float32")
+    values = np.clip(np.asarray(map_kji, dtype=np.float32), 0.0, 1.0)
+    if dtype == "uint8":
+        img = _image(np.rint(values * 255.0).astype(np.uint8), geometry)
+        img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    else:
+        img = _image(values, geometry)
+        img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 1.0
     nib.save(img, str(path))

@@ -104,10 +104,20 @@ def integral_as_int16(hu: np.ndarray) -> np.ndarray:
     return hu.astype(np.int16)
 
 
-def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
-                  settings: str) -> tuple[StudyRecord, list[str]]:
-    """Read, check, resample and store one study (in a worker process); returns its
-    index record and warnings for the user."""
+@dataclass
+class PreparedStudy:
+    """A study as the store holds it, built in memory."""
+
+    hu: np.ndarray  # int16 (slices, size, size), canonical voxel order
+    meta: StudyMeta
+    pe_flags: np.ndarray  # per stored slice
+    warnings: list[str]
+
+
+def prepare_study(row: StudyRow, thickness: float, size: int, window: int, settings: str = ""
+                  ) -> PreparedStudy:
+    """Read, check, reorient and resample one study in memory: what `volttl preprocess`
+    stores and what `volttl predict` scores, by the same code."""
     vol = read_study(row.path, row.extras.get("series_uid") or None, **_hdf5_geometry(row))
     source, warnings = vol.geometry, []
     outside = [p for p in row.pe_slices if p >= source.shape[0]]
@@ -142,8 +152,16 @@ def process_study(row: StudyRow, store: str, thickness: float, size: int, window
         source=row.path, source_kind=vol.source_kind, series_uid=row.extras.get("series_uid") or "",
         settings=settings, slice_thickness=thickness, size=size, original=source,
         stored_to_original=stored_to_source)
-    write_study(store, stored, meta, window)
-    return StudyRecord(row.study_id, row.split, row.label, flags, settings), warnings
+    return PreparedStudy(stored, meta, flags, warnings)
+
+
+def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
+                  settings: str) -> tuple[StudyRecord, list[str]]:
+    """Prepare one study and write it to the store (in a worker process); returns its
+    index record and warnings for the user."""
+    study = prepare_study(row, thickness, size, window, settings)
+    write_study(store, study.hu, study.meta, window)
+    return StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings), study.warnings
 
 
 Outcome = tuple[str, StudyRecord | None, str | None, list[str]]

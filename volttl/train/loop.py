@@ -38,7 +38,7 @@ from volttl.data import WindowDataset
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
-from volttl.runs import RunDir, check_resumable, model_from_config
+from volttl.runs import RunDir, check_resumable, model_from_config, window_probabilities
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -85,13 +85,9 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
     dist = dist or DistContext(device=device)
     model.eval()
     probs, labels, studies = [], [], []
-    amp = device.type == "cuda"
     order = list(range(dist.rank, len(ds), dist.world))
     for x, y, s in _loader(ds, batch_size, order, workers, device):
-        x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)[:, 0]
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(window_probabilities(model, x, device))
         labels.append(y.numpy())
         studies.append(s.numpy())
     parts = [np.concatenate(v) if v else np.zeros(0) for v in (probs, labels, studies)]

@@ -1,0 +1,96 @@
+"""`volttl predict`: new scans scored without a manifest or store, as `evaluate` scores them."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from volttl.cli import main
+from volttl.config import config_to_yaml
+from volttl.predict import find_studies
+
+from .conftest import shared_path, small_config
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    cfg = small_config(Path(cohort), tmp / "s.h5")
+    cfg.data.crop = 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "layer1"
+    path = tmp / "t.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert main(["preprocess", "--config", str(path), "--quiet"]) == 0
+    run = tmp / "run"
+    assert main(["train", "--config", str(path), "--run-dir", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_find_studies_takes_files_series_and_folders_of_them(cohort, tmp_path):
+    studies = Path(cohort).parent / "studies"
+    found = find_studies([studies])
+    names = {sid for sid, _ in found}
+    assert {"synth000", "synth001", "synth002", "synth003", "synth004", "synth005"} <= names
+    kinds = {sid: p.is_dir() for sid, p in found}
+    assert kinds["synth000"] and not kinds["synth002"]  # a DICOM folder and a NIfTI file
+    shutil.copy(studies / "synth002.nii.gz", tmp_path / "synth002.nii.gz")
+    twice = find_studies([studies / "synth002.nii.gz", tmp_path / "synth002.nii.gz"])
+    assert [sid for sid, _ in twice] == ["synth002", "synth002_2"]
+
+
+def test_predict_equals_evaluate_and_writes_overlays(cohort, trained, tmp_path, capsys):
+    run = trained
+    for split in ("train", "val", "test"):
+        assert main(["evaluate", "--run", str(run), "--split", split]) == 0
+    expected = {}
+    for split in ("train", "val", "test"):
+        with open(run / f"predictions_{split}.csv") as fh:
+            expected.update({r["study_id"]: float(r["probability"]) for r in csv.DictReader(fh)})
+    studies = Path(cohort).parent / "studies"
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    capsys.readouterr()
+    rc = main(["predict", "--run", str(run), str(studies), str(bad), "--out", str(tmp_path / "p"), "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 1  # one study failed ...
+    failed = [line for line in out.err.splitlines() if line.startswith("volttl predict: failed")]
+    assert len(failed) == 1 and "broken" in failed[0] and "unreadable NIfTI" in failed[0]
+    records = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert {r["study_id"] for r in records} == set(expected)  # ... and the others completed
+    for r in records:
+        assert r["probability"] == pytest.approx(expected[r["study_id"]], abs=1e-5)
+        assert r["model"] == "resnext3d_50" and r["cut"] == "layer1" and Path(r["source"]).exists()
+        cam = nib.load(tmp_path / "p" / r["files"]["cam"])
+        src = Path(r["source"])
+        shape = nib.load(src).shape if src.is_file() else nib.load(tmp_path / "p" / r["files"]["ct"]).shape
+        assert cam.shape == shape
+    with open(tmp_path / "p" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(records) and {"best_window_start_slice", "probability"} <= set(rows[0])
+
+
+def test_predict_on_the_real_ct(trained, tmp_path):
+    path = shared_path("data", "real_ct", "lung1_image.nrrd")
+    assert main(["predict", "--run", str(trained), str(path), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    (record,) = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert record["study_id"] == "lung1_image" and 0.0 <= record["probability"] <= 1.0
+    cam = nib.load(tmp_path / "p" / record["files"]["cam"])
+    img = sitk.ReadImage(str(path))
+    assert cam.shape == sitk.GetArrayFromImage(img).T.shape == (512, 512, 48)
+    assert np.allclose(cam.affine[:3, 3], [146.0, 325.0, -777.5], atol=1e-3)  # the NRRD's origin in RAS
+    assert main(["predict", "--run", str(trained), str(path), "--out", str(tmp_path / "q"), "--no-cam",
+                 "--quiet"]) == 0
+    assert not list((tmp_path / "q").glob("*_cam.nii.gz"))
+
+
+def test_predict_with_nothing_to_score_is_one_line(trained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["predict", "--run", str(trained), str(tmp_path / "empty"), "--out", str(tmp_path / "p")])
+    assert rc == 1
+    assert "no DICOM series, NIfTI or NRRD file found" in capsys.readouterr().err

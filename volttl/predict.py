@@ -1,0 +1,175 @@
+"""`volttl predict --run RUN PATH... --out DIR`: score new scans, no manifest or store.
+
+Each study (a DICOM series folder, a NIfTI or NRRD file, or every such study found in a
+folder) is prepared in memory by the same code `volttl preprocess` stores with, using the
+run's own settings, then scored as `volttl evaluate` scores a stored study: its
+non-overlapping windows, centre crop, the run's aggregation (max or mean) of the window
+probabilities. Unless ``cam=False`` the Grad-CAM overlays of `volttl cam` are written
+beside. One failing study is named and the others complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
+from volttl.data.intensity import AIR_HU, normalise
+from volttl.errors import VolttlError
+from volttl.io.studies import ITK_SUFFIXES
+from volttl.manifests.schema import StudyRow
+from volttl.preprocess.run import PreparedStudy, prepare_study
+from volttl.preprocess.windows import indexed_window_starts
+from volttl.runs import load_run, resolve_device, window_probabilities
+
+log = logging.getLogger("volttl.predict")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
+NOT_DICOM = {".txt", ".json", ".xml", ".csv", ".md", ".png", ".jpg", ".jpeg", ".pdf", ".zip"}
+
+
+class PredictError(VolttlError):
+    """Nothing to predict: no study found at the given paths."""
+
+
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """A folder with files at its top level that are not images or known non-DICOM files."""
+    return any(f.is_file() and not f.name.startswith(".") and not _is_image(f)
+               and f.suffix.lower() not in NOT_DICOM for f in folder.iterdir())
+
+
+def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
+    """``(study id, path)`` for every study at ``paths``: image files as they are, a folder
+    with DICOM files as one series, any other folder searched for studies inside. Ids are
+    the file or folder names, made unique with a suffix where two collide."""
+    found: list[Path] = []
+
+    def visit(path: Path) -> None:
+        if path.is_file():
+            if _is_image(path):
+                found.append(path)
+        elif path.is_dir():
+            if _holds_dicom(path):
+                found.append(path)
+            else:
+                for child in sorted(path.iterdir()):
+                    if not child.name.startswith("."):
+                        visit(child)
+
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise PredictError(f"{p}: no such file or folder")
+        visit(p)
+    if not found:
+        raise PredictError(f"no DICOM series, NIfTI or NRRD file found in {', '.join(map(str, paths))}")
+    out, seen = [], {}
+    for path in found:
+        name = path.name
+        for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", path))
+    return out
+
+
+@dataclass
+class StudyScore:
+    probability: float
+    window_starts: list[int]
+    window_probabilities: list[float]
+
+    @property
+    def best_window(self) -> int:
+        """The stored slice where the highest-scoring window starts."""
+        return self.window_starts[int(np.argmax(self.window_probabilities))]
+
+
+def score_study(model: torch.nn.Module, hu: np.ndarray, cfg: Config, device: torch.device,
+                batch_size: int = 4) -> StudyScore:
+    """The study's evaluation windows (non-overlapping from slice 0, air beyond the end,
+    centre crop), their probabilities and the run's aggregate, as `volttl evaluate`."""
+    window, crop = cfg.preprocess.window, cfg.data.crop
+    n, size = hu.shape[0], hu.shape[1]
+    y0 = (size - crop) // 2
+    starts = [int(s) for s in indexed_window_starts(n, window, window)]
+    probs = []
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b: b + batch_size]
+        x = np.full((len(chunk), 1, window, crop, crop), AIR_HU, dtype=np.float32)
+        for i, s in enumerate(chunk):
+            hi = min(s + window, n)
+            x[i, 0, : hi - s] = hu[s:hi, y0: y0 + crop, y0: y0 + crop]
+        x = normalise(x, tuple(cfg.data.hu_clip), cfg.data.intensity_shift).astype(np.float32)
+        probs.append(window_probabilities(model, torch.from_numpy(x), device))
+    p = np.concatenate(probs)
+    aggregate = float(p.max() if cfg.eval.aggregate == "max" else p.mean())
+    return StudyScore(aggregate, starts, [float(v) for v in p])
+
+
+def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, cam: bool = True,
+                overrides: list[str] | None = None, progress: bool = True
+                ) -> tuple[list[dict], dict[str, str]]:
+    """Score every study at ``paths`` with the run's best model; writes predictions.csv and
+    predictions.json (and overlays unless ``cam`` is false) to ``out``. Returns the
+    records and the failures (study id -> one-line reason)."""
+    from volttl.explain.gradcam import WindowGradCAM
+    from volttl.explain.run import cam_study
+
+    cfg, model = load_run(run_dir)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    studies = find_studies(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    model = model.to(device).eval()
+    grad_cam = WindowGradCAM(model, cfg.cam.target_layer, device, cfg.cam.method) if cam else None
+    p = cfg.preprocess
+    records, failed = [], {}
+    for sid, path in tqdm(studies, desc="predict", unit="study", disable=not progress):
+        try:
+            study: PreparedStudy = prepare_study(StudyRow(sid, str(path), 0, "test", []), p.slice_thickness,
+                                                 p.size, p.window)
+        except VolttlError as exc:
+            failed[sid] = str(exc)
+            continue
+        score = score_study(model.eval(), study.hu, cfg, device, cfg.cam.batch_size)
+        record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
+                  "aggregate": cfg.eval.aggregate, "best_window_start_slice": score.best_window,
+                  "best_window_mm": round(score.best_window * p.slice_thickness, 2),
+                  "window_probabilities": [round(v, 6) for v in score.window_probabilities],
+                  "model": cfg.model.name, "strategy": cfg.transfer.strategy,
+                  "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
+                  "run": str(Path(run_dir))}
+        for w in study.warnings:
+            log.warning("%s: %s", sid, w)
+        if grad_cam is not None:
+            overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out)
+            record["files"] = overlay["files"]
+            record["peak_ras_mm"] = overlay["peak_ras_mm"]
+        records.append(record)
+    _write(records, out)
+    return records, failed
+
+
+def _write(records: list[dict], out: Path) -> None:
+    (out / "predictions.json").write_text(json.dumps(records, indent=2))
+    columns = ["study_id", "source", "probability", "aggregate", "best_window_start_slice", "best_window_mm",
+               "model", "strategy", "cut", "run"]
+    with (out / "predictions.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
