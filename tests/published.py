@@ -41,14 +41,28 @@ def resnext101_kinetics(path: Path, seed: int = 0) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def penet_kinetics(path: Path, seed: int = 0, old_names: bool = False) -> dict:
-    """As PENet's Kinetics-600 file: {model_state (module. keys), ckpt_info, model_name, ...}."""
+def penet_kinetics(path: Path, seed: int = 0, old_names: bool = False, legacy: bool = False) -> dict:
+    """As PENet's Kinetics-600 file: {model_state (module. keys), ckpt_info, model_name, ...}.
+    ``legacy``: as a PyTorch 0.4-era training script saved it, in the old (non-zip) format
+    with a ``functools.partial`` scheduler rule, numpy scalars and optimiser state beside
+    the weights, which ``torch.load(weights_only=True)`` refuses."""
+    import functools
+    import math
+
+    import numpy as np
+
     rename = (".penet_blocks.", ".xnet_blocks.") if old_names else None
     state = random_state("penet_kinetics600_state_dict_shapes.json", seed, rename)
-    torch.save({"model_state": state, "ckpt_info": {"epoch": 10, "best_val": 0.5},
-                "model_name": "PENetClassifier",
-                "model_args": {"model_depth": 50, "cardinality": 32, "num_channels": 3,
-                               "num_classes": 600},
-                "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {}}, path)
+    payload = {"model_state": state, "ckpt_info": {"epoch": 10, "best_val": 0.5},
+               "model_name": "PENetClassifier",
+               "model_args": {"model_depth": 50, "cardinality": 32, "num_channels": 3,
+                              "num_classes": 600},
+               "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {}}
+    if legacy:
+        payload["ckpt_info"] = {"epoch": np.int64(10), "best_val": np.float64(0.5)}
+        payload["lr_scheduler"] = {"lr_lambdas": [functools.partial(math.cos, 0.5)], "base_lrs": [0.1]}
+        payload["optimizer"] = {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                                "param_groups": [{"lr": np.float32(0.01), "params": [0]}]}
+    torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
     return {k.removeprefix("module.").replace(".xnet_blocks.", ".penet_blocks."): v
             for k, v in state.items()}

@@ -1,5 +1,7 @@
 """Foreign checkpoints in their published formats load into the right parameters."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -105,3 +107,50 @@ def test_a_checkpoint_cannot_run_code(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="evil.pth: refused: .* could run code"):
         load_pretrained(ResNeXt3D101(1, 3), path)
     assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_legacy_files_with_schedulers_and_numpy_scalars_load_their_weights(tmp_path, zipped):
+    """PENet-era files pickle functools.partial, numpy scalars and optimiser state beside
+    the weights: the weights load, everything else stays inert, nothing is called."""
+    import functools
+    import math
+
+    import numpy as np
+
+    path = tmp_path / "penet_legacy.pth"
+    source = penet_kinetics(path, old_names=True, legacy=not zipped)
+    if zipped:  # the new format with the same extras
+        obj = torch.load(path, weights_only=False)
+        obj["lr_scheduler"] = {"lr_lambdas": [functools.partial(math.cos, 0.5)]}
+        obj["ckpt_info"] = {"epoch": np.int64(10)}
+        torch.save(obj, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # plain loading
+        torch.load(path, weights_only=True)
+    model = PENet(num_outputs=1, in_channels=3)
+    report = load_pretrained(model, path)
+    assert report.source_format == "penet" and not report.missing
+    for key in ("in_conv.0.weight", "encoders.2.penet_blocks.4.conv2.weight"):
+        assert torch.equal(model.state_dict()[key], source[key]), key
+
+
+class ShellPayload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned_by_checkpoint",))
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_a_legacy_file_that_would_run_a_command_loads_and_runs_nothing(tmp_path, monkeypatch, zipped):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil_legacy.pth"
+    torch.save({"model_state": {"x": torch.zeros(1)}, "lr_scheduler": ShellPayload()}, path,
+               _use_new_zipfile_serialization=zipped)
+    model = PENet(num_outputs=1, in_channels=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refused = r"refused: it pickles (os|posix)\.system, which could run code; nothing was loaded"
+    with pytest.raises(CheckpointError, match=refused):
+        load_pretrained(model, path)
+    assert not (tmp_path / "pwned_by_checkpoint").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

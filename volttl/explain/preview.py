@@ -1,6 +1,7 @@
 """A PNG preview of a CAM over its CT: axial, coronal and sagittal slices through the peak.
 
-Voxel-index views in the radiological convention for an LPS-aligned grid (patient's right
+Drawn on the stored grid, which is always in the LPS voxel order, so the voxel-index
+views are in the radiological convention (patient's right
 on the viewer's left, anterior up, superior up), with the pixel aspect taken from the
 spacing. CT in grey at a CTPA window (level 100, width 700 HU), CAM in colour where it
 exceeds 0.1.

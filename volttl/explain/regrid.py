@@ -35,7 +35,32 @@ def to_original_grid(stored_map: np.ndarray, stored_to_original: np.ndarray,
     axes = axis_map(stored_to_original)
     # array axis 2 - o of the output holds original axis o, read from stored array axis 2 - source
     out = np.transpose(np.asarray(stored_map, dtype=np.float32), [2 - axes[2 - ax][0] for ax in range(3)])
+    # a flipped axis: read the array backwards, so that every scale is positive
+    flips = tuple(2 - o for o, (_, scale, _) in enumerate(axes) if scale < 0)
+    if flips:
+        out = np.flip(out, axis=flips)
+    axes = [(src, abs(scale), offset + scale * (out.shape[2 - o] - 1) if scale < 0 else offset)
+            for o, (src, scale, offset) in enumerate(axes)]
+    done = set()
+    if all(abs(axes[o][2] - (0.5 * axes[o][1] - 0.5)) < 1e-9 for o in (0, 1)):  # pixel centres aligned
+        out = _resize_planes(out, (int(original_shape[1]), int(original_shape[2])))
+        done = {0, 1}
     for o, (_, scale, offset) in enumerate(axes):
         length = int(original_shape[2 - o])
-        out = linear_along(out, 2 - o, (np.arange(length) - offset) / scale)
+        coords = (np.arange(length) - offset) / scale
+        if o in done or (out.shape[2 - o] == length and np.allclose(coords, np.arange(length))):
+            continue  # done by the plane resize, or the identity (slices kept as they were)
+        out = linear_along(out, 2 - o, coords)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _resize_planes(volume: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
+    """Bilinear in-plane resize of every slice with pixel centres aligned (OpenCV's
+    convention, the same rule as the stored grid's): one call per slice."""
+    import cv2
+
+    rows, cols = rows_cols
+    out = np.empty((volume.shape[0], rows, cols), dtype=np.float32)
+    for k in range(volume.shape[0]):
+        cv2.resize(np.ascontiguousarray(volume[k]), (cols, rows), dst=out[k], interpolation=cv2.INTER_LINEAR)
+    return out

@@ -74,9 +74,9 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         cam_map /= cam_map.max()
     write_unit_map(cam_map, geo, out / f"{sid}_cam.nii.gz", cfg.cam.dtype)
     files = {"cam": f"{sid}_cam.nii.gz"}
-    ct = _read_source_ct(meta)
     wanted = cfg.cam.write_ct == "always" or (cfg.cam.write_ct == "auto" and meta.source_kind != "nifti")
-    if ct is not None and wanted:
+    ct = _read_source_ct(meta) if wanted else None
+    if ct is not None:
         write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, out / f"{sid}_ct.nii.gz")
         files["ct"] = f"{sid}_ct.nii.gz"
     k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
@@ -86,10 +86,11 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     aligned = np.array([s >= 0 and s % window == 0 for s in result.starts])
     probs = result.window_probs[aligned] if aligned.any() else result.window_probs
     probability = float(probs.max() if cfg.eval.aggregate == "max" else probs.mean())
-    if cfg.cam.preview:
-        if ct is None:
-            ct = to_original_grid(hu.astype(np.float32), meta.stored_to_original, geo.shape)
-        write_preview(ct, cam_map, (k, j, i), geo.spacing, out / f"{sid}_cam.png",
+    if cfg.cam.preview:  # drawn on the stored grid (canonical LPS): no need to read the CT again
+        stored_peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(result.stored_map)),
+                                                             result.stored_map.shape))
+        spacing = tuple(float(v) for v in np.linalg.norm(meta.stored_affine_ras[:3, :3], axis=0))
+        write_preview(hu, result.stored_map, stored_peak, spacing, out / f"{sid}_cam.png",
                       f"{sid}: p(PE) = {probability:.3f}")
         files["preview"] = f"{sid}_cam.png"
     record = {

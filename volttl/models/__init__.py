@@ -15,7 +15,7 @@ from volttl.models.registry import (
     register_backbone,
 )
 
-_INFRASTRUCTURE = {"base", "registry", "checkpoints"}
+_INFRASTRUCTURE = {"base", "registry", "checkpoints", "legacy_pickle"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_module.name}")

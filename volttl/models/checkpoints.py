@@ -2,8 +2,13 @@
 
 Accepted: the 3D-ResNets file (``{epoch, arch, state_dict, optimizer}``, ``module.``
 keys), PENet's file (``model_state`` with ``module.`` keys; each backbone renames
-its own legacy keys through ``checkpoint_key``), a bare state_dict, and volttl's own checkpoints. Always
-``torch.load(weights_only=True)``: a checkpoint can never run code.
+its own legacy keys through ``checkpoint_key``), a bare state_dict, and volttl's own
+checkpoints. First ``torch.load(weights_only=True)``; a file that also pickles other
+objects (old PENet and
+3D-ResNets files: schedulers, numpy scalars) goes through a restricted unpickler that
+rebuilds tensors and leaves every other object inert (:mod:`volttl.models.legacy_pickle`).
+Either way a checkpoint never runs code: one that names a global able to (``os.system``,
+``builtins.eval``, ...) is refused.
 
 A 1-channel CT meets a 3-channel Kinetics stem in one of two ways: ``stem: repeat``
 copies the CT into the three channels (PENet's way); ``stem: sum`` (default) sums the
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,13 +56,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Weights only load failed" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"{path}: refused: it pickles Python objects beyond tensors{what}, and "
-                                  "unpickling them could run code; only weights are loaded") from None
-        reason = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
+        if "weights_only" not in text and "Weights only load failed" not in text:
+            reason = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
+        obj = _load_legacy(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     if obj.get("format") == VOLTTL_FORMAT:
@@ -72,6 +73,25 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
     else:
         raise CheckpointError(f"{path}: no state_dict, model_state or tensors found")
     return {key.removeprefix("module."): value for key, value in state.items()}, kind, obj
+
+
+def _load_legacy(path: Path) -> dict:
+    """A file that pickles more than tensors (old PENet and 3D-ResNets files: schedulers,
+    numpy scalars): its tensors through the restricted unpickler, every other object
+    inert; a file naming a global that could run code is refused and loads nothing."""
+    from volttl.models.legacy_pickle import DangerousPickleError, load_weights_only
+
+    try:
+        obj, inert = load_weights_only(path)
+    except DangerousPickleError as exc:
+        raise CheckpointError(f"{path}: refused: it pickles {exc}, which could run code; nothing was "
+                              "loaded and nothing was run") from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
+    if inert:
+        log.info("%s: objects beside the weights kept inert, never called: %s", path, ", ".join(inert[:8]))
+    return obj
 
 
 def _stem_conv_key(model: Backbone3D) -> str:
