@@ -154,3 +154,19 @@ def test_a_legacy_file_that_would_run_a_command_loads_and_runs_nothing(tmp_path,
         load_pretrained(model, path)
     assert not (tmp_path / "pwned_by_checkpoint").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_kinetics600_resnext_file_loads_with_its_600_way_head_dropped(tmp_path):
+    """The TTL paper pretrains ResNeXt3D-101 on Kinetics-600: same layout as Hara's
+    Kinetics-400 file but a 600-way fc, which finetuning drops."""
+    from .published import random_state
+
+    state = random_state("resnext101_kinetics400_state_dict_shapes.json", seed=3)
+    state["module.fc.weight"], state["module.fc.bias"] = torch.randn(600, 2048), torch.randn(600)
+    torch.save({"epoch": 1, "arch": "resnext-101", "state_dict": state, "optimizer": {}},
+               tmp_path / "k600.pth")
+    model = ResNeXt3D101(num_outputs=1, in_channels=1)
+    report = load_pretrained(model, tmp_path / "k600.pth")
+    assert sorted(report.dropped_head) == ["fc.bias", "fc.weight"] and not report.missing
+    assert torch.equal(model.layer4[2].conv3.weight, state["module.layer4.2.conv3.weight"])
+    assert model.fc.weight.shape == (1, 2048)

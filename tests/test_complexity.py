@@ -45,3 +45,20 @@ def test_latency_is_positive_and_profile_writes_tables(tmp_path):
     assert len(lines) == 4 and lines[1].startswith("resnext3d_50,FTL,-,")
     ftl, ttl = (float(line.split(",")[3]) for line in lines[1:3])
     assert ttl < ftl and "| TTL | layer2 |" in table
+
+
+@pytest.mark.parametrize("count_stem,tf_params", [("rgb", 36_080_065), ("model", 36_080_065 - 2 * 21_952)])
+def test_cost_columns_follow_the_papers_stem_convention_by_default(count_stem, tf_params):
+    """The paper's TF-1 P(M) is 36.1 with the 3-channel stem; the summed 1-channel stem
+    has two thirds of conv1's 65,856 weights fewer (36.0). The default counts as the paper."""
+    from volttl.analysis.complexity import convention, profile_config
+
+    cfg = config_from_dict({"model": {"name": "resnext3d_101", "stem": "sum"},
+                            "transfer": {"strategy": "tf", "cut": "layer3"},
+                            "profile": {"input_size": [4, 32, 32], "repeats": 1, "warmup": 0,
+                                        "count_stem": count_stem}})
+    row = profile_config(cfg)
+    assert row["params_m"] * 1e6 == pytest.approx(tf_params, abs=0.5)
+    assert row["input"] == [1, 4, 32, 32]  # latency is timed on the model as trained
+    assert ("3-channel (RGB) stem" in convention(cfg)) == (count_stem == "rgb")
+    assert config_from_dict({}).profile.count_stem == "rgb"

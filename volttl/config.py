@@ -120,6 +120,9 @@ class ProfileConfig:
     warmup: int = 3
     device: str = "cpu"
     out_dir: str = "profile"
+    # P(M) and MACs: rgb counts the 3-channel Kinetics stem, as the TTL paper's table does;
+    # model counts the model as trained (1-channel stem under `model.stem: sum`)
+    count_stem: Literal["rgb", "model"] = "rgb"
 
 
 @dataclass

@@ -97,15 +97,31 @@ class ComplexityRow:
 def profile_config(cfg) -> dict:
     """P(M), MACs(G) and T(ms) of the model ``cfg`` describes, at ``profile.input_size`` on
     ``profile.device``; the architecture comes from the same builder training uses."""
+    import copy
+
     from volttl.runs import model_from_config
 
     p = cfg.profile
     shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
     device = torch.device(p.device)
     model = model_from_config(cfg, weights=False, window=tuple(p.input_size)).model.to(device)
-    return {"params_m": count_parameters(model) / 1e6, "macs_g": count_macs(model, shape) / 1e9,
+    counted, counted_shape = model, shape
+    if p.count_stem == "rgb" and shape[1] != 3:  # the paper's convention: the 3-channel stem
+        rgb = copy.deepcopy(cfg)
+        rgb.model.stem = "repeat"
+        counted = model_from_config(rgb, weights=False, window=tuple(p.input_size)).model.to(device)
+        counted_shape = (1, 3, *p.input_size)
+    return {"params_m": count_parameters(counted) / 1e6, "macs_g": count_macs(counted, counted_shape) / 1e9,
             "latency_ms": measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
-            "device": device_name(device), "input": list(shape[1:])}
+            "device": device_name(device), "input": list(shape[1:]), "count_stem": p.count_stem}
+
+
+def convention(cfg) -> str:
+    """How the cost columns are counted, for table headers."""
+    stem = "3-channel (RGB) stem, as the TTL paper counts" if cfg.profile.count_stem == "rgb" else \
+        f"the model as trained (stem: {cfg.model.stem})"
+    return (f"P(M) and MACs(G) (convolutions and linear layers) with the {stem}; T(ms) of the model as "
+            f"trained (stem: {cfg.model.stem})")
 
 
 def profile_variants(cfg) -> str:
@@ -127,7 +143,7 @@ def profile_variants(cfg) -> str:
     header = ("| model | strategy | cut | P(M) | MACs(G) | T(ms) |\n"
               "| --- | --- | --- | --- | --- | --- |")
     window = "x".join(str(v) for v in r["input"])
-    table = "\n".join([f"Input {window}, batch 1, on {rows[0].device}", "", header,
+    table = "\n".join([f"Input {window}, batch 1, on {rows[0].device}. {convention(cfg)}.", "", header,
                        *(r.markdown() for r in rows)])
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)

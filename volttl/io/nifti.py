@@ -60,7 +60,8 @@ def read_itk_image(path: str | Path) -> Volume:
 
 
 def _image(array_kji: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(np.ascontiguousarray(array_kji.transpose(2, 1, 0)), geometry.affine_ras())
+    # (k, j, i) in C order is (i, j, k) in Fortran order, the order NIfTI stores: no copy
+    img = nib.Nifti1Image(np.ascontiguousarray(array_kji).transpose(2, 1, 0), geometry.affine_ras())
     img.set_qform(geometry.affine_ras(), code=1)
     img.set_sform(geometry.affine_ras(), code=1)
     img.header.set_xyzt_units("mm")
@@ -79,9 +80,15 @@ def write_unit_map(map_kji: np.ndarray, geometry: Geometry, path: str | Path, dt
     ``cal_min``/``cal_max`` are 0 and 1, so a viewer's window starts at the full range."""
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"cam.dtype '{dtype}' is not one of uint8, float32")
-    values = np.clip(np.asarray(map_kji, dtype=np.float32), 0.0, 1.0)
+    values = np.asarray(map_kji, dtype=np.float32)
+    if values.size and (values.min() < 0.0 or values.max() > 1.0):
+        values = np.clip(values, 0.0, 1.0)
     if dtype == "uint8":
-        img = _image(np.rint(values * 255.0).astype(np.uint8), geometry)
+        import cv2  # one multi-threaded pass: round(255 * value), saturated
+
+        flat = np.ascontiguousarray(values).reshape(-1, values.shape[-1])
+        quantised = cv2.convertScaleAbs(flat, alpha=255.0).reshape(values.shape)
+        img = _image(quantised, geometry)
         img.header.set_slope_inter(1.0 / 255.0, 0.0)
     else:
         img = _image(values, geometry)
