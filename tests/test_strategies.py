@@ -86,10 +86,11 @@ def test_pretrained_weights_below_the_cut_are_kept(resnext_ckpt):
             assert m.fc.in_features == 512
 
 
-def test_lwft_frozen_batchnorm_statistics_do_not_move(resnext_ckpt):
+@pytest.mark.parametrize("frozen_bn", ["eval", "train"])
+def test_lwft_frozen_weights_do_not_move_and_batchnorm_runs_as_declared(resnext_ckpt, frozen_bn):
     path, source = resnext_ckpt
     setup = build_transfer_model("resnext3d_101", "lwft", "layer3", stem="repeat",
-                                 pretrained=str(path))
+                                 pretrained=str(path), frozen_bn=frozen_bn)
     m = setup.model.train()
     opt = torch.optim.SGD(setup.param_groups(0.1, 0.1), momentum=0.9)
     x = torch.randn(2, 1, 16, 64, 64) * 3
@@ -97,13 +98,58 @@ def test_lwft_frozen_batchnorm_statistics_do_not_move(resnext_ckpt):
     loss.backward()
     opt.step()
     state = m.state_dict()
-    assert torch.equal(state["layer2.0.bn1.running_mean"], source["layer2.0.bn1.running_mean"])
-    assert torch.equal(state["layer3.22.bn3.running_var"], source["layer3.22.bn3.running_var"])
-    assert torch.equal(state["layer3.22.conv3.weight"], source["layer3.22.conv3.weight"])
+    fixed = frozen_bn == "eval"
+    assert torch.equal(state["layer2.0.bn1.running_mean"], source["layer2.0.bn1.running_mean"]) == fixed
+    assert torch.equal(state["layer3.22.bn3.running_var"], source["layer3.22.bn3.running_var"]) == fixed
+    assert torch.equal(state["layer3.22.conv3.weight"], source["layer3.22.conv3.weight"])  # frozen
+    assert torch.equal(state["layer3.22.bn3.weight"], source["layer3.22.bn3.weight"])  # frozen too
     assert not torch.equal(state["layer4.0.bn1.running_mean"], source["layer4.0.bn1.running_mean"])
     assert not torch.equal(state["layer4.0.conv1.weight"], source["layer4.0.conv1.weight"])
-    assert not m.layer3[5].training and not m.layer3[5].bn1.training
+    assert m.layer3[5].bn1.training == (not fixed)
     assert m.layer4[0].training and m.layer4[0].bn1.training
+
+
+def _video_scale_checkpoint(path, source_path):
+    """The published layout with BatchNorm statistics gathered on video frames (0-255 minus
+    channel means): means and variances hundreds of times what CT windows produce."""
+    obj = torch.load(source_path, weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    for key, value in obj["state_dict"].items():
+        if key.endswith("running_mean"):
+            obj["state_dict"][key] = torch.randn(value.shape, generator=g) * 200.0
+        elif key.endswith("running_var"):
+            obj["state_dict"][key] = torch.rand(value.shape, generator=g) * 4e4 + 1e4
+    torch.save(obj, path)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_lwft_features_of_different_windows_stay_different_by_default(resnext_ckpt, tmp_path):
+    """With video-scale BatchNorm statistics frozen in eval mode, two different CT windows
+    give nearly the same features after the frozen layers (the statistics squash them);
+    with the default (train) and with recalibration they stay apart."""
+    path, _ = resnext_ckpt
+    _video_scale_checkpoint(tmp_path / "video.pth", path)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 1, 16, 64, 64, generator=g) - 0.16  # PENet-normalised range
+    x = torch.cat([a, b])
+    cosines = {}
+    for mode in ("eval", "train", "recalibrate"):
+        torch.manual_seed(0)
+        m = build_transfer_model("resnext3d_101", "lwft", "layer2", pretrained=str(tmp_path / "video.pth"),
+                                 frozen_bn=mode).model.train()
+        if mode == "recalibrate":
+            assert m.recalibrate_frozen_norms([torch.rand(4, 1, 16, 64, 64, generator=g) - 0.16
+                                               for _ in range(2)]) == 8
+            assert m.frozen_norm == "eval" and not m.layer1[0].bn1.training
+        keep = type(m).cut_point("layer2").keep
+        with torch.no_grad():
+            feats = m.unit_outputs(x)[keep - 1]
+        cosines[mode] = _cosine(feats[0], feats[1])
+    assert cosines["eval"] > 0.999  # the collapse the default avoids
+    assert cosines["train"] < 0.99 and cosines["recalibrate"] < 0.99
 
 
 def test_meanvar_init_matches_pretrained_moments(resnext_ckpt):

@@ -199,3 +199,42 @@ def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):
     table = (tmp_path / "group/metrics_test.md").read_text()
     assert "| seed7 |" in table and "| mean +- std |" in table
     assert test["study_auroc"]["n"] <= 2 and set(test["runs"]) == {"seed7", "seed8"}
+
+
+def test_penet_schedule_per_group_at_chosen_example_counts():
+    """PENet's schedule in examples: warm-up over 10k, pretrained weights 10k later, cosine
+    to 0 at 600k; checked against hand-computed rates (lr 0.01 both groups, batch 8)."""
+    import math
+
+    import torch
+
+    from volttl.config import config_from_dict
+    from volttl.train.loop import lr_factors
+
+    cfg = config_from_dict({"train": {"schedule": "penet", "lr_pretrained": 0.01, "lr_new": 0.01,
+                                      "dampening": 0.9, "batch_size": 8}})
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"name": "pretrained", "params": [params[0]], "lr": 0.01},
+                           {"name": "new", "params": [params[1]], "lr": 0.01}], lr=0.01, momentum=0.9,
+                          dampening=cfg.train.dampening)
+    factors = lr_factors(cfg, ["pretrained", "new"], steps_per_epoch=100, examples_per_step=8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+    expected = {  # step: (pretrained lr, new lr); examples = 8 * step
+        0: (0.0, 0.0),
+        625: (0.0, 0.01 * 5000 / 10000),          # 5k examples: new half-way through warm-up
+        1250: (0.0, 0.01),                        # 10k: new warm, pretrained starts
+        1875: (0.01 * 5000 / 10000, 0.01 * 0.5 * (1 + math.cos(math.pi * 5000 / 590000))),
+        2500: (0.01, 0.01 * 0.5 * (1 + math.cos(math.pi * 10000 / 590000))),
+        37500: (0.01 * 0.5 * (1 + math.cos(math.pi * 280000 / 580000)),
+                0.01 * 0.5 * (1 + math.cos(math.pi * 290000 / 590000))),
+        80000: (0.0, 0.0),                        # 640k examples: past the cosine's end
+    }
+    step = 0
+    for target in sorted(expected):
+        while step < target:
+            opt.step()
+            sched.step()
+            step += 1
+        got = tuple(g["lr"] for g in opt.param_groups)
+        assert got == pytest.approx(expected[target], abs=1e-12), target
+    assert opt.param_groups[0]["dampening"] == 0.9

@@ -81,6 +81,11 @@ class TransferConfig:
     init: Literal["kaiming", "meanvar", "random"] = "kaiming"
     width: float = 0.5
     head: HeadConfig = field(default_factory=HeadConfig)
+    # LWFT's frozen BatchNorm layers: train (batch statistics; the usual finetuning
+    # practice), eval (the pretrained running statistics), or recalibrate (running
+    # statistics re-estimated on training windows before finetuning, then fixed)
+    frozen_bn: Literal["train", "eval", "recalibrate"] = "train"
+    recalibrate_windows: int = 256
 
 
 @dataclass
@@ -94,6 +99,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     warmup_epochs: int = 0
+    # cosine: linear warm-up over warmup_epochs, then cosine to 0 at the last epoch (per
+    # optimiser step). penet: PENet's released schedule, counted in training examples:
+    # linear warm-up over warmup_examples (pretrained weights start theirs only after
+    # pretrained_delay_examples), then cosine to 0 at cosine_examples, 0 after it.
+    schedule: Literal["cosine", "penet"] = "cosine"
+    warmup_examples: int = 10_000
+    pretrained_delay_examples: int = 10_000
+    cosine_examples: int = 600_000
+    dampening: float = 0.0  # SGD dampening (PENet: 0.9, about a 10x smaller effective step)
     clip_grad_norm: float = 0.0  # 0 = no clipping; else the max total gradient norm per step
     loss: Literal["focal", "bce"] = "focal"
     focal_gamma: float = 2.0
@@ -309,10 +323,13 @@ def check_ranges(cfg: Config) -> None:
     positive("preprocess", "slice_thickness", "size", "window", "train_stride", "min_pe_slices")
     non_negative("preprocess", "workers")
     positive("model", "num_outputs")
-    positive("transfer", "width")
+    positive("transfer", "width", "recalibrate_windows")
     positive("train", "epochs", "batch_size", "grad_accum", "lr_new", "repeats")
     non_negative("train", "workers", "lr_pretrained", "momentum", "weight_decay", "warmup_epochs",
-                 "clip_grad_norm", "focal_gamma")
+                 "clip_grad_norm", "focal_gamma", "dampening", "warmup_examples",
+                 "pretrained_delay_examples")
+    positive("train", "cosine_examples")
+    need(cfg.train.dampening < 1, "train.dampening", "< 1", cfg.train.dampening)
     non_negative("eval", "bootstrap")
     non_negative("cam", "stride")
     positive("cam", "batch_size")

@@ -179,7 +179,8 @@ def model_from_config(cfg: Config, weights: bool = True,
     return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
                                 stem=cfg.model.stem, pretrained=cfg.model.pretrained if weights else "",
                                 init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
-                                window=window, head_norm=t.head.norm, weights=weights)
+                                window=window, head_norm=t.head.norm, weights=weights,
+                                frozen_bn=t.frozen_bn)
 
 
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:

@@ -4,7 +4,9 @@ Appendix C.1.)
 At every cut point the trained model still has, SVCCA between the features of the
 model before finetuning (the pretrained weights, or the run's own initialisation when
 it had none: rebuilt from the run's config and seed exactly as training built it) and
-after finetuning (the run's ``best.pt``), on validation windows; beside it, SVCCA
+after finetuning (the run's ``best.pt``), on validation windows (the "before" model's
+BatchNorm statistics re-estimated on those windows when its weights are pretrained,
+unless ``transfer.frozen_bn: eval``); beside it, SVCCA
 between two independent random feature sets with the same points and the same kept
 dimensions. The suggested cut is the first cut point whose coefficient distribution
 overlaps the random one by at least ``threshold`` (see :mod:`volttl.analysis.svcca`).
@@ -80,6 +82,14 @@ def svcca_run(run_dir: str | Path, out: str | Path | None = None, split: str = "
     if not cuts:
         raise VolttlError(f"{run_dir}: the trained model keeps none of the requested cut points")
     ds = WindowDataset.from_config(cfg, split, train=False)
+    if cfg.model.pretrained and cfg.transfer.frozen_bn != "eval":
+        # pretrained BatchNorm statistics come from the source data (video frames): on CT
+        # they would squash every window to the same features, so the "before" model's
+        # statistics are re-estimated on the windows compared, as transfer.frozen_bn says
+        before.freeze_upto(len(before.units), "recalibrate")
+        picks = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int))
+        before.recalibrate_frozen_norms(torch.stack([ds[int(i)][0] for i in picks[b: b + 8]])
+                                        for b in range(0, len(picks), 8))
     keeps = sorted({c.keep for c in cuts})
     feats_before, feats_after = collect_features([before, after], ds, keeps, windows, max_points,
                                                  progress=progress)

@@ -93,6 +93,7 @@ class Backbone3D(nn.Module):
         super().__init__()
         self.units: list[Unit] = []
         self.frozen_units = 0
+        self.frozen_norm = "train"  # how the norm layers of frozen units run: train | eval
         self.head_pool: nn.Module = nn.AdaptiveAvgPool3d(1)
         self.head_norm: nn.Module = nn.Identity()
         self.head_dropout: nn.Module = nn.Identity()
@@ -199,12 +200,46 @@ class Backbone3D(nn.Module):
         self.units = new_units
         return paths
 
-    def freeze_upto(self, keep: int) -> None:
-        """No gradients for ``units[:keep]``; their norm layers stay in eval mode (LWFT)."""
-        self.frozen_units = keep
+    def freeze_upto(self, keep: int, norm: str = "train") -> None:
+        """No gradients for ``units[:keep]`` (LWFT). Their norm layers run in ``norm`` mode:
+        ``train`` (common finetuning practice: batch statistics, running statistics keep
+        updating), ``eval`` (the pretrained running statistics, fixed), or ``recalibrate``
+        (train mode until :meth:`recalibrate_frozen_norms` re-estimates the running
+        statistics on the new data, eval mode after)."""
+        if norm not in ("train", "eval", "recalibrate"):
+            raise ValueError(f"transfer.frozen_bn '{norm}' is not one of train, eval, recalibrate")
+        self.frozen_units, self.frozen_norm = keep, norm
         for p in self.frozen_parameters():
             p.requires_grad_(False)
         self.train(self.training)
+
+    def frozen_norm_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for f in self.frozen_modules() for m in f.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def recalibrate_frozen_norms(self, batches) -> int:
+        """Re-estimate the running statistics of the frozen units' BatchNorm layers as the
+        plain average over ``batches`` (window tensors), then keep them fixed (eval mode).
+        Weights trained on video frames expect inputs on another scale than CT: their
+        running statistics would squash every CT window to nearly the same features."""
+        layers = self.frozen_norm_layers()
+        saved = [m.momentum for m in layers]
+        was_training = self.training
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over all batches seen
+        self.frozen_norm = "train"
+        self.train(True)
+        seen = 0
+        for x in batches:
+            self.forward_features(x)
+            seen += len(x)
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+        self.frozen_norm = "eval"
+        self.train(was_training)
+        return seen
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.get_submodule(p) for u in self.units[: self.frozen_units] for p in u.paths]
@@ -214,8 +249,9 @@ class Backbone3D(nn.Module):
 
     def train(self, mode: bool = True) -> Backbone3D:
         super().train(mode)
-        for m in self.frozen_modules():
-            m.eval()  # keeps BatchNorm running statistics of frozen units fixed
+        if self.frozen_norm != "train":
+            for m in self.frozen_modules():
+                m.eval()  # keeps BatchNorm running statistics of frozen units fixed
         return self
 
     def replace_head(self, num_outputs: int, pool: str = "avg", dropout: float = 0.0,

@@ -46,6 +46,37 @@ from volttl.train.metrics import summarise
 log = logging.getLogger("volttl.train")
 
 
+def penet_factor(warmup: int, delay: int, total: int):
+    """LR factor at a number of training examples seen, PENet's way: 0 until ``delay``,
+    linear warm-up over ``warmup`` examples, then cosine down to 0 at ``total`` examples
+    (and 0 after)."""
+
+    def factor(examples: float) -> float:
+        e = examples - delay
+        if e < 0:
+            return 0.0
+        if warmup and e < warmup:
+            return e / warmup
+        progress = (e - warmup) / max(1.0, total - delay - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def lr_factors(cfg: Config, group_names: list[str], steps_per_epoch: int, examples_per_step: int) -> list:
+    """One LR factor function of the optimiser step per parameter group."""
+    tc = cfg.train
+    if tc.schedule == "cosine":
+        rule = warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs)
+        return [rule for _ in group_names]
+    out = []
+    for name in group_names:
+        delay = tc.pretrained_delay_examples if name == "pretrained" else 0
+        rule = penet_factor(tc.warmup_examples, delay, tc.cosine_examples)
+        out.append(lambda step, rule=rule: rule(step * examples_per_step))
+    return out
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR factor per optimiser step: linear warm-up, then cosine down to zero."""
 
@@ -69,6 +100,18 @@ def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop
                                        drop_last=drop_last,
                                        pin_memory=device.type == "cuda",
                                        persistent_workers=False)
+
+
+def _recalibration_batches(ds: WindowDataset, windows: int, batch_size: int, workers: int,
+                           device: torch.device):
+    """Up to ``windows`` augmented training windows, spread over the split, for
+    re-estimating frozen BatchNorm statistics (keyed on an epoch of their own, so
+    training's draws are untouched)."""
+    ds.set_epoch(10**6)
+    order = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int)).tolist()
+    for x, _, _ in _loader(ds, batch_size, order, workers, device):
+        yield x.to(device).to(memory_format=torch.channels_last_3d)
+    ds.set_epoch(0)
 
 
 def _bag_loader(ds, batches, workers: int, device: torch.device):
@@ -155,7 +198,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     # channels_last_3d: faster convolutions on GPUs and also on CPUs (oneDNN), 1.5x here
     model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
-                                momentum=tc.momentum, weight_decay=tc.weight_decay)
+                                momentum=tc.momentum, weight_decay=tc.weight_decay, dampening=tc.dampening)
     train_ds, val_ds = datasets(cfg, tc.seed)
     bags = cfg.data.labels == "study"
     if bags:  # study labels: each batch is whole bags of windows, one study logit per bag
@@ -169,8 +212,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
         batches = len(sampler) // tc.batch_size if drop_last else math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(batches / tc.grad_accum)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs))
+    bag = cfg.data.bag_windows
+    windows_per_batch = (tc.batch_size // bag) * bag if bags else tc.batch_size
+    examples_per_step = max(1, windows_per_batch) * tc.grad_accum * dist.world
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(
+        cfg, [g["name"] for g in optimizer.param_groups], steps_per_epoch, examples_per_step))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
     start_epoch, best = 0, {"study_auroc": -math.inf}
     if resume and run.last.exists():
@@ -180,6 +226,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         schedule.load_state_dict(ckpt["schedule"])
         start_epoch, best = int(ckpt["epoch"]) + 1, dict(ckpt["best"])
         log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
+    if start_epoch == 0 and model.frozen_units and model.frozen_norm == "recalibrate":
+        seen = model.recalibrate_frozen_norms(_recalibration_batches(
+            train_ds, cfg.transfer.recalibrate_windows, tc.batch_size, tc.workers, device))
+        log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
     replica = model
     if dist.active:
         replica = torch.nn.parallel.DistributedDataParallel(

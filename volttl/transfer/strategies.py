@@ -5,8 +5,9 @@
 - TF(cut): pretrained up to the cut; every later block rebuilt at ``width`` (default half;
   cardinality kept, the first rebuilt block projects from full width) and trained from
   scratch. At width 1.0 this is Transfusion's "weight transfusion".
-- LWFT(cut): the whole network; everything up to the cut frozen (no gradients, norm
-  layers in eval mode), the rest finetuned.
+- LWFT(cut): the whole network; everything up to the cut frozen (no gradients), the rest
+  finetuned. The frozen norm layers run as ``frozen_bn`` says: ``train`` (default, the
+  usual finetuning practice), ``eval`` (pretrained statistics) or ``recalibrate``.
 
 Weights that are not loaded are initialised ``kaiming`` (default), ``meanvar``
 (Transfusion: i.i.d. normal with the mean and variance of the pretrained layer of the
@@ -95,8 +96,8 @@ def init_head(head: nn.Linear) -> None:
 def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int = 1,
                    width: float = 0.5, init: str = "kaiming", pool: str = "avg",
                    dropout: float = 0.0, window: tuple[int, int, int] | None = None,
-                   head_norm: bool = False, pretrained_state: dict[str, torch.Tensor] | None = None
-                   ) -> TransferSetup:
+                   head_norm: bool = False, pretrained_state: dict[str, torch.Tensor] | None = None,
+                   frozen_bn: str = "train") -> TransferSetup:
     """Turn a (pretrained) full backbone into the model a strategy trains."""
     if strategy not in STRATEGIES:
         raise VolttlError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
@@ -118,7 +119,7 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     if init == "meanvar":
         meanvar_init(model, new_prefixes, pretrained_state or {})
     if strategy == "lwft":
-        model.freeze_upto(keep)
+        model.freeze_upto(keep, frozen_bn)
     frozen = {id(p) for p in model.frozen_parameters()}
     setup = TransferSetup(model, strategy, cut if strategy != "ftl" else "")
     for name, p in model.named_parameters():
@@ -135,7 +136,8 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
                          stem: str = "sum", pretrained: str = "", init: str = "kaiming",
                          width: float = 0.5, pool: str = "avg", dropout: float = 0.0,
                          window: tuple[int, int, int] | None = None,
-                         head_norm: bool = False, weights: bool = True) -> TransferSetup:
+                         head_norm: bool = False, weights: bool = True,
+                         frozen_bn: str = "train") -> TransferSetup:
     """Build the backbone, load its weights (unless ``init: random``), apply the strategy.
 
     ``weights=False`` builds the architecture alone, quietly: nothing is loaded and
@@ -157,4 +159,4 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
     else:
         log.warning("no model.pretrained given: the backbone starts from its own initialisation")
     return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, window,
-                          head_norm, reference)
+                          head_norm, reference, frozen_bn)
