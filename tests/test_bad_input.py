@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import yaml
 
@@ -34,6 +35,13 @@ def _nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 2.0)) -> str:
         img.set_sform(np.diag([*zooms, 1.0]), code=1)
     nib.save(img, str(path))
     return str(path)
+
+
+def _series_by_position(folder: Path) -> list[Path]:
+    """The axial slices of a synthetic series (its scout left out), by position along z."""
+    headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in folder.iterdir()}
+    axial = [f for f, ds in headers.items() if "AXIAL" in list(ds.ImageType)]
+    return sorted(axial, key=lambda f: float(headers[f].ImagePositionPatient[2]))
 
 
 def _good_rows(cohort: Path) -> list[list[str]]:
@@ -79,6 +87,22 @@ def bad_volumes(cohort, tmp_path_factory):
     shutil.copytree(Path(cohort).parent / "studies" / "synth001", dicom)
     first = sorted(dicom.iterdir())[0]
     first.write_bytes(first.read_bytes()[:300])
+    series = _series_by_position(Path(cohort).parent / "studies" / "synth001")
+    gap, dup, mixed, mr = (tmp / name for name in ("gap_dicom", "dup_dicom", "mixed_dicom", "mr_dicom"))
+    for folder in (gap, dup, mixed, mr):
+        shutil.copytree(Path(cohort).parent / "studies" / "synth001", folder)
+    (gap / series[10].name).unlink()  # a slice missing in the middle
+    ds = pydicom.dcmread(dup / series[5].name)
+    ds.ImagePositionPatient = pydicom.dcmread(dup / series[4].name).ImagePositionPatient
+    ds.save_as(dup / series[5].name)
+    ds = pydicom.dcmread(mixed / series[3].name)
+    ds.Rows, ds.Columns = 6, 20
+    ds.PixelData = np.zeros((6, 20), np.uint16).tobytes()
+    ds.save_as(mixed / series[3].name)
+    for f in mr.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
     rows = _good_rows(Path(cohort)) + [
         ["nan", _nifti(tmp / "nan.nii.gz", nan), "0", "train", ""],
         ["allnan", _nifti(tmp / "allnan.nii.gz", np.full_like(ramp, np.nan)), "0", "train", ""],
@@ -89,6 +113,11 @@ def bad_volumes(cohort, tmp_path_factory):
         ["flat2d", _nifti(tmp / "flat.nii.gz", ramp[..., 0]), "0", "train", ""],
         ["pe_outside", _nifti(tmp / "pe.nii.gz", ramp), "1", "train", "200-300"],
         ["truncdcm", str(dicom), "0", "val", ""],
+        ["gap", str(gap), "0", "val", ""],
+        ["dup", str(dup), "0", "val", ""],
+        ["mixed", str(mixed), "0", "val", ""],
+        ["mr", str(mr), "0", "val", ""],
+        ["fourd", _nifti(tmp / "fourd.nii.gz", np.stack([ramp, ramp], axis=-1)), "0", "train", ""],
         ["missing", str(tmp / "nowhere"), "0", "test", ""],
     ]
     cfg = _config(tmp, _manifest(tmp, rows), workers=2)
@@ -107,6 +136,11 @@ def bad_volumes(cohort, tmp_path_factory):
     ("pe_outside", "pe_slices 200-300 lie outside the study's 40 slices"),
     ("truncdcm", "truncated or incomplete CT image file (300 bytes)"),
     ("missing", "nowhere: no such file or folder"),
+    ("gap", "missing slices, gap of"),
+    ("dup", "duplicate slice position"),
+    ("mixed", "mixed matrix size"),
+    ("mr", "no CT series"),
+    ("fourd", "expected a 3D image"),
 ])
 def test_bad_volumes_fail_alone_with_a_named_reason(bad_volumes, sid, message):
     tmp, proc, rows = bad_volumes
@@ -122,7 +156,7 @@ def test_bad_volumes_leave_good_studies_stored_and_clipping_is_reported(bad_volu
     tmp, proc, rows = bad_volumes
     good = {r[0] for r in rows[:GOOD]}
     assert _stored(tmp) == good | {"big"}
-    assert f"{GOOD + 1} preprocessed, 0 already stored, 9 failed" in proc.stdout
+    assert f"{GOOD + 1} preprocessed, 0 already stored, 14 failed" in proc.stdout
     assert "warning: big: 8 voxels outside the int16 range" in proc.stderr
     with h5py.File(tmp / "s.h5", "r") as f:
         assert int(f["studies/big/hu"][...].max()) == 32767  # clipped, not wrapped
@@ -263,6 +297,10 @@ def test_a_missing_or_corrupted_study_file_is_named_and_a_rerun_repairs_it(train
         offset = f["hu"].id.get_chunk_info(0).byte_offset
     data[offset + 50: offset + 60] = b"\xff" * 10
     study.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--split", "train"]) == 1  # read mid-run: named
+    err = capsys.readouterr().err.strip()
+    assert f"study '{victim}': cannot read" in err and "rerun `volttl preprocess`" in err and "\n" not in err
     assert main(["preprocess", "--config", str(cfg), "--quiet"]) == 0
     assert "1 preprocessed" in capsys.readouterr().out
     assert study.read_bytes() != bytes(data)

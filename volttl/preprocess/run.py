@@ -271,6 +271,9 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     records: dict[str, StudyRecord] = {}
     todo = []
     for row in rows:
+        if not Path(row.path.partition("#")[0]).exists():  # named before any work, the rest go on
+            summary.failed[row.study_id] = f"{row.path}: no such file or folder"
+            continue
         settings = study_settings(row, p.slice_thickness, p.size)
         rec = read_record(store, row.study_id)
         if rec is not None and rec.settings == settings:
