@@ -32,3 +32,21 @@ def small_config(manifest: Path, store: Path, **preprocess):
                 "min_pe_slices": 2, "workers": 1, **preprocess}
     return config_from_dict({"data": {"manifest": str(manifest), "store": str(store)},
                              "preprocess": settings})
+
+
+def train_tiny_run(manifest: Path, folder: Path, cut: str = "stem") -> tuple[Path, Path]:
+    """Through the CLI: preprocess ``manifest`` into ``folder`` and train a ResNeXt3D-50
+    TTL model cut at ``cut`` for one epoch; returns the config file and the run dir."""
+    from volttl.cli import main
+    from volttl.config import config_to_yaml
+
+    cfg = small_config(manifest, folder / "s.h5")
+    cfg.data.crop = 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", cut
+    path = folder / "t.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert main(["preprocess", "--config", str(path), "--quiet"]) == 0
+    run = folder / "run"
+    assert main(["train", "--config", str(path), "--run-dir", str(run), "--quiet"]) == 0
+    return path, run

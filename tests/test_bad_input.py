@@ -22,7 +22,7 @@ import yaml
 from volttl.cli import main
 from volttl.config import config_to_yaml
 
-from .conftest import small_config
+from .conftest import small_config, train_tiny_run
 
 GOOD = 2  # good studies copied from the synthetic cohort into every manifest here
 
@@ -246,16 +246,7 @@ def test_synth_out_pointing_at_a_file_is_one_line(tmp_path, capsys):
 
 @pytest.fixture
 def trained(cohort, tmp_path):
-    cfg = small_config(Path(cohort), tmp_path / "s.h5")
-    cfg.data.crop = 32
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
-    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
-    path = tmp_path / "t.yaml"
-    path.write_text(config_to_yaml(cfg))
-    assert main(["preprocess", "--config", str(path), "--quiet"]) == 0
-    run = tmp_path / "run"
-    assert main(["train", "--config", str(path), "--run-dir", str(run), "--quiet"]) == 0
-    return path, run
+    return train_tiny_run(Path(cohort), tmp_path)
 
 
 def test_resume_with_another_model_leaves_the_run_as_it_was(trained, capsys):

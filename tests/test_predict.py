@@ -11,25 +11,14 @@ import pytest
 import SimpleITK as sitk
 
 from volttl.cli import main
-from volttl.config import config_to_yaml
 from volttl.predict import find_studies
 
-from .conftest import shared_path, small_config
+from .conftest import shared_path, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict")
-    cfg = small_config(Path(cohort), tmp / "s.h5")
-    cfg.data.crop = 32
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
-    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "layer1"
-    path = tmp / "t.yaml"
-    path.write_text(config_to_yaml(cfg))
-    assert main(["preprocess", "--config", str(path), "--quiet"]) == 0
-    run = tmp / "run"
-    assert main(["train", "--config", str(path), "--run-dir", str(run), "--quiet"]) == 0
-    return run
+    return train_tiny_run(Path(cohort), tmp_path_factory.mktemp("predict"), cut="layer1")[1]
 
 
 def test_find_studies_takes_files_series_and_folders_of_them(cohort, tmp_path):
