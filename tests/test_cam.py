@@ -321,3 +321,30 @@ def test_default_stride_leaves_no_bands_on_a_real_ct():
         shares[stride] = _share_at_period(result.stored_map.mean(axis=(1, 2)), stride)
     assert default_stride(16) == 4
     assert shares[4] <= 0.02 < shares[8]
+
+
+def test_cam_on_four_voxel_orders_of_a_real_ct_lands_on_each_file(run, tmp_path):
+    """`volttl cam` on the same CT as LPS NRRD, RAS NIfTI, LAS NIfTI and DICOM: each
+    overlay has its own source's grid, and the peaks are the same place in the patient."""
+    from .test_orientation import write_four_voxel_orders
+
+    files = write_four_voxel_orders(tmp_path)
+    manifest = tmp_path / "four.csv"
+    manifest.write_text("study_id,path,label,split,pe_slices\n"
+                        + "".join(f"{name},{path},0,test,\n" for name, path in files.items()))
+    store = tmp_path / "four.h5"
+    assert not preprocess(small_config(manifest, store, size=SIZE, slice_thickness=THICKNESS),
+                          progress=False).failed
+    records = cam_run(run, tmp_path / "cam", overrides=[f"data.store={store}", "cam.write_ct=always"],
+                      progress=False)
+    peaks = {}
+    for r in records:
+        cam = nib.load(tmp_path / "cam" / r["files"]["cam"])
+        source = files[r["study_id"]]
+        written_ct = tmp_path / "cam" / r["files"]["ct"]
+        own = nib.load(source) if str(source).endswith(".nii.gz") else nib.load(written_ct)
+        assert cam.shape == own.shape and np.allclose(cam.affine, own.affine, atol=1e-4), r["study_id"]
+        peaks[r["study_id"]] = np.asarray(r["peak_ras_mm"])
+    assert len(peaks) == 4
+    for name, peak in peaks.items():
+        np.testing.assert_allclose(peak, peaks["dicom"], atol=5.0, err_msg=name)  # within a 5 mm slice

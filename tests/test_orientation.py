@@ -68,13 +68,14 @@ def test_regrid_follows_flips_and_permutations():
                     assert out[k, j, i] == pytest.approx(stored[s, r, c], abs=1e-6)
 
 
-def test_real_ct_in_four_voxel_orders_is_stored_identically(tmp_path):
+def write_four_voxel_orders(tmp_path) -> dict:
+    """A crop of the real CT as an LPS NRRD, an RAS NIfTI, an LAS NIfTI and a DICOM series."""
+    import SimpleITK as sitk
+
     ct = read_study(shared_path("data", "real_ct", "lung1_image.nrrd"))
     hu = ct.hu[:, 96:416, 64:448].astype(np.int16)  # a non-square crop: a transpose would show
     origin = ct.geometry.affine_lps() @ np.array([64, 96, 0, 1.0])
     geo = Geometry(hu.shape, ct.geometry.spacing, tuple(origin[:3]), ct.geometry.direction)
-    import SimpleITK as sitk
-
     files = {}
     img = sitk.GetImageFromArray(hu)
     img.SetSpacing(geo.spacing)
@@ -88,6 +89,11 @@ def test_real_ct_in_four_voxel_orders_is_stored_identically(tmp_path):
         files[name] = tmp_path / f"{name}.nii.gz"
     write_dicom_series(hu, geo, tmp_path / "dicom", np.random.default_rng(2), 0, 0, False)
     files["dicom"] = tmp_path / "dicom"
+    return files
+
+
+def test_real_ct_in_four_voxel_orders_is_stored_identically(tmp_path):
+    files = write_four_voxel_orders(tmp_path)
     ras = nib.load(files["ras_nifti"]).affine
     assert ras[0, 0] > 0 and ras[1, 1] > 0  # really RAS on disk
     las = nib.load(files["las_nifti"]).affine
