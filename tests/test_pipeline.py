@@ -64,12 +64,13 @@ def test_bad_pipeline_files_fail_with_the_file_named(tmp_path):
         load_pipeline(path)
 
 
-@pytest.mark.parametrize("name", ["demo_table.yaml", "pe_table2.yaml"])
+@pytest.mark.parametrize("name", ["demo_table.yaml", "pe_table2.yaml", "demo_transfer.yaml"])
 def test_shipped_pipelines_load(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "pipelines" / name
     spec, work, cfg = load_pipeline(path)
     assert cfg.data.store.startswith(str(work)) and cfg.search.out_dir == str(work / "search")
-    assert [next(iter(s)) for s in spec["steps"]][-3:] == ["svcca", "cam", "report"]
+    steps = [next(iter(s)) for s in spec["steps"]]
+    assert steps[-1] == "report" and "search" in steps and "svcca" in steps
     assert set(cfg.search.strategies) == {"tf", "lwft", "ttl"}

@@ -198,6 +198,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from volttl.pretrain import pretrain
+
+    result = pretrain(_load(args), progress=not args.quiet)
+    print(f"source task ({', '.join(result['classes'])}): training accuracy {result['accuracy']:.3f} in the "
+          f"last epoch, units trained through {result['trained_through']}; checkpoint {result['checkpoint']}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from volttl.search import search_run
 
@@ -326,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the run's config, e.g. cam.stride=4; repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cam)
+
+    p = sub.add_parser("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
+                       "3D-ResNets checkpoint", description="Trains model.name on synthetic 3D windows "
+                       "(a ball, a tube, a plate or nothing in noisy tissue) up to pretrain.depth and "
+                       "writes pretrain.out in the published 3D-ResNets layout, for model.pretrained: a "
+                       "source task for demonstrating transfer without Kinetics weights.")
+    with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("predict", help="score new scans with a run (no manifest or store) + overlays",
                        description="Each study (a DICOM series folder, a NIfTI or NRRD file, or every "

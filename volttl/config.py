@@ -174,6 +174,20 @@ class SearchConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`volttl pretrain`: a synthetic source task (not PE) for a demo that really transfers."""
+
+    out: str = ""  # the checkpoint to write, in the 3D-ResNets layout
+    depth: str = "layer2"  # train the units up to this block cut; deeper ones keep their init
+    window: tuple[int, int, int] = (16, 48, 48)
+    windows: int = 1024  # source windows per epoch
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 0.02
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -184,12 +198,13 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # Keys holding file paths, resolved against the config file's folder.
 PATH_KEYS = {("data", "manifest"), ("data", "store"), ("model", "pretrained"),
              ("train", "out_dir"), ("profile", "out_dir"), ("search", "out_dir"),
-             ("search", "penet_pretrained")}
+             ("search", "penet_pretrained"), ("pretrain", "out")}
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -334,6 +349,7 @@ def check_ranges(cfg: Config) -> None:
     non_negative("cam", "stride")
     positive("cam", "batch_size")
     positive("profile", "repeats")
+    positive("pretrain", "windows", "epochs", "batch_size", "lr")
     non_negative("profile", "warmup")
     d = cfg.data
     lo, hi = d.hu_clip

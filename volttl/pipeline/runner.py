@@ -36,7 +36,8 @@ from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict
 from volttl.errors import VolttlError
 
 log = logging.getLogger("volttl.pipeline")
-STEPS = ("synth", "manifest", "preprocess", "train", "evaluate", "search", "svcca", "cam", "report")
+STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "svcca", "cam",
+         "report")
 
 
 class PipelineError(VolttlError):
@@ -174,6 +175,18 @@ def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dic
     return summary.line()
 
 
+def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
+    """The synthetic source-task checkpoint at ``pretrain.out`` (skipped when it exists)."""
+    from volttl.pretrain import pretrain
+
+    out = Path(cfg.pretrain.out)
+    if out.is_file():
+        return f"skipped: {out} exists"
+    result = pretrain(cfg, progress=progress)
+    report["pretrain"] = result
+    return f"source-task accuracy {result['accuracy']:.3f}; {out}"
+
+
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
     from volttl.runs import RunDir
@@ -292,5 +305,6 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     return f"wrote {work / 'report.md'}"
 
 
-_STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "train": _train,
+_STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "pretrain": _pretrain,
+               "train": _train,
                "evaluate": _evaluate, "search": _search, "svcca": _svcca, "cam": _cam, "report": _report}
