@@ -28,6 +28,10 @@ def test_find_studies_takes_files_series_and_folders_of_them(cohort, tmp_path):
     assert {"synth000", "synth001", "synth002", "synth003", "synth004", "synth005"} <= names
     kinds = {sid: p.is_dir() for sid, p in found}
     assert kinds["synth000"] and not kinds["synth002"]  # a DICOM folder and a NIfTI file
+    series = tmp_path / "series"
+    shutil.copytree(studies / "synth000", series)
+    shutil.copy(studies / "synth003.nii.gz", series / "beside.nii.gz")  # an image in a series folder
+    assert {sid for sid, _ in find_studies([series])} == {"series", "beside"}
     shutil.copy(studies / "synth002.nii.gz", tmp_path / "synth002.nii.gz")
     twice = find_studies([studies / "synth002.nii.gz", tmp_path / "synth002.nii.gz"])
     assert [sid for sid, _ in twice] == ["synth002", "synth002_2"]

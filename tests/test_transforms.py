@@ -13,12 +13,13 @@ def test_parameters_are_drawn_in_order_and_applied_deterministically():
     params = t.sample(np.random.default_rng(3), tuple(x.shape))
     assert params == t.sample(np.random.default_rng(3), tuple(x.shape))
     assert torch.equal(t.apply(x, params), t(x, np.random.default_rng(3)))
-    (y0, x0), flip, angle = params
+    (y0, x0), flip, _ = params
     expected = x[..., y0: y0 + 8, x0: x0 + 8]
     if flip:
         expected = expected.flip(-1)
-    if angle == 0.0:
-        assert torch.equal(t.apply(x, params), expected)
+    # the same drawn crop and flip with no rotation: exactly the cropped (mirrored) window
+    assert torch.allclose(t.apply(x, [(y0, x0), flip, 0.0]), expected, atol=1e-4)
+    assert not torch.allclose(t.apply(x, params), expected, atol=1e-4)  # the drawn angle rotates
 
 
 def test_crop_flip_and_rotation_ranges_and_rates():

@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key; repeatable")
 
+    def run_overrides(p: argparse.ArgumentParser, example: str) -> None:
+        """``--set`` on a command that reads a run, and ``--quiet``."""
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help=f"override a key of the run's config, e.g. {example}; repeatable")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("synth", help="write a synthetic CTPA cohort (DICOM + NIfTI + manifest)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--studies", type=int, default=40, help="number of studies (default 40)")
@@ -331,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study id; repeatable (default: every study of --split)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="folder for the overlays")
-    p.add_argument("--set", action="append", default=[], metavar="cam.KEY=VALUE",
-                   help="override a key of the run's config, e.g. cam.stride=4; repeatable")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_overrides(p, "cam.stride=4")
     p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
@@ -356,9 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM folder, NIfTI/NRRD file, or a folder of them")
     p.add_argument("--out", required=True, help="folder for predictions and overlays")
     p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key of the run's config, e.g. train.device=cpu; repeatable")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_overrides(p, "train.device=cpu")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("search", help="two-stage cut-point search and the Table-2 style results table",
@@ -373,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run a multi-step study from a YAML file (pipelines/)",
                        description="Run the steps of a pipeline file (synth, manifest, preprocess, "
-                       "search, svcca, cam, report) in order; steps whose outputs exist are skipped, "
-                       "so a killed pipeline is rerun with the same command.")
+                       "pretrain, train, evaluate, search, svcca, cam, report) in order; steps whose "
+                       "outputs exist are skipped (evaluate and report are rewritten), so a killed "
+                       "pipeline is rerun with the same command.")
     p.add_argument("file", help="pipeline YAML, e.g. pipelines/demo_table.yaml")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_pipeline)

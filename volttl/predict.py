@@ -59,8 +59,9 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
             if _is_image(path):
                 found.append(path)
         elif path.is_dir():
-            if _holds_dicom(path):
-                found.append(path)
+            if _holds_dicom(path):  # a series (the reader walks its subfolders), and any image
+                found.append(path)  # file beside its slices, so that none is skipped quietly
+                found.extend(f for f in sorted(path.iterdir()) if f.is_file() and _is_image(f))
             else:
                 for child in sorted(path.iterdir()):
                     if not child.name.startswith("."):

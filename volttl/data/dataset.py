@@ -99,7 +99,7 @@ class WindowDataset(torch.utils.data.Dataset):
         lo, hi = max(start, 0), min(start + self.window, n)
         out = np.full((self.window, *hu.shape[1:]), AIR_HU, dtype=np.float32)
         if hi > lo:
-            out[lo - start: hi - start] = store.read_slices(sid, lo, hi)
+            out[lo - start: hi - start] = store.read_slices(sid, lo, hi, hu)
         return out
 
     def window_label(self, study: int, start: int) -> int:

@@ -38,9 +38,9 @@ from volttl.preprocess.store import (
 from volttl.preprocess.windows import pe_flags_on_stored_grid
 
 log = logging.getLogger("volttl.preprocess")
+INT16_MIN, INT16_MAX = -32768, 32767
 # Workers only decode, resize and write (numpy, pydicom, OpenCV, h5py; never torch), so
 # forking is safe where the platform offers it, and saves each worker its imports.
-INT16_MIN, INT16_MAX = -32768, 32767
 POOL_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -72,16 +72,15 @@ class ThrottledIndex:
 
     def __init__(self, rewrite, min_interval_s: float = 1.0) -> None:
         self.rewrite, self.min_interval_s = rewrite, min_interval_s
-        self.last_cost, self.last_end, self.dirty = 0.0, -math.inf, False
+        self.last_cost, self.last_end = 0.0, -math.inf
 
     def write(self) -> None:
         t0 = time.perf_counter()
         self.rewrite()
         self.last_end = time.perf_counter()
-        self.last_cost, self.dirty = self.last_end - t0, False
+        self.last_cost = self.last_end - t0
 
     def study_finished(self) -> None:
-        self.dirty = True
         if time.perf_counter() - self.last_end >= max(self.min_interval_s, 20 * self.last_cost):
             self.write()
 
@@ -94,14 +93,14 @@ def study_settings(row: StudyRow, thickness: float, size: int) -> str:
     })
 
 
-def integral_as_int16(hu: np.ndarray) -> np.ndarray:
-    """Float HU that are whole numbers within int16 (most NIfTI and NRRD CT) as int16, so a
-    study resizes identically whichever format it came in (DICOM pixels are int16)."""
-    if hu.dtype.kind != "f" or hu.size == 0:
-        return hu
-    if hu.min() < INT16_MIN or hu.max() > INT16_MAX or not np.array_equal(hu, np.round(hu)):
-        return hu
-    return hu.astype(np.int16)
+def scan_float_hu(hu: np.ndarray) -> tuple[int, bool]:
+    """For float HU, one pass a slice at a time (no volume-sized temporaries): how many
+    voxels lie outside int16, and whether every voxel is a whole number."""
+    outside, whole = 0, True
+    for plane in hu:
+        outside += int(np.count_nonzero((plane < INT16_MIN) | (plane > INT16_MAX)))
+        whole = whole and bool(np.all(plane == np.floor(plane)))
+    return outside, whole
 
 
 @dataclass
@@ -124,11 +123,10 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
     if outside:
         raise StudyReadError(f"{row.path}: pe_slices {format_slices(outside)} lie outside the study's "
                              f"{source.shape[0]} slices (0-{source.shape[0] - 1})")
-    if vol.hu.dtype.kind == "f":
-        clipped = int(np.count_nonzero((vol.hu < INT16_MIN) | (vol.hu > INT16_MAX)))
-        if clipped:
-            warnings.append(f"{clipped} voxels outside the int16 range [{INT16_MIN}, {INT16_MAX}] HU "
-                            "were clipped to it")
+    clipped, whole = scan_float_hu(vol.hu) if vol.hu.dtype.kind == "f" else (0, False)
+    if clipped:
+        warnings.append(f"{clipped} voxels outside the int16 range [{INT16_MIN}, {INT16_MAX}] HU "
+                        "were clipped to it")
     try:
         vol, canonical_to_source = to_canonical(vol)
     except OrientationError as exc:
@@ -136,7 +134,9 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
     if row.pe_slices and canonical_to_source[2, 2] == 0:
         raise StudyReadError(f"{row.path}: pe_slices count along the file's third voxel axis, which is not "
                              "the patient's head-foot axis here; give pe_slices for an axial volume")
-    hu = integral_as_int16(vol.hu)
+    # whole-number float HU (most NIfTI and NRRD CT) go through int16 as DICOM pixels do, so
+    # a study resizes identically whichever format it came in
+    hu = vol.hu.astype(np.int16) if whole and not clipped else vol.hu
     geo = vol.geometry
     stored, grid = resample_to_store(hu, geo.spacing[2], thickness, size)
     if grid.num_slices < window:

@@ -76,17 +76,11 @@ def chunk_checksum(dset: h5py.Dataset) -> int:
     return crc
 
 
-def verify_study_file(path: Path) -> str | None:
-    """None when the study file is whole, else what is wrong with it (for a rerun to
-    redo it). Files written before checksums were recorded are taken as whole."""
-    try:
-        with h5py.File(path, "r") as f:
-            expected = f.attrs.get(CHECKSUM)
-            if expected is not None and chunk_checksum(f["hu"]) != int(expected):
-                return "its HU data do not match the checksum recorded when it was written"
-    except (OSError, KeyError) as exc:
-        return f"unreadable ({type(exc).__name__})"
-    return None
+def checksum_matches(f: h5py.File) -> bool:
+    """Whether an open study file's HU chunks match the checksum written with them (files
+    written before checksums were recorded are taken as whole)."""
+    expected = f.attrs.get(CHECKSUM)
+    return expected is None or chunk_checksum(f["hu"]) == int(expected)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -109,7 +103,7 @@ def remove_stale_temps(store: str | Path) -> list[Path]:
         if not folder.is_dir():
             continue
         for f in folder.glob(f"{prefix}*"):
-            head, sep, pid = f.name.rpartition(".tmp")
+            _, sep, pid = f.name.rpartition(".tmp")
             if sep and pid.isdigit() and f.name.startswith(prefix) and not _pid_alive(int(pid)):
                 f.unlink(missing_ok=True)
                 removed.append(f)
@@ -208,10 +202,10 @@ def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyR
     path = study_file(store, study_id)
     if not path.is_file():
         return None
-    if verify and verify_study_file(path) is not None:
-        return None
     try:
         with h5py.File(path, "r") as f:
+            if verify and not checksum_matches(f):
+                return None
             n = f["hu"].shape[0]
             flags = np.zeros(n, dtype=bool)
             flags[np.asarray(f.attrs["pe_slices"], dtype=int)] = True
@@ -329,10 +323,11 @@ class Store:
                              "is missing or unreadable; rerun `volttl preprocess` with the same config "
                              "to restore it") from None
 
-    def read_slices(self, study_id: str, lo: int, hi: int) -> np.ndarray:
-        """Stored slices ``lo:hi`` of a study; a corrupted file is a named error."""
+    def read_slices(self, study_id: str, lo: int, hi: int, hu: h5py.Dataset | None = None) -> np.ndarray:
+        """Stored slices ``lo:hi`` of a study (of ``hu``, its dataset, when the caller holds
+        it already); a corrupted file is a named error."""
         try:
-            return self.hu(study_id)[lo:hi]
+            return (self.hu(study_id) if hu is None else hu)[lo:hi]
         except OSError as exc:
             file = study_file(self.path, study_id)
             raise StoreError(f"{self.path}: study '{study_id}': cannot read {file} "

@@ -96,6 +96,11 @@ def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
 
 
 def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop_last: bool = False):
+    """Windows in ``order`` (indices or a sampler), or whole batches when ``order`` is a
+    batch sampler (``batch_size`` 0: study bags)."""
+    if not batch_size:
+        return torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=workers,
+                                           pin_memory=device.type == "cuda")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
                                        drop_last=drop_last,
                                        pin_memory=device.type == "cuda",
@@ -112,11 +117,6 @@ def _recalibration_batches(ds: WindowDataset, windows: int, batch_size: int, wor
     for x, _, _ in _loader(ds, batch_size, order, workers, device):
         yield x.to(device).to(memory_format=torch.channels_last_3d)
     ds.set_epoch(0)
-
-
-def _bag_loader(ds, batches, workers: int, device: torch.device):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
-                                       pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -243,8 +243,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []
-        loader = (_bag_loader(train_ds, sampler, tc.workers, device) if bags
-                  else _loader(train_ds, tc.batch_size, sampler, tc.workers, device, drop_last))
+        loader = _loader(train_ds, 0 if bags else tc.batch_size, sampler, tc.workers, device, drop_last)
         bar = tqdm(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
