@@ -30,7 +30,9 @@ def test_pretrain_writes_a_3d_resnets_checkpoint_that_loads(tmp_path, capsys):
     assert main(["pretrain", "--config", str(cfg), "--quiet"]) == 0
     assert "checkpoint" in capsys.readouterr().out
     obj = torch.load(tmp_path / "src.pth", weights_only=True)
-    assert set(obj) == {"epoch", "arch", "state_dict", "optimizer"}
+    # the published layout, plus a note of the scale these weights saw
+    assert set(obj) == {"epoch", "arch", "state_dict", "optimizer", "input_scale"}
+    assert obj["input_scale"] == "ct"
     state = obj["state_dict"]
     assert all(k.startswith("module.") for k in state) and not any("num_batches" in k for k in state)
     assert state["module.fc.weight"].shape == (len(CLASSES), 2048)

@@ -63,6 +63,11 @@ class ModelConfig:
     pretrained: str = ""
     num_outputs: int = 1
     stem: Literal["sum", "repeat"] = "sum"
+    # the scale the stem is fed: ct = PENet-normalised CT as the data pipeline gives it
+    # (what PENet's and the TTL paper's code feed pretrained weights); source = the CT
+    # window mapped onto the scale the backbone's published weights were trained on
+    # (ResNeXt3D: 0..255 minus the ActivityNet channel means), for eval-mode frozen BN
+    input_scale: Literal["ct", "source"] = "ct"
 
 
 @dataclass

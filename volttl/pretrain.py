@@ -83,10 +83,11 @@ class SourceTask(torch.utils.data.Dataset):
 
 def hara_layout(model: torch.nn.Module, epoch: int, arch: str) -> dict:
     """The published 3D-ResNets file: ``{epoch, arch, state_dict (module. keys), optimizer}``
-    with no ``num_batches_tracked`` entries."""
+    with no ``num_batches_tracked`` entries; ``input_scale: ct`` records that these weights
+    saw CT windows, so loading them with ``model.input_scale: source`` is refused."""
     state = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()
              if not k.endswith("num_batches_tracked")}
-    return {"epoch": epoch, "arch": arch, "state_dict": state, "optimizer": {}}
+    return {"epoch": epoch, "arch": arch, "state_dict": state, "optimizer": {}, "input_scale": "ct"}
 
 
 def pretrain(cfg: Config, progress: bool = True) -> dict:

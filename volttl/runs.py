@@ -180,7 +180,8 @@ def model_from_config(cfg: Config, weights: bool = True,
                                 stem=cfg.model.stem, pretrained=cfg.model.pretrained if weights else "",
                                 init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
                                 window=window, head_norm=t.head.norm, weights=weights,
-                                frozen_bn=t.frozen_bn)
+                                frozen_bn=t.frozen_bn, input_scale=cfg.model.input_scale,
+                                intensity_shift=cfg.data.intensity_shift)
 
 
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:

@@ -35,6 +35,17 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class SourceInput:
+    """The input scale a backbone's published weights were trained on: each input channel
+    is ``scale * u - channel_means[c]``, where ``u`` is the frame (or, for CT, the clipped
+    window) in [0, 1]. ``origin`` says where the figures come from."""
+
+    scale: float
+    channel_means: tuple[float, ...]
+    origin: str
+
+
+@dataclass(frozen=True)
 class CutPoint:
     """Where a network can be cut: after ``units[:keep]``."""
 
@@ -88,6 +99,9 @@ class Backbone3D(nn.Module):
     registry_name: str = ""
     display_name: str = ""
     in_channels: int = 3  # 3 for the Kinetics (RGB) stem; 1 with the summed `stem: sum`
+    # the input scale of the published weights (`model.input_scale: source` maps CT onto
+    # it); None where the weights were trained on PENet-normalised CT or it is unpublished
+    source_input: SourceInput | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,6 +135,59 @@ class Backbone3D(nn.Module):
         return key
 
     # ---- generic ---------------------------------------------------------------------
+    def stem_conv_path(self) -> str:
+        """The module path of the stem's first convolution (the one that meets the input)."""
+        for path in self.units[0].paths:
+            for name, m in self.get_submodule(path).named_modules():
+                if isinstance(m, nn.Conv3d):
+                    return f"{path}.{name}" if name else path
+        raise VolttlError(f"{type(self).__name__} declares no stem convolution")
+
+    def map_input_to_source(self, shift: float) -> None:
+        """Feed the stem what the published weights saw: the CT window ``x = u - shift``
+        (``u`` in [0, 1], see :func:`volttl.data.intensity.normalise`) becomes
+        ``scale * u - mean_c`` in each channel. With the 3-channel stem this is exact as it
+        stands. With the summed 1-channel stem the channels differ only by their means,
+        so the grey value takes the average mean and the stem convolution adds the fixed
+        rest, ``conv(sum_c (mean_bar - mean_c) W_c, 1)`` over the volume (zero padding
+        included): the same output as the 3-channel stem. That kernel comes from the
+        3-channel weights when they are loaded (:meth:`set_stem_offset_kernel`)."""
+        source = type(self).source_input
+        if source is None:
+            return
+        means = torch.tensor(source.channel_means, dtype=torch.float32)
+        self.register_buffer("input_gain", torch.tensor(float(source.scale)))
+        self.register_buffer("input_offset", source.scale * shift - means)
+        if self.in_channels == 1:
+            conv = self.get_submodule(self.stem_conv_path())
+            self.register_buffer("stem_offset_kernel", torch.zeros_like(conv.weight))
+            conv.register_forward_hook(self._add_stem_offset)
+
+    def set_stem_offset_kernel(self, rgb_weight: torch.Tensor) -> None:
+        """From the 3-channel stem weights ``(out, 3, k, k, k)``: the kernel that carries the
+        channels' mean differences once the weights are summed into one channel."""
+        if not hasattr(self, "stem_offset_kernel"):
+            return
+        offset = self.input_offset.to(rgb_weight.dtype)
+        spread = (offset - offset.mean()).view(1, -1, 1, 1, 1)
+        with torch.no_grad():
+            self.stem_offset_kernel.copy_((rgb_weight * spread).sum(dim=1, keepdim=True))
+
+    def _add_stem_offset(self, conv: nn.Conv3d, inputs: tuple[torch.Tensor], out: torch.Tensor
+                         ) -> torch.Tensor:
+        x = inputs[0]
+        ones = torch.ones((1, 1, *x.shape[2:]), dtype=out.dtype, device=x.device)
+        kernel = self.stem_offset_kernel.to(out.dtype)
+        return out + nn.functional.conv3d(ones, kernel, stride=conv.stride, padding=conv.padding)
+
+    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_channels == 3:  # `stem: repeat`: CT copied to RGB
+            x = x.expand(-1, 3, *x.shape[2:])
+        if hasattr(self, "input_gain"):  # `model.input_scale: source`
+            offset = self.input_offset if x.shape[1] == 3 else self.input_offset.mean(0, keepdim=True)
+            x = x * self.input_gain + offset.view(1, -1, 1, 1, 1).to(x.dtype)
+        return x
+
     @classmethod
     def cut_point(cls, name: str) -> CutPoint:
         for cut in cls.cut_points():
@@ -130,9 +197,7 @@ class Backbone3D(nn.Module):
         raise VolttlError(f"cut '{name}' is not a cut point of {cls.__name__} (valid: {valid})")
 
     def forward_features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        if x.shape[1] == 1 and self.in_channels == 3:  # `stem: repeat`: CT copied to RGB
-            x = x.expand(-1, 3, *x.shape[2:])
-        x = self.stem_forward(x)
+        x = self.stem_forward(self._stem_input(x))
         for unit in self.units[1:upto]:
             x = self.get_submodule(unit.paths[0])(x)
         return x
@@ -140,9 +205,7 @@ class Backbone3D(nn.Module):
     def unit_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map after every unit (the stem, then each block), in order: the
         features at cut point ``c`` are ``unit_outputs(x)[c.keep - 1]``."""
-        if x.shape[1] == 1 and self.in_channels == 3:
-            x = x.expand(-1, 3, *x.shape[2:])
-        outputs = [self.stem_forward(x)]
+        outputs = [self.stem_forward(self._stem_input(x))]
         for unit in self.units[1:]:
             outputs.append(self.get_submodule(unit.paths[0])(outputs[-1]))
         return outputs

@@ -31,6 +31,7 @@ from volttl.models.base import Backbone3D
 
 log = logging.getLogger("volttl.checkpoints")
 VOLTTL_FORMAT = "volttl-checkpoint"
+INPUT_MAP_KEYS = ("input_gain", "input_offset", "stem_offset_kernel")  # `input_scale: source`
 
 
 class CheckpointError(VolttlError):
@@ -94,33 +95,37 @@ def _load_legacy(path: Path) -> dict:
     return obj
 
 
-def _stem_conv_key(model: Backbone3D) -> str:
-    for path in model.units[0].paths:
-        for name, m in model.get_submodule(path).named_modules():
-            if isinstance(m, nn.Conv3d):
-                return f"{path}.{name}.weight" if name else f"{path}.weight"
-    raise CheckpointError("the model declares no stem convolution")
-
-
 def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None = None) -> LoadReport:
     """Load ``path`` into ``model``; fail by name on any missing or mismatched backbone
     weight. The source classifier is dropped unless the file is volttl's own."""
-    state, kind, _ = read_checkpoint(path)
+    state, kind, obj = read_checkpoint(path)
     state = {type(model).checkpoint_key(k): v for k, v in state.items()}
+    maps_input = hasattr(model, "input_gain")
+    if maps_input and obj.get("input_scale") == "ct":
+        raise CheckpointError(f"{path}: these weights were trained on CT windows (input_scale ct), "
+                              "so model.input_scale: source would rescale their input; use ct")
     report = LoadReport(source_format=kind)
     keep_head = kind == "volttl" if keep_head is None else keep_head
     head_prefix = model.head_path + "."
     if not keep_head:
         report.dropped_head = [k for k in state if k.startswith(head_prefix)]
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
-    stem_key = _stem_conv_key(model)
+    stem_key = model.stem_conv_path() + ".weight"
     target = model.state_dict()
     if stem_key in state and stem_key in target:
         w, want = state[stem_key], target[stem_key]
         if w.shape[1] == 3 and want.shape[1] == 1:
+            model.set_stem_offset_kernel(w.float())  # `input_scale: source` with `stem: sum`
             state[stem_key] = w.sum(dim=1, keepdim=True)  # `stem: sum`
+            if maps_input:
+                state.setdefault("stem_offset_kernel", model.stem_offset_kernel.clone())
     own = {}
     for key, want in target.items():
+        if key in INPUT_MAP_KEYS and key not in state:
+            if key == "stem_offset_kernel":  # only the 3-channel weights carry it
+                raise CheckpointError(f"{path}: model.input_scale: source with stem: sum needs the "
+                                      "3-channel stem weights of the published file")
+            continue  # set from the backbone's declared source scale
         if key.endswith("num_batches_tracked"):
             if key in state:
                 own[key] = state[key]

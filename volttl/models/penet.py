@@ -119,6 +119,11 @@ def checkpoint_key(key: str) -> str:
 
 @register_backbone("penet", display="PENet", checkpoint_key=checkpoint_key)
 class PENet(Backbone3D):
+    """PENet. Its Kinetics-600 pretraining pipeline is not published; its released CT
+    finetuning feeds those weights PENet-normalised CT as they are, and GroupNorm after
+    every convolution makes the network insensitive to the input's overall scale, so it
+    declares no other source scale (``model.input_scale: source`` is ``ct`` here)."""
+
     head_path = "classifier.fc"
 
     def __init__(self, num_outputs: int = 1, in_channels: int = 3):

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units, stage_units
+from volttl.models.base import (
+    Backbone3D,
+    CutPoint,
+    SourceInput,
+    Unit,
+    cut_points_from_units,
+    stage_units,
+)
 from volttl.models.registry import register_backbone
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -19,6 +26,12 @@ PLANES = (128, 256, 512, 1024)
 STRIDES = (1, 2, 2, 2)
 CARDINALITY = 32
 EXPANSION = 2
+# What the published Kinetics weights were trained on: the 2018 code's defaults read frames
+# as 0..255 (`--norm_value 1`) and subtract the ActivityNet channel means
+# (`--mean_dataset activitynet`), with no division by a standard deviation.
+KINETICS_INPUT = SourceInput(scale=255.0, channel_means=(114.7748, 107.7354, 99.4750),
+                             origin="3D-ResNets-PyTorch 2018 defaults: RGB 0..255 minus the "
+                                    "ActivityNet channel means, no std division")
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -63,6 +76,7 @@ class ResNeXt3D(Backbone3D):
 
     head_path = "fc"
     depth = 101
+    source_input = KINETICS_INPUT
 
     def __init__(self, num_outputs: int = 1, in_channels: int = 3):
         super().__init__()

@@ -132,21 +132,50 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     return setup
 
 
+def check_input_scale(spec: type[Backbone3D], input_scale: str, pretrained: str | None,
+                      frozen_bn: str) -> None:
+    """Refuse a source scale with nothing to map to; warn where eval-mode frozen
+    statistics of video weights would meet CT-scale windows (they squash every window to
+    nearly the same features)."""
+    if input_scale not in ("ct", "source"):
+        raise VolttlError(f"model.input_scale '{input_scale}' is not one of ct, source")
+    source = spec.source_input
+    if input_scale == "source" and pretrained == "":
+        raise VolttlError("model.input_scale: source maps CT onto the pretrained weights' input "
+                          "scale, but no model.pretrained is given")
+    if input_scale == "source" and source is None and pretrained:
+        log.info("%s: its weights take PENet-normalised CT, so input_scale source is ct",
+                 spec.display_name)
+    if input_scale == "ct" and source is not None and pretrained and frozen_bn == "eval":
+        log.warning("transfer.frozen_bn is eval with %s weights trained on %g-scale input while "
+                    "model.input_scale is ct: the frozen statistics will squash CT windows; "
+                    "use input_scale source, frozen_bn train or recalibrate", spec.display_name,
+                    source.scale)
+
+
 def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_outputs: int = 1,
                          stem: str = "sum", pretrained: str = "", init: str = "kaiming",
                          width: float = 0.5, pool: str = "avg", dropout: float = 0.0,
                          window: tuple[int, int, int] | None = None,
                          head_norm: bool = False, weights: bool = True,
-                         frozen_bn: str = "train") -> TransferSetup:
+                         frozen_bn: str = "train", input_scale: str = "ct",
+                         intensity_shift: float = 0.15897) -> TransferSetup:
     """Build the backbone, load its weights (unless ``init: random``), apply the strategy.
 
     ``weights=False`` builds the architecture alone, quietly: nothing is loaded and
     ``meanvar`` falls back to the backbone's own initialisation, for callers that load
-    trained weights next or only count parameters."""
+    trained weights next or only count parameters.
+
+    ``input_scale: source`` maps the CT window (``u - intensity_shift``) onto the scale the
+    backbone's published weights were trained on (:attr:`Backbone3D.source_input`)."""
     spec = get_backbone_spec(model_name)
     if strategy != "ftl":
         spec.cut_point(cut)  # fail early, listing the valid cuts
     model = spec(num_outputs=num_outputs, in_channels=1 if stem == "sum" else 3)
+    check_input_scale(spec, input_scale, pretrained if weights and init != "random" else None,
+                      frozen_bn if strategy == "lwft" else "train")
+    if input_scale == "source":
+        model.map_input_to_source(intensity_shift)
     reference = None
     if not weights:
         init = "kaiming" if init == "meanvar" else init
