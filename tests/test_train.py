@@ -50,12 +50,18 @@ def test_eval_windows_centre_crop_and_air_padding(store):
     assert torch.equal(ds[0][0], ds[0][0])  # evaluation is deterministic
 
 
+def _model_input(ds: WindowDataset, index: int) -> torch.Tensor:
+    hu, _, _, params = ds[index]
+    assert hu.dtype == torch.int16 and hu.shape[-1] == ds.size  # workers only read
+    return ds.model_input(hu[None], params[None], torch.device("cpu"))[0]
+
+
 def test_training_augmentation_is_keyed_on_epoch_and_index(store):
     ds = WindowDataset(str(store), "train", True, crop=32, seed=5)
-    a, b = ds[1][0], ds[1][0]
-    assert torch.equal(a, b)
+    a, b = _model_input(ds, 1), _model_input(ds, 1)
+    assert torch.equal(a, b) and a.shape == (1, 8, 32, 32) and a.dtype == torch.float32
     ds.set_epoch(1)
-    assert not torch.equal(ds[1][0], a)
+    assert not torch.equal(_model_input(ds, 1), a)
 
 
 def test_pe_centred_sampling_hits_pe_windows(store):
@@ -69,9 +75,9 @@ def test_pe_centred_sampling_hits_pe_windows(store):
         start = max(0, (int(pe.min()) + int(pe.max())) // 2 - ds.window // 2)
         expected[s] = int(((pe >= start) & (pe < start + ds.window)).sum() >= ds.min_pe)
     items = [ds[i] for i in range(len(ds))]
-    assert {s for _, _, s in items} <= set(ds.positive_studies)
-    assert all(int(y) == expected[s] for _, y, s in items)
-    assert any(int(y) == 1 for _, y, _ in items)
+    assert {s for _, _, s, _ in items} <= set(ds.positive_studies)
+    assert all(int(y) == expected[s] for _, y, s, _ in items)
+    assert any(int(y) == 1 for _, y, _, _ in items)
     ds.sampler = PECentredSampler(prob=1.0, jitter=12)
     assert {ds[i][2] for i in range(len(ds))} <= set(ds.positive_studies)
 

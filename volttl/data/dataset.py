@@ -2,8 +2,11 @@
 
 Training: PE-centred sampling (:mod:`volttl.data.sampling`), then random crop,
 horizontal flip (p=0.5) and in-plane rotation in [-15, 15] degrees with air fill
-(:mod:`volttl.data.transforms`). Evaluation: the store's non-overlapping windows, centre
-crop. Intensities: :func:`volttl.data.intensity.normalise`.
+(:mod:`volttl.data.transforms`). A training item is the raw int16 window (whole stored
+slices) and its drawn parameters; :meth:`WindowDataset.model_input` augments and
+normalises the whole batch on the training device, so loader workers only read.
+Evaluation: the store's non-overlapping windows, centre crop, normalised in the worker.
+Intensities: :func:`volttl.data.intensity.normalise`.
 
 Every random draw comes from a generator keyed on (seed, epoch, index), so a window's
 augmentation does not depend on the number of loader workers, and a resumed run sees
@@ -19,7 +22,13 @@ import torch
 
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.data.sampling import PECentredSampler
-from volttl.data.transforms import Compose, evaluation_transform, training_transform
+from volttl.data.transforms import (
+    Compose,
+    augment_batch,
+    evaluation_transform,
+    training_params,
+    training_transform,
+)
 from volttl.errors import VolttlError
 from volttl.preprocess.store import Store
 
@@ -35,7 +44,9 @@ class Augment:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Windows of one split; items are ``(window (1, D, crop, crop), label, study index)``."""
+    """Windows of one split. Evaluation items are ``(window (1, D, crop, crop), label,
+    study index)``, normalised; training items are ``(int16 HU (1, D, size, size), label,
+    study index, augmentation parameters (4,))`` for :meth:`model_input`."""
 
     def __init__(self, store: str, split: str, train: bool, crop: int,
                  hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
@@ -91,13 +102,13 @@ class WindowDataset(torch.utils.data.Dataset):
             self._store = Store(self.store)
         return self._store
 
-    def read_window(self, study: int, start: int) -> np.ndarray:
+    def read_window(self, study: int, start: int, dtype=np.float32) -> np.ndarray:
         """HU ``(window, size, size)`` from ``start``, padded with air beyond the study."""
         store, sid = self._open(), self.study_ids[study]
         hu = store.hu(sid)
         n = hu.shape[0]
         lo, hi = max(start, 0), min(start + self.window, n)
-        out = np.full((self.window, *hu.shape[1:]), AIR_HU, dtype=np.float32)
+        out = np.full((self.window, *hu.shape[1:]), AIR_HU, dtype=dtype)
         if hi > lo:
             out[lo - start: hi - start] = store.read_slices(sid, lo, hi, hu)
         return out
@@ -119,7 +130,19 @@ class WindowDataset(torch.utils.data.Dataset):
             label = self.window_label(study, start)
         else:
             label = int(rec["label"])
+        if self.train:  # the batch is augmented on the training device (model_input)
+            hu = torch.from_numpy(self.read_window(study, start, np.int16))[None]
+            params = training_params(self.transform.sample(rng, tuple(hu.shape)))
+            return hu, torch.tensor(float(label)), study, params
         x = torch.from_numpy(self.read_window(study, start))[None]  # (1, D, H, W)
         x = self.transform(x, rng)
         x = torch.as_tensor(normalise(x.numpy(), self.hu_clip, self.shift), dtype=torch.float32)
         return x, torch.tensor(float(label)), study
+
+    def model_input(self, hu: torch.Tensor, params: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch of training items as the model takes it: the int16 windows moved to
+        ``device`` (half the bytes of float32), cropped, flipped and rotated there as one
+        batch, normalised, in channels_last_3d."""
+        x = augment_batch(hu.to(device, non_blocking=True), params, self.crop)
+        x = normalise(x, self.hu_clip, self.shift)
+        return x.contiguous(memory_format=torch.channels_last_3d)

@@ -6,12 +6,14 @@ means the same numbers everywhere. Air (-1000 HU) fills whatever lies outside a 
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TypeVar
 
 AIR_HU = -1000.0
+ArrayT = TypeVar("ArrayT")
 
 
-def normalise(hu: np.ndarray, hu_clip: tuple[float, float], shift: float) -> np.ndarray:
-    """PENet: clip HU to ``hu_clip``, scale to [0, 1], subtract the dataset mean ``shift``."""
+def normalise(hu: ArrayT, hu_clip: tuple[float, float], shift: float) -> ArrayT:
+    """PENet: clip HU to ``hu_clip``, scale to [0, 1], subtract the dataset mean ``shift``.
+    A numpy array or a torch tensor (on any device), returned as the same kind."""
     lo, hi = hu_clip
-    return (np.clip(hu, lo, hi) - lo) / (hi - lo) - shift
+    return (hu.clip(lo, hi) - lo) / (hi - lo) - shift

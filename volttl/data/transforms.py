@@ -3,9 +3,11 @@ applies them deterministically in ``apply``.
 
 Separating the draw from the application keeps the keyed RNG exact (the parameters of
 a window depend only on its key, never on workers or batch order), lets a test fix the
-parameters, and lets the same parameters be applied elsewhere (a batch on the training
-device) without drawing again. Windows are tensors ``(1, D, H, W)`` in HU; the
-rotation fills with air.
+parameters, and lets the same parameters be applied elsewhere without drawing again.
+Training does exactly that: loader workers only read int16 windows and draw their
+parameters, and :func:`augment_batch` crops, flips and rotates the whole batch with
+tensor operations on the training device (GPU or CPU: the same code). Windows are
+tensors ``(1, D, H, W)`` in HU; the rotation fills with air.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Flip, Rotate
+import torch.nn.functional as F
 
 from volttl.data.intensity import AIR_HU
 
@@ -66,13 +68,13 @@ class RandomFlip(WindowTransform):
         return bool(rng.random() < self.prob)
 
     def apply(self, x: torch.Tensor, params: bool) -> torch.Tensor:
-        return torch.as_tensor(Flip(spatial_axis=2)(x)) if params else x
+        return x.flip(-1) if params else x
 
 
 @dataclass(frozen=True)
 class RandomRotation(WindowTransform):
-    """In-plane rotation by an angle drawn uniformly in +-``max_degrees``; air fills the
-    corners (MONAI's bilinear rotation on HU + 1000 with zero padding)."""
+    """In-plane rotation by an angle (radians) drawn uniformly in +-``max_degrees``; air
+    fills the corners (:func:`rotate_inplane`)."""
 
     max_degrees: float = 15.0
 
@@ -80,7 +82,7 @@ class RandomRotation(WindowTransform):
         return float(np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees)))
 
     def apply(self, x: torch.Tensor, params: float) -> torch.Tensor:
-        return torch.as_tensor(Rotate(angle=(params, 0.0, 0.0), padding_mode="zeros")(x - AIR_HU) + AIR_HU)
+        return rotate_inplane(x[None], torch.tensor([params]))[0]
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,41 @@ class Compose(WindowTransform):
         for t, p in zip(self.transforms, params, strict=True):
             x = t.apply(x, p)
         return x
+
+
+def rotate_inplane(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Windows ``(N, 1, D, H, W)`` in HU, each rotated in-plane by its angle (radians)
+    about the slice centre: bilinear, air where the rotated window leaves the original
+    (MONAI's ``Rotate`` on HU + 1000 with zero padding gives the same, per window)."""
+    n, _, d, h, w = x.shape
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, sin
+    theta[:, 1, 0], theta[:, 1, 1] = -sin, cos
+    grid = F.affine_grid(theta, [n, d, h, w], align_corners=False)
+    shifted = (x - AIR_HU).reshape(n, d, h, w)  # the slices as channels: one grid per window
+    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(n, 1, d, h, w) + AIR_HU
+
+
+def augment_batch(hu: torch.Tensor, params: torch.Tensor, crop: int) -> torch.Tensor:
+    """The training augmentation of a whole batch at once, on whatever device ``hu`` is:
+    windows ``(N, 1, D, S, S)`` (int16 or float HU) and each window's drawn parameters
+    ``(N, 4)`` = crop offsets y0, x0, flip (0/1), angle (radians), as
+    :func:`training_params` lays them out; returns float32 HU ``(N, 1, D, crop, crop)``."""
+    x = hu.float()
+    offsets = params[:, :2].long().tolist()
+    x = torch.stack([x[i, :, :, y0: y0 + crop, x0: x0 + crop] for i, (y0, x0) in enumerate(offsets)])
+    flip = params[:, 2].to(x.device).bool().view(-1, 1, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    angles = params[:, 3].to(x.device)
+    return rotate_inplane(x, angles) if bool((angles != 0).any()) else x
+
+
+def training_params(drawn: list) -> torch.Tensor:
+    """``training_transform``'s drawn parameters as the row :func:`augment_batch` reads."""
+    (y0, x0), flip, angle = drawn
+    return torch.tensor([y0, x0, float(flip), angle], dtype=torch.float32)
 
 
 def training_transform(crop: int, flip_prob: float = 0.5, max_degrees: float = 15.0) -> Compose:

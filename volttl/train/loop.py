@@ -114,8 +114,8 @@ def _recalibration_batches(ds: WindowDataset, windows: int, batch_size: int, wor
     training's draws are untouched)."""
     ds.set_epoch(10**6)
     order = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int)).tolist()
-    for x, _, _ in _loader(ds, batch_size, order, workers, device):
-        yield x.to(device).to(memory_format=torch.channels_last_3d)
+    for hu, _, _, params in _loader(ds, batch_size, order, workers, device):
+        yield ds.model_input(hu, params, device)
     ds.set_epoch(0)
 
 
@@ -247,9 +247,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         bar = tqdm(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
-        for step, (x, y, _) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = x.to(memory_format=torch.channels_last_3d)
+        for step, (hu, y, _, params) in enumerate(bar):
+            # workers only read int16 windows; the batch is augmented here, on the device
+            x, y = train_ds.model_input(hu, params, device), y.to(device, non_blocking=True)
             stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
             # gradients are averaged across ranks only on the micro-batch that steps
             with replica.no_sync() if dist.active and not stepping else nullcontext():
