@@ -158,12 +158,35 @@ def test_window_maps_are_grad_cam_without_per_window_rescaling():
     (grad,) = torch.autograd.grad(logits[:, 0].sum(), act)
     h1.remove()
     weights = grad.mean(dim=(2, 3, 4), keepdim=True)
-    expected = torch.relu((weights * act).sum(1, keepdim=True))
-    expected = F.interpolate(expected, size=(8, 32, 32), mode="trilinear", align_corners=False)[:, 0].detach()
-    np.testing.assert_allclose(maps, expected.numpy(), rtol=1e-3, atol=1e-5 * float(expected.max()))
+    expected = torch.relu((weights * act).sum(1)).detach()  # (3, 4, 8, 8) feature cells
+    assert model.units[-1].stride == (2, 4, 4)
+    # feature cell j of stride s sits on window voxel s * j: there the map is the cell's value
+    centres = maps[:, ::2, ::4, ::4]
+    np.testing.assert_allclose(centres, expected.numpy(), rtol=1e-3, atol=1e-5 * float(expected.max()))
     np.testing.assert_allclose(probs, torch.sigmoid(logits[:, 0]).detach().numpy(), rtol=1e-5)
     peaks = maps.reshape(3, -1).max(1)
     assert peaks.max() > 0 and not np.allclose(peaks, peaks.max())  # windows keep their own scale
+
+
+def test_feature_cells_land_on_their_true_centres():
+    """A 'same'-padded layer of cumulative stride s centres cell j on input voxel s * j;
+    the map interpolates linearly between those centres (an end-to-end resize would put
+    every cell (s - 1) / 2 voxels further on: 1.5 pixels in-plane at stride 4)."""
+    from volttl.explain.gradcam import upsample_to_window
+
+    ramp = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 3, 3)  # cell j holds j along slices
+    up = upsample_to_window(ramp, (8, 12, 12), (2, 4, 4))[0]
+    np.testing.assert_allclose(up[:7, 5, 5], np.arange(7) / 2, atol=1e-6)  # voxel v: v / s
+    assert float(up[7, 5, 5]) == pytest.approx(3.0)  # past the last centre: the edge value
+    delta = torch.zeros(1, 4, 6, 6)
+    delta[0, 2, 3, 1] = 1.0
+    up = upsample_to_window(delta, (8, 24, 24), (2, 4, 4))[0]
+    assert np.unravel_index(int(up.argmax()), up.shape) == (4, 12, 4)
+    assert float(up.sum()) == pytest.approx(2 * 4 * 4)  # linear weights share each cell out whole
+    # a layer that is no declared unit: the map spans the window end to end, as a resize does
+    plain = upsample_to_window(ramp, (8, 12, 12), None)[0]
+    expected = F.interpolate(ramp[None], size=(8, 12, 12), mode="trilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(plain, expected, atol=1e-5)
 
 
 class _FlatCAM:

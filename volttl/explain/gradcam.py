@@ -5,8 +5,9 @@ pytorch-grad-cam (1.5.3 and later) computes 3-D Grad-CAM for the positive logit
 trained model, whatever its strategy and cut. Its own output rescales every map to
 [0, 1], which makes a window with faint evidence look as hot as one with strong
 evidence; so the maps are taken before that rescaling (ReLU of the channel-weighted
-activations, upsampled trilinearly), which keeps them comparable across the windows of
-a study. Each map is also weighted by its window's predicted probability.
+activations, interpolated linearly between the feature cells' true centres on the
+window), which keeps them comparable across the windows of a study. Each map is also
+weighted by its window's predicted probability.
 
 Windows slide along the slices at ``stride`` (a quarter window by default) starting half a
 window before the study, so every slice lies near the centre of some window, and
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.errors import VolttlError
@@ -42,6 +42,49 @@ def default_stride(window: int) -> int:
     bands in coronal and sagittal views; at a quarter the share of the profile's spectrum
     at that period falls under 0.02 on a real CT (see tests/test_cam.py)."""
     return max(1, window // 4)
+
+
+def feature_stride(model: Backbone3D, target_layer: str) -> tuple[int, int, int] | None:
+    """The declared cumulative stride (D, H, W) of the unit that owns ``target_layer``."""
+    for unit in model.units:
+        if any(target_layer == p or target_layer.startswith(p + ".") for p in unit.paths):
+            return unit.stride
+    return None
+
+
+def interpolation_matrix(n_out: int, n_cells: int, stride: float, offset: float) -> torch.Tensor:
+    """``(n_out, n_cells)`` weights of linear interpolation between cell centres, where cell
+    ``j`` is centred on input voxel ``stride * j + offset``; beyond the first and last
+    centres the edge cell's value holds."""
+    position = (torch.arange(n_out, dtype=torch.float64) - offset) / stride
+    position = position.clamp(0, n_cells - 1)
+    lo = position.floor().long().clamp(max=n_cells - 1)
+    hi = (lo + 1).clamp(max=n_cells - 1)
+    frac = position - lo
+    m = torch.zeros(n_out, n_cells, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - frac
+    m[torch.arange(n_out), hi] += frac
+    return m.float()
+
+
+def upsample_to_window(maps: torch.Tensor, size: tuple[int, int, int],
+                       stride: tuple[int, int, int] | None) -> torch.Tensor:
+    """Feature maps ``(N, d, h, w)`` onto the window's voxels ``(N, D, H, W)``. In a network
+    whose convolutions and pools pad by half their kernel, feature cell ``j`` of a layer
+    with cumulative stride ``s`` is centred on input voxel ``s * j`` (not ``s * j + (s-1)/2``,
+    as resizing the map end to end would place it: half a stride towards the far end, 1.5
+    pixels in-plane and half a slice behind the stem's pool). ``stride`` None (a layer
+    that is no declared unit): the map spans the window end to end."""
+    mats = []
+    for axis, (n_out, n_cells) in enumerate(zip(size, maps.shape[1:], strict=True)):
+        declared = stride[axis] if stride is not None else 0
+        if declared and -(-n_out // declared) == n_cells:
+            mats.append(interpolation_matrix(n_out, n_cells, declared, 0.0))
+        else:
+            step = n_out / n_cells
+            mats.append(interpolation_matrix(n_out, n_cells, step, (step - 1) / 2))
+    mz, my, mx = (m.to(maps.device) for m in mats)
+    return torch.einsum("zd,yh,xw,ndhw->nzyx", mz, my, mx, maps)
 
 
 def sliding_window_starts(num_slices: int, window: int, stride: int) -> list[int]:
@@ -91,12 +134,14 @@ class WindowGradCAM:
             raise VolttlError(f"cam.target_layer '{self.target_layer}' is not a module of the model"
                               ) from None
         self.method = method
+        self.stride = feature_stride(self.model, self.target_layer)
         self._cam = methods[method](model=self.model, target_layers=[layer])
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Maps ``(N, D, H, W)`` (>= 0, not rescaled per window) and probabilities ``(N,)``
         for windows ``(N, 1, D, H, W)``: the library's forward and backward hooks and its
-        CAM rule, without its per-map [0, 1] rescaling and spline zoom."""
+        CAM rule, without its per-map [0, 1] rescaling and its end-to-end zoom (see
+        :func:`upsample_to_window`)."""
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
         x = x.to(self.device).to(memory_format=torch.channels_last_3d)
@@ -112,8 +157,8 @@ class WindowGradCAM:
         acts = hooks.activations[0].cpu().numpy()
         grads = hooks.gradients[0].cpu().numpy()
         raw = self._cam.get_cam_image(x, self._cam.target_layers[0], targets, acts, grads, False)
-        raw = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))[:, None]
-        maps = F.interpolate(raw, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[:, 0]
+        raw = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))
+        maps = upsample_to_window(raw, tuple(x.shape[2:]), self.stride)
         probs = torch.sigmoid(outputs.detach().float()[:, 0]).cpu().numpy()
         return maps.numpy(), probs
 
