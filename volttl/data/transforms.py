@@ -131,8 +131,9 @@ def augment_batch(hu: torch.Tensor, params: torch.Tensor, crop: int) -> torch.Te
     x = torch.stack([x[i, :, :, y0: y0 + crop, x0: x0 + crop] for i, (y0, x0) in enumerate(offsets)])
     flip = params[:, 2].to(x.device).bool().view(-1, 1, 1, 1, 1)
     x = torch.where(flip, x.flip(-1), x)
-    angles = params[:, 3].to(x.device)
-    return rotate_inplane(x, angles) if bool((angles != 0).any()) else x
+    if not bool((params[:, 3] != 0).any()):  # asked of the host copy: no device sync per batch
+        return x
+    return rotate_inplane(x, params[:, 3].to(x.device))
 
 
 def training_params(drawn: list) -> torch.Tensor:
