@@ -1,73 +1,266 @@
-"""Training throughput (windows/s) of ResNeXt3D-101 under FTL and TTL cut after layer3, at
-batch 8 of 24 x 192 x 192 windows, and the data loader's windows/s with the configured
-workers on a real store. The loader target: at least 2x the training windows/s of the
-device it feeds. CPU in float32; CUDA in bf16 autocast with channels_last_3d, as
-`volttl train` runs. Ratios are taken within one run.
+"""Training throughput of ResNeXt3D-101 (windows/s, achieved TFLOP/s against the card's
+peak) and whether the data loader keeps up with it. Ratios are taken within one run.
 
-The loader is reported in parts: one worker reading int16 windows (all a worker does
-now), one worker doing what workers did before (read, crop, MONAI flip and rotation,
-normalise, per window), the batched augmentation on the device, and the DataLoader with
-the configured workers.
+Default: FTL, TTL@layer1 and TTL@layer3 at batch 8 of 24 x 192 x 192 in the numerics
+`volttl train` uses by default (train.precision etc.), then the loader in parts: one worker
+reading int16 windows (all a worker does now), one worker doing what workers did before
+(read, crop, MONAI flip and rotation, normalise, per window), the batched augmentation on
+the device, and the DataLoader with --workers. Loader target: at least 2x the fastest
+training rate on the device it feeds. Targets on an H100: FTL >= 250 windows/s,
+TTL@layer1 >= 600, TTL@layer3 >= 1.3x FTL.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--steps N] [--workers N] [--store S.h5]
+--matrix  FTL (and the TTLs at the best setting) over precision x memory format, then
+          cudnn.benchmark, torch.compile and batch size at the best precision/format.
+--profile the top CUDA kernels of five FTL steps at the defaults (torch.profiler), and
+          the share of time in convolutions, normalisation and elementwise kernels.
+--stem    the 1-channel 7x7x7 stem convolution alone (forward + weight gradient) in each
+          precision and memory format, and with its input channels zero-padded to 4 or 8.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--matrix] [--profile] [--stem]
+        [--steps N] [--workers N] [--store S.h5] [--window D H W] [--json OUT.jsonl]
 
 Without --store a small synthetic cohort is generated and preprocessed at the default
-settings (1.25 mm slices, 208 x 208) in a temporary folder.
+settings (1.25 mm slices, 208 x 208) in a temporary folder. --no-loader skips the loader.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from volttl.analysis.complexity import device_name
+from volttl.analysis.complexity import count_macs, device_name
 from volttl.config import config_from_dict
+from volttl.numerics import Numerics
 from volttl.runs import model_from_config
-from volttl.train.loop import datasets
 from volttl.train.losses import make_loss
 
-VARIANTS = [("ftl", "layer4"), ("ttl", "layer3")]
+# dense tensor-core peaks in TFLOP/s from the vendors' data sheets, by precision; the
+# first name fragment that occurs in torch.cuda.get_device_name wins
+PEAK_TFLOPS = [
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+VARIANTS = {"FTL": ("ftl", "layer4"), "TTL@layer1": ("ttl", "layer1"), "TTL@layer3": ("ttl", "layer3")}
 
 
-def train_windows_per_s(strategy: str, cut: str, device: torch.device, batch: int, window: tuple,
-                        steps: int, warmup: int) -> float:
-    """SGD steps on random windows (the model does not care what they show)."""
+@dataclass(frozen=True)
+class Setting:
+    """One point of the matrix: the numerics of a step, torch.compile, the batch size."""
+
+    numerics: Numerics = Numerics()
+    compile: bool = False
+    batch: int = 8
+
+    def label(self) -> str:
+        n = self.numerics
+        return (f"{n.precision}, {'channels_last' if n.channels_last else 'NCDHW'}, "
+                f"cudnn.benchmark {'on' if n.cudnn_benchmark else 'off'}"
+                f"{', compiled' if self.compile else ''}, batch {self.batch}")
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[precision] for key, p in PEAK_TFLOPS if key in name), None)
+
+
+def build(variant: str) -> torch.nn.Module:
+    strategy, cut = VARIANTS[variant]
     cfg = config_from_dict({"model": {"name": "resnext3d_101"},
                             "transfer": {"strategy": strategy, "cut": cut}})
-    model = model_from_config(cfg).model.to(device).train()
-    amp = device.type == "cuda"
-    if amp:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                momentum=0.9)
+    return model_from_config(cfg).model
+
+
+def train_rate(variant: str, setting: Setting, device: torch.device, window: tuple, steps: int,
+               warmup: int) -> dict:
+    """Windows/s of SGD steps on random windows (the model does not care what they show),
+    as `volttl train` steps: autocast per the precision, focal loss, a GradScaler for fp16."""
+    n = setting.numerics
+    n.configure(device)
+    model = build(variant).to(device, memory_format=n.memory_format).train()
+    macs = count_macs(model, (1, 1, *window))
+    forward = torch.compile(model) if setting.compile else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    scaler = n.grad_scaler(device)
     loss_fn = make_loss("focal", 2.0)
-    x = torch.randn(batch, 1, *window, device=device)
-    if amp:
-        x = x.to(memory_format=torch.channels_last_3d)
-    y = (torch.arange(batch, device=device) % 2).float()
+    x = n.prepare(torch.randn(setting.batch, 1, *window, device=device))
+    y = (torch.arange(setting.batch, device=device) % 2).float()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with n.autocast(device):
+            logits = forward(x)[:, 0]
+        scaler.scale(loss_fn(logits.float(), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_compile = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t_compile = time.perf_counter() - t_compile
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    rate = steps * setting.batch / (time.perf_counter() - t0)
+    # the usual estimate: backward costs twice the forward (input and weight gradients)
+    tflops = rate * macs * 2 * 3 / 1e12
+    peak = peak_tflops(device, n.precision)
+    row = {"variant": variant, **asdict(n), "compile": setting.compile, "batch": setting.batch,
+           "windows_per_s": round(rate, 2), "gmacs_per_window": round(macs / 1e9, 2),
+           "tflops": round(tflops, 2), "peak_tflops": peak,
+           "of_peak": round(tflops / peak, 4) if peak else None, "warmup_s": round(t_compile, 1)}
+    if device.type == "cuda":
+        row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _print_row(row: dict, out) -> None:
+    peak = f" = {100 * row['of_peak']:.1f}% of {row['peak_tflops']:.0f}" if row["of_peak"] else ""
+    memory = f", {row['max_memory_gib']} GiB" if "max_memory_gib" in row else ""
+    setting = Setting(Numerics(row["precision"], row["channels_last"], row["cudnn_benchmark"]),
+                      row["compile"], row["batch"])
+    print(f"train {row['variant']} [{setting.label()}]: {row['windows_per_s']:.1f} windows/s, "
+          f"{row['tflops']:.1f} TFLOP/s{peak}{memory} (warm-up {row['warmup_s']} s)", flush=True)
+    if out is not None:
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+
+
+def matrix(device: torch.device, window: tuple, steps: int, warmup: int, out) -> list[dict]:
+    """Precision x memory format for FTL; then, at FTL's best of those, cudnn.benchmark
+    off, torch.compile, batch 16 and 32; the TTLs at the best setting found."""
+    rows = []
+
+    def run(variant: str, setting: Setting) -> dict:
+        try:
+            row = train_rate(variant, setting, device, window, steps, warmup)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on
+            print(f"train {variant} [{setting.label()}]: failed ({str(exc).splitlines()[0][:160]})")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"windows_per_s": 0.0}
+        _print_row(row, out)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    grid = [Setting(Numerics(p, cl)) for p in ("tf32", "bf16", "fp16", "fp32") for cl in (True, False)]
+    rates = {setting: run("FTL", setting)["windows_per_s"] for setting in grid}
+    best = max(rates, key=rates.get)
+    print(f"best precision / memory format for FTL: {best.label()}")
+    run("FTL", replace(best, numerics=replace(best.numerics, cudnn_benchmark=False)))
+    compiled = replace(best, compile=True)
+    if run("FTL", compiled)["windows_per_s"] > rates[best]:
+        best = compiled
+    for batch in (16, 32):
+        run("FTL", replace(best, batch=batch))
+    for variant in ("TTL@layer1", "TTL@layer3"):
+        run(variant, best)
+        if best != Setting():
+            run(variant, Setting())
+    return rows
+
+
+def profile(device: torch.device, window: tuple, setting: Setting, top: int = 15) -> None:
+    """Where five FTL steps spend their device time, by kernel."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    n = setting.numerics
+    n.configure(device)
+    model = build("FTL").to(device, memory_format=n.memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = n.prepare(torch.randn(setting.batch, 1, *window, device=device))
+    y = (torch.arange(setting.batch, device=device) % 2).float()
+    loss_fn = make_loss("focal", 2.0)
+
+    def step() -> None:
+        with n.autocast(device):
             logits = model(x)[:, 0]
         loss_fn(logits.float(), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    for _ in range(3):
         step()
-    if amp:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if amp:
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    _sync(device)
+    with torch_profile(activities=[activity]) as prof:
+        for _ in range(5):
+            step()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    print(f"profile, FTL [{setting.label()}]: {total / 5 / 1e3:.1f} ms of {device.type} time per step")
+    groups = {"convolution": ("conv", "xmma", "gemm", "sgemm", "cudnn::", "implicit"),
+              "normalisation": ("bn_", "batch_norm", "reduce_kernel", "welford"),
+              "elementwise": ("elementwise", "vectorized", "unrolled")}
+    shares = dict.fromkeys(groups, 0.0)
+    for e in events:
+        name = e.key.lower()
+        for group, keys in groups.items():
+            if any(k in name for k in keys):
+                shares[group] += getattr(e, attr)
+                break
+    print("  " + ", ".join(f"{g} {100 * v / total:.0f}%" for g, v in shares.items())
+          + f", other {100 * (total - sum(shares.values())) / total:.0f}%")
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+        t = getattr(e, attr)
+        print(f"  {100 * t / total:5.1f}%  {t / 5 / 1e3:7.2f} ms/step  {e.count // 5:4d} calls/step  "
+              f"{e.key[:110]}")
+
+
+def stem(device: torch.device, window: tuple, batch: int, steps: int) -> None:
+    """The stem convolution (1 -> 64 channels, 7x7x7, stride 1x2x2) alone: forward and
+    weight gradient, as in training (the input needs no gradient)."""
+    for precision in ("tf32", "bf16", "fp16"):
+        for channels_last in (True, False):
+            n = Numerics(precision, channels_last)
+            n.configure(device)
+            for cin in (1, 4, 8):
+                conv = torch.nn.Conv3d(cin, 64, 7, stride=(1, 2, 2), padding=3, bias=False)
+                conv = conv.to(device, memory_format=n.memory_format)
+                x = torch.zeros(batch, cin, *window, device=device)
+                x[:, :1] = torch.randn(batch, 1, *window, device=device)
+                x = n.prepare(x)
+
+                def step(conv=conv, x=x, n=n) -> None:
+                    with n.autocast(device):
+                        out = conv(x)
+                    out.float().mean().backward()
+
+                for _ in range(3):
+                    step()
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                ms = (time.perf_counter() - t0) / steps * 1e3
+                layout = "channels_last" if channels_last else "NCDHW"
+                print(f"stem [{precision}, {layout}, {cin} input channel(s)]: {ms:.2f} ms per batch "
+                      f"of {batch}", flush=True)
 
 
 def make_store(folder: Path) -> Path:
@@ -107,6 +300,8 @@ def _rate(fn, count: int) -> float:
 def loader_rates(store: Path, workers: int, batch: int, batches: int, device: torch.device) -> dict:
     """Windows/s of: one worker reading (now), one worker reading and augmenting per window
     (before), the batched augmentation on ``device``, and the DataLoader with ``workers``."""
+    from volttl.train.loop import datasets
+
     cfg = config_from_dict({"data": {"store": str(store), "crop": 192}})
     train, _ = datasets(cfg, seed=0)
     n = batch * batches
@@ -122,8 +317,7 @@ def loader_rates(store: Path, workers: int, batch: int, batches: int, device: to
     def augment() -> None:
         for _ in range(batches):
             train.model_input(hu, params, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
     augment()  # warm-up
     rates[f"batched augmentation on {device.type}"] = _rate(augment, n)
@@ -141,30 +335,7 @@ def loader_rates(store: Path, workers: int, batch: int, batches: int, device: to
     return rates
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 2 on CPU)")
-    ap.add_argument("--workers", type=int, default=2, help="loader processes (train.workers)")
-    ap.add_argument("--store", type=Path, default=None)
-    ap.add_argument("--window", type=int, nargs=3, default=(24, 192, 192))
-    args = ap.parse_args()
-    logging.getLogger("volttl.transfer").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    steps = args.steps or (20 if gpu else 2)
-    print(f"device: {device_name(device)}; {'bf16 autocast, channels_last_3d' if gpu else 'float32'};"
-          f" batch {args.batch} x 1 x {' x '.join(map(str, args.window))}; {steps} timed steps")
-    rates = {}
-    for strategy, cut in VARIANTS:
-        name = "FTL" if strategy == "ftl" else f"TTL@{cut}"
-        rates[name] = train_windows_per_s(strategy, cut, device, args.batch, tuple(args.window), steps,
-                                          warmup=3 if gpu else 1)
-        print(f"train {name}: {rates[name]:.2f} windows/s", flush=True)
-    print(f"TTL@layer3 / FTL: {rates['TTL@layer3'] / rates['FTL']:.2f}x")
+def report_loader(args, device: torch.device, fastest: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or make_store(Path(tmp))
         parts = loader_rates(store, args.workers, args.batch, 20, device)
@@ -172,12 +343,54 @@ def main() -> None:
         print(f"{name}: {rate:.1f} windows/s")
     before = parts["read + augment per window (1 worker, before)"]
     print(f"per worker: {parts['read (1 worker, now)'] / before:.1f}x the windows/s of before")
-    fastest = max(rates.values())
     load = parts[f"DataLoader, {args.workers} workers (reading)"]
     device_aug = parts[f"batched augmentation on {device.type}"]
+    # on a CPU the augmentation takes the same cores as training; on a GPU it overlaps
     fed = 1 / (1 / load + 1 / device_aug) if device.type == "cpu" else min(load, device_aug)
     print(f"loader, {args.workers} workers, with the augmentation on {device.type}: {fed:.1f} windows/s = "
           f"{fed / fastest:.1f}x the fastest training rate on this device (target >= 2x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 2 on CPU)")
+    ap.add_argument("--workers", type=int, default=2, help="loader processes (train.workers)")
+    ap.add_argument("--store", type=Path, default=None)
+    ap.add_argument("--window", type=int, nargs=3, default=(24, 192, 192))
+    ap.add_argument("--matrix", action="store_true", help="precision, format, cudnn, compile, batch")
+    ap.add_argument("--profile", action="store_true", help="top kernels of five FTL steps")
+    ap.add_argument("--stem", action="store_true", help="the stem convolution alone")
+    ap.add_argument("--no-loader", action="store_true", help="skip the loader measurements")
+    ap.add_argument("--json", type=Path, default=None, help="append one JSON line per training measurement")
+    args = ap.parse_args()
+    logging.getLogger("volttl.transfer").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    steps, warmup = args.steps or (20 if gpu else 2), 5 if gpu else 1
+    window = tuple(args.window)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; batch {args.batch} x 1 x "
+          f"{' x '.join(map(str, window))}; {steps} timed steps after {warmup} warm-up steps")
+    out = args.json.open("a") if args.json else None
+    if args.stem:
+        stem(device, window, args.batch, steps)
+    if args.profile:
+        profile(device, window, Setting(batch=args.batch))
+    if args.matrix:
+        rows = matrix(device, window, steps, warmup, out)
+    else:
+        rows = [train_rate(v, Setting(batch=args.batch), device, window, steps, warmup) for v in VARIANTS]
+        for row in rows:
+            _print_row(row, out)
+    by_variant = {}
+    for row in rows:
+        by_variant[row["variant"]] = max(by_variant.get(row["variant"], 0), row["windows_per_s"])
+    if {"FTL", "TTL@layer3"} <= by_variant.keys():
+        print(f"TTL@layer3 / FTL (best of each): {by_variant['TTL@layer3'] / by_variant['FTL']:.2f}x; "
+              f"TTL@layer1 / FTL: {by_variant.get('TTL@layer1', 0) / by_variant['FTL']:.2f}x")
+    if not args.no_loader and rows:
+        report_loader(args, device, max(by_variant.values()))
 
 
 if __name__ == "__main__":

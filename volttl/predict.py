@@ -25,6 +25,7 @@ from volttl.data.intensity import AIR_HU, normalise
 from volttl.errors import VolttlError
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
+from volttl.numerics import Numerics
 from volttl.preprocess.run import PreparedStudy, prepare_study
 from volttl.preprocess.windows import indexed_window_starts
 from volttl.runs import load_run, resolve_device, window_probabilities
@@ -114,7 +115,7 @@ def score_study(model: torch.nn.Module, hu: np.ndarray, cfg: Config, device: tor
             hi = min(s + window, n)
             x[i, 0, : hi - s] = hu[s:hi, y0: y0 + crop, y0: y0 + crop]
         x = normalise(x, tuple(cfg.data.hu_clip), cfg.data.intensity_shift).astype(np.float32)
-        probs.append(window_probabilities(model, torch.from_numpy(x), device))
+        probs.append(window_probabilities(model, torch.from_numpy(x), device, Numerics.of(cfg.train)))
     p = np.concatenate(probs)
     aggregate = float(p.max() if cfg.eval.aggregate == "max" else p.mean())
     return StudyScore(aggregate, starts, [float(v) for v in p])
@@ -136,7 +137,9 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    model = model.to(device).eval()
+    numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
+    numerics.configure(device)
+    model = model.to(device, memory_format=numerics.memory_format).eval()
     grad_cam = WindowGradCAM(model, cfg.cam.target_layer, device, cfg.cam.method) if cam else None
     p = cfg.preprocess
     records, failed = [], {}

@@ -28,6 +28,7 @@ from volttl.config import Config, ConfigError, config_from_dict
 from volttl.errors import VolttlError
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
+from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.transfer import TransferSetup, build_transfer_model
 
 CONFIG = "config.yaml"
@@ -203,11 +204,12 @@ def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D
 
 
 @torch.no_grad()
-def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
+def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                         numerics: Numerics = DEFAULT_NUMERICS) -> np.ndarray:
     """The positive-class probability of each window ``(N, 1, D, H, W)``, computed as every
-    inference path does (evaluation, validation, prediction): channels_last_3d, bf16
-    autocast on a GPU, the logit cast to float32 before the sigmoid."""
-    x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    inference path does (evaluation, validation, prediction): in the run's precision and
+    memory format (``Numerics.of(cfg.train)``), the logit cast to float32 before the sigmoid."""
+    x = numerics.prepare(x.to(device, non_blocking=True))
+    with numerics.autocast(device):
         logits = model(x)[:, 0]
     return torch.sigmoid(logits.float()).cpu().numpy()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from volttl.numerics import Numerics
 from volttl.runs import RunDir, load_run, resolve_device
 from volttl.train.loop import predict
 from volttl.train.metrics import study_scores, summarise
@@ -41,9 +42,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     run = RunDir(run_dir)
     cfg, model = load_run(run.path)
     device = resolve_device(cfg.train.device)
-    model = model.to(device)
+    numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
+    numerics.configure(device)
+    model = model.to(device, memory_format=numerics.memory_format)
     ds = WindowDataset.from_config(cfg, split, train=False)
-    probs, labels, studies = predict(model, ds, device, cfg.train.batch_size, cfg.train.workers)
+    probs, labels, studies = predict(model, ds, device, cfg.train.batch_size, cfg.train.workers,
+                                     numerics=numerics)
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     metrics = summarise(labels, probs, studies, ds.study_labels, cfg.eval.aggregate, n_boot)
     metrics.update(split=split, aggregate=cfg.eval.aggregate)

@@ -2,10 +2,12 @@
 
 SGD (momentum, weight decay) over two parameter groups (pretrained at ``lr_pretrained``,
 new at ``lr_new``), linear warm-up then cosine annealing per optimiser step, focal loss
-or BCE, gradient accumulation, optional gradient-norm clipping; channels_last_3d, and
-bf16 autocast on a GPU. After every epoch: validation study-level AUROC, ``last.pt``
-(always) and ``best.pt`` (when the AUROC improves), a line in ``metrics.jsonl``,
-TensorBoard scalars when available.
+or BCE, gradient accumulation, optional gradient-norm clipping; the precision, memory
+format and cuDNN settings of ``train.precision`` etc. (:mod:`volttl.numerics`),
+optionally ``torch.compile``. The progress bar reads the loss back from the device only
+every few steps, so the host never waits on the device in between. After every epoch:
+validation study-level AUROC, ``last.pt`` (always) and ``best.pt`` (when the AUROC
+improves), a line in ``metrics.jsonl``, TensorBoard scalars when available.
 
 With ``data.labels: study`` each batch holds whole bags (``data.bag_windows`` windows of
 one study) and the loss sees one logit per study, the bag's window logits pooled
@@ -38,12 +40,15 @@ from volttl.data import WindowDataset
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.runs import RunDir, check_resumable, model_from_config, window_probabilities
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
 
 log = logging.getLogger("volttl.train")
+
+PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the loss back: a sync)
 
 
 def penet_factor(warmup: int, delay: int, total: int):
@@ -108,20 +113,20 @@ def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop
 
 
 def _recalibration_batches(ds: WindowDataset, windows: int, batch_size: int, workers: int,
-                           device: torch.device):
+                           device: torch.device, numerics: Numerics):
     """Up to ``windows`` augmented training windows, spread over the split, for
     re-estimating frozen BatchNorm statistics (keyed on an epoch of their own, so
     training's draws are untouched)."""
     ds.set_epoch(10**6)
     order = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int)).tolist()
     for hu, _, _, params in _loader(ds, batch_size, order, workers, device):
-        yield ds.model_input(hu, params, device)
+        yield numerics.prepare(ds.model_input(hu, params, device))
     ds.set_epoch(0)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, batch_size: int,
-            workers: int = 0, dist: DistContext | None = None
+            workers: int = 0, dist: DistContext | None = None, numerics: Numerics = DEFAULT_NUMERICS
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Window probabilities, window labels and window studies, in dataset order (each
     rank of a distributed run predicts every world-th window; all get the whole)."""
@@ -130,7 +135,7 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
     probs, labels, studies = [], [], []
     order = list(range(dist.rank, len(ds), dist.world))
     for x, y, s in _loader(ds, batch_size, order, workers, device):
-        probs.append(window_probabilities(model, x, device))
+        probs.append(window_probabilities(model, x, device, numerics))
         labels.append(y.numpy())
         studies.append(s.numpy())
     parts = [np.concatenate(v) if v else np.zeros(0) for v in (probs, labels, studies)]
@@ -194,9 +199,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         run.config.write_text(config_to_yaml(cfg))
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
-    model = setup.model.to(device)
-    # channels_last_3d: faster convolutions on GPUs and also on CPUs (oneDNN), 1.5x here
-    model = model.to(memory_format=torch.channels_last_3d)
+    numerics = Numerics.of(tc)
+    numerics.configure(device)
+    model = setup.model.to(device, memory_format=numerics.memory_format)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay, dampening=tc.dampening)
     train_ds, val_ds = datasets(cfg, tc.seed)
@@ -218,71 +223,80 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(
         cfg, [g["name"] for g in optimizer.param_groups], steps_per_epoch, examples_per_step))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
+    scaler = numerics.grad_scaler(device)
     start_epoch, best = 0, {"study_auroc": -math.inf}
     if resume and run.last.exists():
         _, _, ckpt = read_checkpoint(run.last)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
+        if ckpt.get("grad_scaler") and scaler.is_enabled():  # empty unless the run was fp16
+            scaler.load_state_dict(ckpt["grad_scaler"])
         start_epoch, best = int(ckpt["epoch"]) + 1, dict(ckpt["best"])
         log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
     if start_epoch == 0 and model.frozen_units and model.frozen_norm == "recalibrate":
         seen = model.recalibrate_frozen_norms(_recalibration_batches(
-            train_ds, cfg.transfer.recalibrate_windows, tc.batch_size, tc.workers, device))
+            train_ds, cfg.transfer.recalibrate_windows, tc.batch_size, tc.workers, device, numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
     replica = model
     if dist.active:
         replica = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # the compiled forward shares the module's parameters; checkpoints save `model` itself
+    forward = torch.compile(replica) if tc.compile else replica
     writer = _summary_writer(run) if dist.is_main else None
-    amp = device.type == "cuda"
     for epoch in range(start_epoch, tc.epochs):
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         torch.manual_seed(tc.seed * 100_003 + epoch * dist.world + dist.rank)  # dropout, drop-path
         replica.train()
         optimizer.zero_grad(set_to_none=True)
-        seen, t0, losses = 0, time.perf_counter(), []
+        seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
         loader = _loader(train_ds, 0 if bags else tc.batch_size, sampler, tc.workers, device, drop_last)
         bar = tqdm(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         for step, (hu, y, _, params) in enumerate(bar):
             # workers only read int16 windows; the batch is augmented here, on the device
-            x, y = train_ds.model_input(hu, params, device), y.to(device, non_blocking=True)
+            x = numerics.prepare(train_ds.model_input(hu, params, device))
+            y = y.to(device, non_blocking=True)
             stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
             # gradients are averaged across ranks only on the micro-batch that steps
             with replica.no_sync() if dist.active and not stepping else nullcontext():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = replica(x)[:, 0]
+                with numerics.autocast(device):
+                    logits = forward(x)[:, 0]
                 if bags:  # the loss sees one pooled logit per study, against the study label
                     k = cfg.data.bag_windows
                     logits, y = pool_bags(logits.float(), k, cfg.data.bag_pool), y.view(-1, k)[:, 0]
                 loss = loss_fn(logits.float(), y) / tc.grad_accum
-                loss.backward()
+                scaler.scale(loss).backward()
             if stepping:
                 if tc.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)  # the norm is the true gradient's (fp16)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
             seen += len(x) * dist.world
-            losses.append(loss.item() * tc.grad_accum)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
-                            lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
-                            win_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            losses.append(loss.detach() * tc.grad_accum)
+            if progress and (step % PROGRESS_EVERY == PROGRESS_EVERY - 1 or step + 1 == len(bar)):
+                bar.set_postfix(loss=f"{torch.stack(losses[-PROGRESS_EVERY:]).mean().item():.4f}",
+                                lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                                win_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        train_loss = torch.stack(losses).double().mean().item()  # waits for the epoch's last step
         elapsed = time.perf_counter() - t0
         dist.sync_buffers(model)
-        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers, dist)
+        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers, dist, numerics)
         val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
-        record = {"epoch": epoch, "train_loss": dist.mean(float(np.mean(losses))),
+        record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
                   "lr": [g["lr"] for g in optimizer.param_groups],
                   "windows_per_s": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
         improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
         if improved:
             best = {"epoch": epoch, **val}
         if dist.is_main:
-            _write_epoch(run, cfg, model, optimizer, schedule, epoch, best, record, improved, writer)
+            _write_epoch(run, cfg, model, optimizer, schedule, scaler, epoch, best, record, improved, writer)
         dist.barrier()  # no rank runs ahead of the checkpoint it might resume from
         log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
                  val["study_auroc"], " (best)" if improved else "")
@@ -295,13 +309,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     return best, model
 
 
-def _write_epoch(run: RunDir, cfg: Config, model, optimizer, schedule, epoch: int, best: dict,
+def _write_epoch(run: RunDir, cfg: Config, model, optimizer, schedule, scaler, epoch: int, best: dict,
                  record: dict, improved: bool, writer) -> None:
     """Checkpoints (atomic), a metrics.jsonl line and TensorBoard scalars for one epoch."""
     if improved:
         save_checkpoint(run.best, model, config=config_to_dict(cfg), epoch=epoch)
     save_checkpoint(run.last, model, config=config_to_dict(cfg), epoch=epoch,
-                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best)
+                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best,
+                    grad_scaler=scaler.state_dict())
     with run.metrics.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     if writer is not None:

@@ -1,0 +1,71 @@
+"""How a step computes: precision, memory format and the cuDNN settings.
+
+One place decides these so that training, validation, evaluation and prediction agree.
+The choices and their defaults come from `train.precision`, `train.channels_last` and
+`train.cudnn_benchmark`:
+
+- ``tf32``: float32 tensors, TensorFloat-32 tensor-core math in convolutions and matrix
+  products on a GPU (10-bit mantissa inputs, float32 accumulation). On a CPU: float32.
+- ``fp32``: strict float32 everywhere (TF32 off), for checking the others against.
+- ``bf16``: bfloat16 autocast. No loss scaling is needed (float32's exponent range).
+- ``fp16``: float16 autocast with dynamic loss scaling (a GradScaler, whose state is
+  saved in ``last.pt`` so that a resumed run scales as an uninterrupted one would).
+
+On a CPU every precision is honoured as written (bf16 and fp16 autocast work there,
+slowly on most CPUs); the default tf32 is plain float32 there.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("tf32", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """The numeric settings of a step; ``Numerics.of(cfg.train)`` reads a config's."""
+
+    precision: str = "tf32"
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+
+    @classmethod
+    def of(cls, train_config) -> Numerics:
+        return cls(train_config.precision, train_config.channels_last, train_config.cudnn_benchmark)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        """The autocast context of a forward pass (disabled for tf32 and fp32)."""
+        dtype = _AUTOCAST.get(self.precision)
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """Dynamic loss scaling for fp16; a disabled scaler (a no-op) otherwise."""
+        return torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+
+    def configure(self, device: torch.device) -> None:
+        """Set the process-wide cuDNN and TF32 switches this step needs on ``device``."""
+        if device.type != "cuda":
+            return
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        tf32 = self.precision != "fp32"  # under autocast, TF32 only touches float32 leftovers
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        if hasattr(cudnn, "fp32_precision"):  # torch >= 2.9: the legacy flags must not be mixed in
+            matmul.fp32_precision = cudnn.fp32_precision = "tf32" if tf32 else "ieee"
+        else:
+            matmul.allow_tf32 = cudnn.allow_tf32 = tf32
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the memory format the model runs in."""
+        return x.contiguous(memory_format=self.memory_format)
+
+
+DEFAULT_NUMERICS = Numerics()
