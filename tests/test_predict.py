@@ -11,7 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from volttl.cli import main
-from volttl.predict import find_studies
+from volttl.manifests.schema import StudyRow
+from volttl.predict import find_studies, window_location
+from volttl.preprocess.run import prepare_study
 
 from .conftest import shared_path, train_tiny_run
 
@@ -65,7 +67,9 @@ def test_predict_equals_evaluate_and_writes_overlays(cohort, trained, tmp_path, 
         assert cam.shape == shape
     with open(tmp_path / "p" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(records) and {"best_window_start_slice", "probability"} <= set(rows[0])
+    assert len(rows) == len(records) and {"best_window_source_slices", "probability"} <= set(rows[0])
+    for row, r in zip(rows, records, strict=True):
+        assert row["best_window_centre_ras_mm"] == " ".join(map(str, r["best_window_centre_ras_mm"]))
 
 
 def test_predict_on_the_real_ct(trained, tmp_path):
@@ -87,3 +91,29 @@ def test_predict_with_nothing_to_score_is_one_line(trained, tmp_path, capsys):
     rc = main(["predict", "--run", str(trained), str(tmp_path / "empty"), "--out", str(tmp_path / "p")])
     assert rc == 1
     assert "no DICOM series, NIfTI or NRRD file found" in capsys.readouterr().err
+
+
+def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_path):
+    """The same CT written head-first and feet-first: the best window's centre in RAS is
+    the same, and the source slices it covers are numbered as each file numbers them."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 400, size=(32, 32, 40)).astype(np.int16)  # (i, j, k), 2.5 mm slices
+    forward = np.diag([1.0, 1.0, 2.5, 1.0])
+    backward = forward.copy()
+    backward[2, 2], backward[2, 3] = -2.5, 39 * 2.5  # k reversed: slice 0 is the top one
+    where = {}
+    for name, data, affine in (("up", hu, forward), ("down", hu[:, :, ::-1], backward)):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), path)
+        study = prepare_study(StudyRow(name, str(path), 0, "test", []), 1.25, 32, 8)
+        where[name] = window_location(study.meta, 16, 8, 24)
+        lo, hi = where[name]["best_window_source_slices"]
+        z = [(affine @ [0, 0, k, 1])[2] for k in (lo, hi)]
+        centre_z = where[name]["best_window_centre_ras_mm"][2]
+        assert min(z) - 1.25 <= centre_z <= max(z) + 1.25  # the slices hold the window's centre
+        assert hi - lo in (3, 4)  # a slab of 8 x 1.25 mm holds 4 centres of 2.5 mm slices (5 on its edges)
+    up, down = (where[k]["best_window_centre_ras_mm"] for k in ("up", "down"))
+    assert up == pytest.approx(down)
+    lo, hi = where["up"]["best_window_source_slices"]
+    assert where["down"]["best_window_source_slices"] == [39 - hi, 39 - lo]
+    assert where["up"]["best_window_stored_slices"] == [16, 23]

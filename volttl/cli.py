@@ -189,8 +189,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records, failed = predict_run(args.run, args.paths, args.out, cam=not args.no_cam, overrides=args.set,
                                   progress=not args.quiet)
     for r in records:
-        print(f"{r['study_id']}: p(PE) {r['probability']:.3f} (best window from stored slice "
-              f"{r['best_window_start_slice']})")
+        slices = r["best_window_source_slices"]
+        where = (f"source slices {slices[0]}-{slices[1]}" if slices else
+                 "stored slices {}-{}".format(*r["best_window_stored_slices"]))
+        centre = ", ".join(f"{v:g}" for v in r["best_window_centre_ras_mm"])
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f} (best window: {where}, centre RAS "
+              f"{centre} mm)")
     for sid, reason in failed.items():
         print(f"volttl predict: failed {sid}: {reason}", file=sys.stderr)
     print(f"{len(records)} studies scored, {len(failed)} failed; {Path(args.out) / 'predictions.csv'}"

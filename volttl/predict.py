@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
 from volttl.numerics import Numerics
 from volttl.preprocess.run import PreparedStudy, prepare_study
+from volttl.preprocess.store import StudyMeta
 from volttl.preprocess.windows import indexed_window_starts
 from volttl.runs import load_run, resolve_device, window_probabilities
 
@@ -85,6 +87,27 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", path))
     return out
+
+
+def window_location(meta: StudyMeta, start: int, window: int, crop: int) -> dict:
+    """Where a scored window lies in the scan the user gave, not on the stored grid: its
+    stored slices, its centre in RAS mm, and the source file's slices whose centres lie in
+    its slab (numbered as the file numbers them, as pe_slices are; None when the file's
+    third voxel axis is not head-foot, where no slice range describes a window)."""
+    m, n = meta.stored_to_original, meta.original.shape[0]
+    centre_in_plane = (meta.size - crop) // 2 + (crop - 1) / 2  # the centre crop
+    last = start + window - 1
+    centre = meta.stored_affine_ras @ [centre_in_plane, centre_in_plane, (start + last) / 2, 1.0]
+    source = None
+    if m[2, 2] != 0 and not m[2, 0] and not m[2, 1]:
+        # the source slices whose centres lie in the window's slab (half a stored slice
+        # beyond its first and last centres), a centre on the edge counted in
+        k = sorted(m[2, 2] * s + m[2, 3] for s in (start - 0.5, last + 0.5))
+        lo, hi = max(0, math.ceil(k[0] - 1e-6)), min(n - 1, math.floor(k[1] + 1e-6))
+        source = [lo, hi] if lo <= hi else None  # None: the window lies in the air padding
+    return {"best_window_stored_slices": [start, last],
+            "best_window_centre_ras_mm": [round(float(v), 2) for v in centre[:3]],
+            "best_window_source_slices": source}
 
 
 @dataclass
@@ -152,8 +175,8 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
             continue
         score = score_study(model.eval(), study.hu, cfg, device, cfg.cam.batch_size)
         record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
-                  "aggregate": cfg.eval.aggregate, "best_window_start_slice": score.best_window,
-                  "best_window_mm": round(score.best_window * p.slice_thickness, 2),
+                  "aggregate": cfg.eval.aggregate,
+                  **window_location(study.meta, score.best_window, p.window, cfg.data.crop),
                   "window_probabilities": [round(v, 6) for v in score.window_probabilities],
                   "model": cfg.model.name, "strategy": cfg.transfer.strategy,
                   "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
@@ -171,9 +194,11 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
 
 def _write(records: list[dict], out: Path) -> None:
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    columns = ["study_id", "source", "probability", "aggregate", "best_window_start_slice", "best_window_mm",
-               "model", "strategy", "cut", "run"]
+    columns = ["study_id", "source", "probability", "aggregate", "best_window_source_slices",
+               "best_window_centre_ras_mm", "best_window_stored_slices", "model", "strategy", "cut", "run"]
     with (out / "predictions.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(records)
+        for r in records:  # lists as space-separated numbers; no range: empty
+            w.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
+                        for k, v in r.items()})
