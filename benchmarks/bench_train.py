@@ -14,7 +14,8 @@ TTL@layer1 >= 600, TTL@layer3 >= 1.3x FTL.
 --profile the top CUDA kernels of five FTL steps at the defaults (torch.profiler), and
           the share of time in convolutions, normalisation and elementwise kernels.
 --stem    the 1-channel 7x7x7 stem convolution alone (forward + weight gradient) in each
-          precision and memory format, and with its input channels zero-padded to 4 or 8.
+          precision and memory format, and in two other forms of the same sums: zero-padded
+          to 8 input channels, and its 7 depth taps as channels of a 1x7x7 convolution.
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--matrix] [--profile] [--stem]
         [--steps N] [--workers N] [--store S.h5] [--window D H W] [--json OUT.jsonl]
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from volttl.analysis.complexity import count_macs, device_name
 from volttl.config import config_from_dict
@@ -231,23 +233,54 @@ def profile(device: torch.device, window: tuple, setting: Setting, top: int = 15
               f"{e.key[:110]}")
 
 
+def _stem_direct(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.conv3d(x, w, stride=(1, 2, 2), padding=3)
+
+
+def _stem_padded(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Input and weight zero-padded from 1 to 8 channels (tensor-core friendly widths)."""
+    return F.conv3d(F.pad(x, (0, 0, 0, 0, 0, 0, 0, 7)), F.pad(w, (0, 0, 0, 0, 0, 0, 0, 7)),
+                    stride=(1, 2, 2), padding=3)
+
+
+def _stem_depth_taps(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The 7 depth taps as 7 input channels (+1 zero channel) of a 1x7x7 convolution: the
+    same sums, in a shape with 8 input channels and no depth window."""
+    d = x.shape[2]
+    xp = F.pad(x, (0, 0, 0, 0, 3, 3))
+    taps = torch.cat([xp[:, :, t: t + d] for t in range(7)] + [torch.zeros_like(x)], dim=1)
+    w8 = F.pad(w.reshape(w.shape[0], 7, 1, 7, 7), (0, 0, 0, 0, 0, 0, 0, 1))
+    return F.conv3d(taps, w8, stride=(1, 2, 2), padding=(0, 3, 3))
+
+
+STEM_FORMS = {"direct, 1 input channel": _stem_direct, "zero-padded to 8 channels": _stem_padded,
+              "depth taps as 8 channels, 1x7x7": _stem_depth_taps}
+
+
 def stem(device: torch.device, window: tuple, batch: int, steps: int) -> None:
-    """The stem convolution (1 -> 64 channels, 7x7x7, stride 1x2x2) alone: forward and
-    weight gradient, as in training (the input needs no gradient)."""
+    """The stem convolution (1 -> 64 channels, 7x7x7, stride 1x2x2) alone, forward and
+    weight gradient as in training (the input needs no gradient), in each precision and
+    layout and in three forms that compute the same sums (checked here first)."""
+    x = torch.randn(batch, 1, *window, device=device)
+    w = torch.randn(64, 1, 7, 7, 7, device=device) * 0.05
+    with torch.no_grad():
+        ref = _stem_direct(x.double(), w.double())
+        for name, form in STEM_FORMS.items():
+            err = (form(x.double(), w.double()) - ref).abs().max().item()
+            assert err < 1e-9, f"stem form '{name}' differs from the direct convolution by {err}"
     for precision in ("tf32", "bf16", "fp16"):
         for channels_last in (True, False):
             n = Numerics(precision, channels_last)
             n.configure(device)
-            for cin in (1, 4, 8):
-                conv = torch.nn.Conv3d(cin, 64, 7, stride=(1, 2, 2), padding=3, bias=False)
-                conv = conv.to(device, memory_format=n.memory_format)
-                x = torch.zeros(batch, cin, *window, device=device)
-                x[:, :1] = torch.randn(batch, 1, *window, device=device)
-                x = n.prepare(x)
+            layout = "channels_last" if channels_last else "NCDHW"
+            for name, form in STEM_FORMS.items():
+                weight = w.clone().requires_grad_(True)
+                xs = n.prepare(x)
 
-                def step(conv=conv, x=x, n=n) -> None:
+                def step(form=form, weight=weight, xs=xs, n=n) -> None:
                     with n.autocast(device):
-                        out = conv(x)
+                        out = form(xs, weight)
+                    out = out.contiguous(memory_format=n.memory_format)
                     out.float().mean().backward()
 
                 for _ in range(3):
@@ -258,9 +291,7 @@ def stem(device: torch.device, window: tuple, batch: int, steps: int) -> None:
                     step()
                 _sync(device)
                 ms = (time.perf_counter() - t0) / steps * 1e3
-                layout = "channels_last" if channels_last else "NCDHW"
-                print(f"stem [{precision}, {layout}, {cin} input channel(s)]: {ms:.2f} ms per batch "
-                      f"of {batch}", flush=True)
+                print(f"stem [{precision}, {layout}, {name}]: {ms:.2f} ms per batch of {batch}", flush=True)
 
 
 def make_store(folder: Path) -> Path:
