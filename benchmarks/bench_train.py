@@ -31,6 +31,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def train_rate(variant: str, setting: Setting, device: torch.device, window: tup
         step()
     _sync(device)
     t_compile = time.perf_counter() - t_compile
+    syncs = count_syncs(step, device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -123,11 +125,27 @@ def train_rate(variant: str, setting: Setting, device: torch.device, window: tup
     row = {"variant": variant, **asdict(n), "compile": setting.compile, "batch": setting.batch,
            "windows_per_s": round(rate, 2), "gmacs_per_window": round(macs / 1e9, 2),
            "tflops": round(tflops, 2), "peak_tflops": peak,
-           "of_peak": round(tflops / peak, 4) if peak else None, "warmup_s": round(t_compile, 1)}
+           "of_peak": round(tflops / peak, 4) if peak else None, "warmup_s": round(t_compile, 1),
+           "syncs_per_step": syncs}
     if device.type == "cuda":
         row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
         torch.cuda.reset_peak_memory_stats(device)
     return row
+
+
+def count_syncs(fn, device: torch.device) -> int | None:
+    """How often ``fn`` makes the host wait for the GPU (torch's sync debug mode); None on
+    a CPU. A training step should make none: the host then runs ahead, queueing work."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _sync(device: torch.device) -> None:
@@ -140,8 +158,9 @@ def _print_row(row: dict, out) -> None:
     memory = f", {row['max_memory_gib']} GiB" if "max_memory_gib" in row else ""
     setting = Setting(Numerics(row["precision"], row["channels_last"], row["cudnn_benchmark"]),
                       row["compile"], row["batch"])
+    syncs = "" if row["syncs_per_step"] is None else f", {row['syncs_per_step']} host syncs per step"
     print(f"train {row['variant']} [{setting.label()}]: {row['windows_per_s']:.1f} windows/s, "
-          f"{row['tflops']:.1f} TFLOP/s{peak}{memory} (warm-up {row['warmup_s']} s)", flush=True)
+          f"{row['tflops']:.1f} TFLOP/s{peak}{memory}{syncs} (warm-up {row['warmup_s']} s)", flush=True)
     if out is not None:
         out.write(json.dumps(row) + "\n")
         out.flush()
@@ -352,6 +371,10 @@ def loader_rates(store: Path, workers: int, batch: int, batches: int, device: to
 
     augment()  # warm-up
     rates[f"batched augmentation on {device.type}"] = _rate(augment, n)
+    if device.type == "cuda":  # from pinned memory, as the DataLoader hands batches over
+        pinned = hu.pin_memory(), params.pin_memory()
+        syncs = count_syncs(lambda: train.model_input(*pinned, device), device)
+        print(f"batched augmentation: {syncs} host syncs per batch")
     sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=batch * (batches + 2))
     loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)

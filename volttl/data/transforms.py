@@ -126,14 +126,17 @@ def augment_batch(hu: torch.Tensor, params: torch.Tensor, crop: int) -> torch.Te
     windows ``(N, 1, D, S, S)`` (int16 or float HU) and each window's drawn parameters
     ``(N, 4)`` = crop offsets y0, x0, flip (0/1), angle (radians), as
     :func:`training_params` lays them out; returns float32 HU ``(N, 1, D, crop, crop)``."""
-    x = hu.float()
+    # the host copy of the parameters decides shapes and branches; the device copy is
+    # sent without blocking: a blocking copy would wait for every step queued before it
+    on_device = params.to(hu.device, non_blocking=True)
     offsets = params[:, :2].long().tolist()
-    x = torch.stack([x[i, :, :, y0: y0 + crop, x0: x0 + crop] for i, (y0, x0) in enumerate(offsets)])
-    flip = params[:, 2].to(x.device).bool().view(-1, 1, 1, 1, 1)
+    x = torch.stack([hu[i, :, :, y0: y0 + crop, x0: x0 + crop] for i, (y0, x0) in enumerate(offsets)])
+    x = x.float()  # after the crop: fewer voxels converted
+    flip = on_device[:, 2].bool().view(-1, 1, 1, 1, 1)
     x = torch.where(flip, x.flip(-1), x)
-    if not bool((params[:, 3] != 0).any()):  # asked of the host copy: no device sync per batch
+    if not bool((params[:, 3] != 0).any()):
         return x
-    return rotate_inplane(x, params[:, 3].to(x.device))
+    return rotate_inplane(x, on_device[:, 3])
 
 
 def training_params(drawn: list) -> torch.Tensor:
