@@ -155,10 +155,14 @@ def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path):
-    """torchrun, gloo backend: both replicas train on their shards and agree exactly."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, compiled):
+    """torchrun, gloo backend: both replicas train on their shards and agree exactly; also
+    with train.compile (compiled, then wrapped) and gradient accumulation (DDP's no_sync)."""
     cfg = run_cfg(store, tmp_path)
     cfg.train.epochs, cfg.train.device = 2, "cpu"
+    if compiled:
+        cfg.train.compile, cfg.train.grad_accum = True, 2
     (tmp_path / "ddp.yaml").write_text(config_to_yaml(cfg))
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

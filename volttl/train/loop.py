@@ -238,12 +238,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         seen = model.recalibrate_frozen_norms(_recalibration_batches(
             train_ds, cfg.transfer.recalibrate_windows, tc.batch_size, tc.workers, device, numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
-    replica = model
+    # compiled first, then wrapped (DDP's gradient hooks stay outside the compiled graph);
+    # the compiled module shares the model's parameters, and checkpoints save `model` itself
+    replica = torch.compile(model) if tc.compile else model
     if dist.active:
         replica = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    # the compiled forward shares the module's parameters; checkpoints save `model` itself
-    forward = torch.compile(replica) if tc.compile else replica
+            replica, device_ids=[device.index] if device.type == "cuda" else None)
     writer = _summary_writer(run) if dist.is_main else None
     for epoch in range(start_epoch, tc.epochs):
         train_ds.set_epoch(epoch)
@@ -264,7 +264,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
             # gradients are averaged across ranks only on the micro-batch that steps
             with replica.no_sync() if dist.active and not stepping else nullcontext():
                 with numerics.autocast(device):
-                    logits = forward(x)[:, 0]
+                    logits = replica(x)[:, 0]
                 if bags:  # the loss sees one pooled logit per study, against the study label
                     k = cfg.data.bag_windows
                     logits, y = pool_bags(logits.float(), k, cfg.data.bag_pool), y.view(-1, k)[:, 0]
