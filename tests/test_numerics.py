@@ -8,6 +8,7 @@ import torch
 
 from volttl.config import ConfigError, config_from_dict
 from volttl.data import WindowDataset
+from volttl.errors import VolttlError
 from volttl.numerics import Numerics
 from volttl.runs import model_from_config
 from volttl.train import loop
@@ -103,3 +104,14 @@ def test_the_training_step_does_not_read_back_from_the_device(store, tmp_path, m
     assert batches >= 3  # several steps per epoch, so a per-step read-back would show
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(calls) == 2
+
+
+def test_out_of_memory_names_the_batch_and_the_way_out(store, tmp_path, monkeypatch):  # noqa: F811
+    def no_memory(logits, y):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "make_loss", lambda *a: no_memory)
+    cfg = run_cfg(store, tmp_path)
+    with pytest.raises(VolttlError, match=r"out of cpu memory at train.batch_size 4 in tf32; lower "
+                                          r"train.batch_size .* or train.precision: bf16"):
+        train_run(cfg, tmp_path / "run", progress=False)

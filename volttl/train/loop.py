@@ -183,6 +183,11 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
         root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
     try:
         return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
+    except torch.OutOfMemoryError:
+        hint = "" if tc.precision == "bf16" else " or train.precision: bf16 (half the activation memory)"
+        raise VolttlError(f"{run_dir}: out of {dist.device} memory at train.batch_size {tc.batch_size} in "
+                          f"{tc.precision}; lower train.batch_size (train.grad_accum keeps the effective "
+                          f"batch){hint}; checkpoints of finished epochs are kept (--resume)") from None
     finally:
         if handler is not None:
             root.removeHandler(handler)
