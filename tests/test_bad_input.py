@@ -261,6 +261,40 @@ def test_resume_with_another_model_leaves_the_run_as_it_was(trained, capsys):
     assert main(["evaluate", "--run", str(run)]) == 0  # still usable
 
 
+def test_resume_with_other_training_settings_is_refused_and_runtime_ones_are_not(trained, capsys):
+    """A resumed run whose learning rate (or batch, epochs, schedule...) changed would match
+    neither config; the device, workers and precision may change."""
+    cfg, run = trained
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    rc = main(["train", "--config", str(cfg), "--run-dir", str(run), "--resume", "--set", "train.lr_new=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "trained with other settings (train.lr_new 0.1 -> 0.5)" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    runtime = ["--set", "train.workers=0", "--set", "train.precision=bf16", "--set", "train.device=cpu"]
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--resume", "--quiet", *runtime]) == 0
+
+
+def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):
+    from volttl.config import load_config
+    from volttl.runs import RunError, check_resumable
+    from volttl.train.repeats import train_repeats
+
+    cfg_path, run = trained
+    cfg = load_config(cfg_path)
+    check_resumable(run, cfg)  # the run's own settings: reusable
+    cfg.train.epochs = 3  # a longer cosine schedule is another run, not a continuation
+    with pytest.raises(RunError, match="train.epochs 1 -> 3"):
+        check_resumable(run, cfg)
+    group = run.parent / "group"
+    cfg.train.epochs, cfg.train.repeats = 1, 2
+    for seed_run in (group / "seed0", group / "seed1"):
+        shutil.copytree(run, seed_run)
+    cfg.train.lr_new = 0.5
+    with pytest.raises(RunError, match="train.lr_new 0.1 -> 0.5"):
+        train_repeats(cfg, group, resume=True, progress=False)
+
+
 def test_resume_on_a_missing_run_is_an_error(trained, tmp_path, capsys):
     cfg, _ = trained
     assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "nope"), "--resume"]) == 1

@@ -126,17 +126,44 @@ def model_keys(cfg: Config) -> dict:
     return keys
 
 
+# train.* keys that decide how a run computes, not what: a resumed run may change them
+RUNTIME_TRAIN_KEYS = ("device", "workers", "precision", "channels_last", "cudnn_benchmark", "compile",
+                      "out_dir", "repeats")
+
+
+def training_keys(cfg: Config) -> dict:
+    """The config keys beside the model's that decide a run's weights and its best epoch:
+    the window feed (``data.*`` but its paths), the optimisation (``train.*`` but
+    :data:`RUNTIME_TRAIN_KEYS`) and the validation aggregate that picks ``best.pt``."""
+    from volttl.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    keys = {f"data.{k}": v for k, v in d["data"].items() if k not in ("manifest", "store")}
+    keys.update({f"train.{k}": v for k, v in d["train"].items() if k not in RUNTIME_TRAIN_KEYS})
+    keys["eval.aggregate"] = d["eval"]["aggregate"]
+    return keys
+
+
 def check_resumable(run_dir: str | Path, cfg: Config) -> None:
-    """Before ``--resume`` writes anything: the run must exist and its model-defining keys
-    must equal the new config's, else a one-line error lists the keys that differ."""
+    """Before a run is continued or its finished result reused (``--resume``, pipelines,
+    search trials): the run must exist, and its model-defining and training keys must equal
+    the new config's, else a one-line error lists the keys that differ."""
     run = RunDir(run_dir)
     if not run.last.is_file():
         raise RunError(f"{run.path}: nothing to resume (no {LAST}); drop --resume to start a new run")
-    before, now = model_keys(run.read_config()), model_keys(cfg)
+    saved = run.read_config()
+    before, now = model_keys(saved), model_keys(cfg)
     differ = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
     if differ:
         raise RunError(f"{run.path}: --resume with a different model ({'; '.join(differ)}); "
                        "the run is left as it was")
+    before, now = training_keys(saved), training_keys(cfg)
+    differ = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    if differ:
+        raise RunError(f"{run.path}: the run there was trained with other settings ({'; '.join(differ)}); "
+                       "continuing or reusing it would match neither config: keep the run's own settings "
+                       f"(only train.{', train.'.join(RUNTIME_TRAIN_KEYS)} may change) or use another run "
+                       "dir; the run is left as it was")
 
 
 def default_run_dir(cfg: Config) -> Path:

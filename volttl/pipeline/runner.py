@@ -189,7 +189,7 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
-    from volttl.runs import RunDir
+    from volttl.runs import RunDir, check_resumable
     from volttl.train.loop import train_run
     from volttl.train.repeats import train_repeats
 
@@ -201,6 +201,8 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
         a = summary["val_study_auroc"]
         report["run"]["first_seed"] = str(run.seed(cfg.train.seed).path)
         return f"{name}: best validation study AUROC {a['mean']:.3f} +- {a['std']:.3f} over {a['n']} seeds"
+    if run.last.exists():  # continued or reused only if trained with these settings
+        check_resumable(run.path, cfg)
     if run.finished_epochs() >= cfg.train.epochs:
         return f"skipped: {name} has finished {cfg.train.epochs} epochs"
     best = train_run(cfg, run.path, resume=run.last.exists(), progress=progress)

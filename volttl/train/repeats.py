@@ -19,7 +19,7 @@ import numpy as np
 from volttl.config import Config
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint
-from volttl.runs import RunDir
+from volttl.runs import RunDir, check_resumable
 
 REPORTED = ("study_auroc", "study_auprc", "window_auroc", "window_auprc")
 
@@ -54,6 +54,8 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
         raise VolttlError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
     best = []
     for one, run in zip(configs, runs, strict=True):
+        if run.last.exists():  # continued or reused only if trained with these settings
+            check_resumable(run.path, one)
         if run.finished_epochs() >= one.train.epochs:  # done before: its best is in last.pt
             best.append(dict(read_checkpoint(run.last)[2]["best"]))
             continue
