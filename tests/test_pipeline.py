@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 
+from volttl.errors import VolttlError
 from volttl.pipeline import PipelineError, run_pipeline
 from volttl.pipeline.runner import load_pipeline
 
@@ -74,3 +75,40 @@ def test_shipped_pipelines_load(name):
     steps = [next(iter(s)) for s in spec["steps"]]
     assert steps[-1] == "report" and "search" in steps and "svcca" in steps
     assert set(cfg.search.strategies) == {"tf", "lwft", "ttl"}
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_inputs_remakes_or_stops_never_reuses(tmp_path):
+    """Outputs are reused only when made from the same inputs: a changed cam method makes
+    the overlays again with it; a changed synth seed stops (the store holds the old
+    studies); a changed learning rate stops at the train step."""
+    steps = [{"synth": {"studies": 8, "matrix": 48, "workers": 1}}, {"preprocess": {}},
+             {"train": {"run": "runs/r"}}, {"cam": {}}, {"report": {}}]
+    path = _write(tmp_path, steps)
+    run_pipeline(path, progress=False)
+    work = tmp_path / "work"
+
+    def outcomes():
+        return {s["step"]: s["outcome"] for s in json.loads((work / "report.json").read_text())["steps"]}
+
+    def methods():
+        return {r["method"] for r in json.loads((work / "cam" / "cam_summary.json").read_text())}
+
+    assert methods() == {"gradcam"}
+    run_pipeline(path, progress=False)
+    assert all(outcomes()[k].startswith("skipped") for k in ("synth", "train", "cam"))
+    spec = yaml.safe_load(path.read_text())
+    spec["set"].append("cam.method=hirescam")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_pipeline(path, progress=False)
+    assert not outcomes()["cam"].startswith("skipped") and methods() == {"hirescam"}
+    spec["set"].append("train.lr_new=0.5")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(VolttlError, match="trained with other settings .*train.lr_new 0.1 -> 0.5"):
+        run_pipeline(path, progress=False)
+    spec["set"].pop()
+    spec["steps"][0]["synth"]["seed"] = 1
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(PipelineError, match=r"manifest.csv: made by the synth step with other options "
+                                            r"\(seed 0 -> 1\)"):
+        run_pipeline(path, progress=False)

@@ -14,11 +14,15 @@ A pipeline file names a base config, overrides for it, a work folder and the ste
       - cam: {row: TTL-2}
       - report: {}
 
-Steps run in order, and each is skipped when its outputs are already there (synth: the
-manifest; manifest: the manifest; preprocess: finished studies, by the store itself;
-train: finished epochs, resumed; search: finished trials; svcca: svcca.json; cam:
-cam_summary.json); `evaluate` and `report` are always rewritten. So a killed pipeline is
-rerun with the same command. ``train: {run: runs/x}`` trains one run (``train.repeats``
+Steps run in order, and each is skipped when its outputs are already there and were made
+from the same inputs (synth, manifest: the manifest, made with the same step options;
+preprocess: finished studies, by the store itself; train: finished epochs, resumed, with
+the run's own training settings; search: finished trials; svcca, cam: svcca.json and
+cam_summary.json, made with the same options from the same checkpoint); `evaluate` and
+`report` are always rewritten. So a killed pipeline is rerun with the same command. An
+output made from other inputs is made again (svcca, cam) or, where remaking it would
+leave the store out of step with its studies (synth, manifest), stops the pipeline with
+one line. ``train: {run: runs/x}`` trains one run (``train.repeats``
 seeds) in the work folder; `evaluate`, `svcca` and `cam` then use it unless they name a
 search-table ``row``. `volttl demo` is the packaged pipeline ``resources/demo_pipeline.yaml``.
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict
+from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict
 from volttl.errors import VolttlError
 
 log = logging.getLogger("volttl.pipeline")
@@ -141,16 +145,50 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path:
     return work / "report.md"
 
 
+def _inputs_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.inputs.json")
+
+
+def _made_from(output: Path, inputs: dict) -> bool | None:
+    """Whether ``output`` was made from ``inputs``: True, False, or None when it does not
+    say (made before outputs recorded their inputs, or by hand)."""
+    record = _inputs_path(output)
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()) == json.loads(json.dumps(inputs))
+
+
+def _record_inputs(output: Path, inputs: dict) -> None:
+    _inputs_path(output).write_text(json.dumps(inputs, indent=1))
+
+
+def _keep_manifest(manifest: Path, step: str, inputs: dict) -> str | None:
+    """The 'skipped' outcome when the manifest exists from these inputs. From others: a
+    one-line stop, since making the studies again would not remake the store of them."""
+    if not manifest.is_file():
+        return None
+    if _made_from(manifest, inputs) is False:
+        before = json.loads(_inputs_path(manifest).read_text())
+        differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in inputs.items() if before.get(k) != v]
+        raise PipelineError(f"{manifest}: made by the {step} step with other options ({'; '.join(differ)}); "
+                            "use another workdir, or delete the manifest, its studies and the store to "
+                            "make them again")
+    return f"skipped: {manifest} exists"
+
+
 def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     from volttl.synth import synth_cohort
 
     manifest = Path(cfg.data.manifest)
-    if manifest.is_file():
-        return f"skipped: {manifest} exists"
-    synth_cohort(manifest.parent, studies=int(args.get("studies", 40)), seed=int(args.get("seed", 0)),
-                 matrix=int(args.get("matrix", 160)), progress=progress,
+    inputs = {"studies": int(args.get("studies", 40)), "seed": int(args.get("seed", 0)),
+              "matrix": int(args.get("matrix", 160))}
+    skipped = _keep_manifest(manifest, "synth", inputs)
+    if skipped:
+        return skipped
+    synth_cohort(manifest.parent, **inputs, progress=progress,
                  workers=int(args.get("workers", cfg.preprocess.workers)))
-    return f"wrote {args.get('studies', 40)} synthetic studies"
+    _record_inputs(manifest, inputs)
+    return f"wrote {inputs['studies']} synthetic studies"
 
 
 def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -158,11 +196,13 @@ def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     from volttl.manifests import import_manifest, split_counts, write_manifest
 
     manifest = Path(cfg.data.manifest)
-    if manifest.is_file():
-        return f"skipped: {manifest} exists"
+    skipped = _keep_manifest(manifest, "manifest", dict(args))
+    if skipped:
+        return skipped
     options = dict(args)
     rows = import_manifest(options.pop("format", "penet"), **options)
     write_manifest(rows, manifest)
+    _record_inputs(manifest, dict(args))
     return f"wrote {len(rows)} studies to {manifest}: {split_counts(rows)}"
 
 
@@ -234,9 +274,17 @@ def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     return f"{len(rows)} table rows in {cfg.search.out_dir}/search_table.md"
 
 
-def _done(output: Path):
-    """A step's earlier JSON output and the 'skipped' outcome, or (None, "") to run it."""
-    if output.is_file():
+def _checkpoint_stamp(run: Path) -> dict:
+    """Which checkpoint a run's analysis used: best.pt's size and modification time (of
+    each seed's in a repeat group)."""
+    files = sorted(Path(run).glob("**/best.pt"))
+    return {str(f.relative_to(run)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def _done(output: Path, inputs: dict):
+    """A step's earlier JSON output and the 'skipped' outcome when it was made from
+    ``inputs``; else (None, "") to run it (again)."""
+    if output.is_file() and _made_from(output, inputs):
         return json.loads(output.read_text()), f"skipped: {output.name} exists"
     return None, ""
 
@@ -247,11 +295,13 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
     _, run = _step_run(cfg, work, args, report, "FTL")
     run = _one_seed(cfg, run)
     out = work / "svcca"
-    rec, outcome = _done(out / "svcca.json")
+    inputs = {"args": args, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
+    rec, outcome = _done(out / "svcca.json", inputs)
     if rec is None:
         rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
                         max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
                         cuts=args.get("cuts"), progress=progress)
+        _record_inputs(out / "svcca.json", inputs)
         outcome = f"suggested cut {rec['suggested_cut']}"
     keys = ("cut", "mean", "random_mean", "overlap")
     report["svcca"] = {"run": str(run), "suggested_cut": rec["suggested_cut"],
@@ -265,9 +315,13 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
     name, run = _step_run(cfg, work, args, report, "TTL-2")
     run = _one_seed(cfg, run)
     out = work / str(args.get("out", "cam"))
-    records, outcome = _done(out / "cam_summary.json")
+    cam = config_to_dict(cfg)["cam"]  # the pipeline's cam settings, not those the run was trained with
+    inputs = {"args": args, "cam": cam, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
+    records, outcome = _done(out / "cam_summary.json", inputs)
     if records is None:
-        records = cam_run(run, out, split=args.get("split", "test"), progress=progress)
+        records = cam_run(run, out, split=args.get("split", "test"), progress=progress,
+                          overrides=[f"cam.{k}={json.dumps(v)}" for k, v in cam.items()])
+        _record_inputs(out / "cam_summary.json", inputs)
         outcome = f"{len(records)} overlays of {name} in {out}"
     report["cam"] = {"row": name, "run": str(run), "out": str(out), "overlays": len(records)}
     found = out / "localisation.json"  # written by cam when the manifest has lesion masks
