@@ -28,6 +28,14 @@ def test_precision_sets_the_forward_dtype_and_loss_scaling(precision, dtype):
     assert numerics.grad_scaler(cpu).is_enabled() == (precision == "fp16")
 
 
+def test_autocast_on_a_cpu_is_warned_of(caplog):
+    cpu = torch.device("cpu")
+    Numerics("tf32").configure(cpu)
+    assert not caplog.records
+    Numerics("fp16").configure(cpu)
+    assert "train.precision fp16 on a cpu: autocast there is slow" in caplog.text
+
+
 def test_memory_format_follows_channels_last():
     x = torch.randn(2, 1, 4, 6, 6)
     assert Numerics(channels_last=True).prepare(x).is_contiguous(memory_format=torch.channels_last_3d)

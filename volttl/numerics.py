@@ -17,10 +17,13 @@ slowly on most CPUs); the default tf32 is plain float32 there.
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("volttl.numerics")
 
 PRECISIONS = ("tf32", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +57,9 @@ class Numerics:
     def configure(self, device: torch.device) -> None:
         """Set the process-wide cuDNN and TF32 switches this step needs on ``device``."""
         if device.type != "cuda":
+            if self.precision in _AUTOCAST:
+                log.warning("train.precision %s on a %s: autocast there is slow on most processors "
+                            "(tf32, the default, is plain float32 there)", self.precision, device.type)
             return
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         tf32 = self.precision != "fp32"  # under autocast, TF32 only touches float32 leftovers
