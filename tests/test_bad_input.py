@@ -273,6 +273,7 @@ def test_resume_with_other_training_settings_is_refused_and_runtime_ones_are_not
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     runtime = ["--set", "train.workers=0", "--set", "train.precision=bf16", "--set", "train.device=cpu"]
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--resume", "--quiet", *runtime]) == 0
+    assert "resumed with train.precision 'bf16' (was 'tf32')" in (run / "train.log").read_text()
 
 
 def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):

@@ -120,6 +120,7 @@ def test_out_of_memory_names_the_batch_and_the_way_out(store, tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "make_loss", lambda *a: no_memory)
     cfg = run_cfg(store, tmp_path)
-    with pytest.raises(VolttlError, match=r"out of cpu memory at train.batch_size 4 in tf32; lower "
-                                          r"train.batch_size .* or train.precision: bf16"):
+    with pytest.raises(VolttlError, match=r"out of cpu memory at train.batch_size 4 in tf32: start a new "
+                                          r"run with a smaller train.batch_size .* --resume it with "
+                                          r"train.precision=bf16"):
         train_run(cfg, tmp_path / "run", progress=False)

@@ -41,7 +41,7 @@ from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
-from volttl.runs import RunDir, check_resumable, model_from_config, window_probabilities
+from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, model_from_config, window_probabilities
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -184,10 +184,11 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     try:
         return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
     except torch.OutOfMemoryError:
-        hint = "" if tc.precision == "bf16" else " or train.precision: bf16 (half the activation memory)"
+        resume_hint = ("" if tc.precision == "bf16" else
+                       "; or --resume it with train.precision=bf16 (half the activation memory)")
         raise VolttlError(f"{run_dir}: out of {dist.device} memory at train.batch_size {tc.batch_size} in "
-                          f"{tc.precision}; lower train.batch_size (train.grad_accum keeps the effective "
-                          f"batch){hint}; checkpoints of finished epochs are kept (--resume)") from None
+                          f"{tc.precision}: start a new run with a smaller train.batch_size "
+                          f"(train.grad_accum keeps the effective batch){resume_hint}") from None
     finally:
         if handler is not None:
             root.removeHandler(handler)
@@ -201,6 +202,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     tc, device, run = cfg.train, dist.device, RunDir(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and run.config.is_file():  # what may change on resume is logged when it does
+            before = config_to_dict(run.read_config())["train"]
+            for key in RUNTIME_TRAIN_KEYS:
+                if before.get(key) != getattr(tc, key):
+                    log.info("resumed with train.%s %r (was %r)", key, getattr(tc, key), before.get(key))
         run.config.write_text(config_to_yaml(cfg))
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
