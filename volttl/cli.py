@@ -323,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="finetune a model -> run dir")
     with_config(p)
     p.add_argument("--run-dir", help="run folder (default train.out_dir/<model>_<strategy>_<cut>_seed<S>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after a kill")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir after a kill, with its own training settings "
+                        "(train.device, workers, precision, channels_last, cudnn_benchmark, compile "
+                        "may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
