@@ -236,7 +236,15 @@ def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.
     """The positive-class probability of each window ``(N, 1, D, H, W)``, computed as every
     inference path does (evaluation, validation, prediction): in the run's precision and
     memory format (``Numerics.of(cfg.train)``), the logit cast to float32 before the sigmoid."""
+    return device_probabilities(model, x, device, numerics).cpu().numpy()
+
+
+@torch.no_grad()
+def device_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                         numerics: Numerics = DEFAULT_NUMERICS) -> torch.Tensor:
+    """:func:`window_probabilities`, left on the device: a loop over batches reads them
+    back once at its end instead of waiting for the device after every batch."""
     x = numerics.prepare(x.to(device, non_blocking=True))
     with numerics.autocast(device):
         logits = model(x)[:, 0]
-    return torch.sigmoid(logits.float()).cpu().numpy()
+    return torch.sigmoid(logits.float())

@@ -41,7 +41,7 @@ from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
-from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, model_from_config, window_probabilities
+from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, device_probabilities, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -135,9 +135,10 @@ def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, bat
     probs, labels, studies = [], [], []
     order = list(range(dist.rank, len(ds), dist.world))
     for x, y, s in _loader(ds, batch_size, order, workers, device):
-        probs.append(window_probabilities(model, x, device, numerics))
+        probs.append(device_probabilities(model, x, device, numerics))
         labels.append(y.numpy())
         studies.append(s.numpy())
+    probs = [torch.cat(probs).cpu().numpy()] if probs else []  # one read-back for the split
     parts = [np.concatenate(v) if v else np.zeros(0) for v in (probs, labels, studies)]
     if not dist.active:
         return parts[0], parts[1], parts[2]
