@@ -142,6 +142,36 @@ def test_failed_study_does_not_stop_others_and_rerun_skips(cohort, tmp_path, cap
     assert "0 preprocessed, 2 already stored, 1 failed" in capsys.readouterr().out
 
 
+def test_a_study_exported_again_to_the_same_path_is_preprocessed_again(cohort, tmp_path):
+    """Same path, same settings, new content: the store must not keep the old volume."""
+    import shutil
+
+    with open(cohort) as fh:
+        rows = list(csv.reader(fh))
+    nifti = [r for r in rows[1:] if r[1].endswith(".nii.gz")][:2]
+    shutil.copytree(Path(cohort).parent / "studies", tmp_path / "studies",
+                    ignore=lambda d, names: [n for n in names if n not in {Path(r[1]).name for r in nifti}])
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([rows[0]] + [[r[0], str(tmp_path / r[1]), *r[2:]] for r in nifti])
+    cfg = small_config(manifest, tmp_path / "s.h5")
+    assert len(preprocess(cfg, progress=False).done) == 2
+
+    def stored_mean():
+        with h5py.File(tmp_path / "s.h5", "r") as f:
+            return f["studies"][nifti[0][0]]["hu"][...].mean()
+
+    before = stored_mean()
+    again = tmp_path / nifti[0][1]
+    img = nib.load(again)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 500, img.affine, img.header), again)
+    old_stat = os.stat(again)
+    os.utime(again, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns + 10**9))  # a later export
+    summary = preprocess(cfg, progress=False)
+    assert summary.done == [nifti[0][0]] and summary.skipped == [nifti[1][0]]
+    assert stored_mean() - before == pytest.approx(500, abs=5)  # the new content, not the old
+
+
 def write_cfg(tmp_path: Path, manifest: Path) -> Path:
     cfg = small_config(manifest, tmp_path / "s.h5")
     path = tmp_path / "c.yaml"

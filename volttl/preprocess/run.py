@@ -1,7 +1,8 @@
 """`volttl preprocess`: every study of the manifest into the store, in parallel.
 
 A failing study is reported with its reason and does not stop the others; studies
-already stored with the same settings are skipped; the index is rewritten after each
+already stored with the same settings, from a source unchanged since (the sizes and
+modification times of its files), are skipped; the index is rewritten after each
 finished study so that a kill loses nothing that was finished.
 """
 
@@ -93,6 +94,17 @@ def study_settings(row: StudyRow, thickness: float, size: int) -> str:
     })
 
 
+def source_stamp(path: str) -> str:
+    """The number, total size and latest modification time of a study's source files (a
+    file, or every file under a series folder): a study exported again to the same path
+    gets another stamp and is preprocessed again."""
+    source = Path(path.partition("#")[0])
+    files = [source] if source.is_file() else [f for f in source.rglob("*") if f.is_file()]
+    stats = [f.stat() for f in files]
+    return settings_hash({"files": len(stats), "bytes": sum(st.st_size for st in stats),
+                          "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)})
+
+
 def scan_float_hu(hu: np.ndarray) -> tuple[int, bool]:
     """For float HU, one pass a slice at a time (no volume-sized temporaries): how many
     voxels lie outside int16, and whether every voxel is a whole number."""
@@ -156,12 +168,14 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
 
 
 def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
-                  settings: str) -> tuple[StudyRecord, list[str]]:
+                  settings: str, stamp: str = "") -> tuple[StudyRecord, list[str]]:
     """Prepare one study and write it to the store (in a worker process); returns its
-    index record and warnings for the user."""
+    index record and warnings for the user. ``stamp``: :func:`source_stamp`, taken before
+    reading, so a source changed while it was read is read again next time."""
     study = prepare_study(row, thickness, size, window, settings)
+    study.meta.source_stamp = stamp
     write_study(store, study.hu, study.meta, window)
-    return StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings), study.warnings
+    return StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings, stamp), study.warnings
 
 
 Outcome = tuple[str, StudyRecord | None, str | None, list[str]]
@@ -275,12 +289,16 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
             summary.failed[row.study_id] = f"{row.path}: no such file or folder"
             continue
         settings = study_settings(row, p.slice_thickness, p.size)
+        stamp = source_stamp(row.path)
         rec = read_record(store, row.study_id)
-        if rec is not None and rec.settings == settings:
+        changed = rec is not None and rec.source_stamp not in ("", stamp)  # "": stored before stamps
+        if changed:
+            log.info("%s: %s changed since it was stored; preprocessing it again", row.study_id, row.path)
+        if rec is not None and rec.settings == settings and not changed:
             records[row.study_id] = rec
             summary.skipped.append(row.study_id)
         else:
-            todo.append((row, store, p.slice_thickness, p.size, p.window, settings))
+            todo.append((row, store, p.slice_thickness, p.size, p.window, settings, stamp))
     config_yaml = config_to_yaml(cfg)
 
     def reindex() -> None:

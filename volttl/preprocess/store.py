@@ -132,6 +132,7 @@ class StudyMeta:
     size: int
     original: Geometry
     stored_to_original: np.ndarray  # 4x4: stored (c, r, s) index -> original (i, j, k) index
+    source_stamp: str = ""  # the source's sizes and modification times when it was read
 
     @property
     def stored_affine_ras(self) -> np.ndarray:
@@ -149,6 +150,7 @@ class StudyMeta:
             "original_affine_ras": self.original.affine_ras(),
             "stored_to_original": np.asarray(self.stored_to_original, dtype=np.float64),
             "stored_affine_ras": self.stored_affine_ras,
+            "source_stamp": self.source_stamp,
         }
 
     @staticmethod
@@ -162,6 +164,7 @@ class StudyMeta:
             slice_thickness=float(attrs["slice_thickness"]), size=int(attrs["size"]),
             original=Geometry.from_attrs(attrs, "original_"),
             stored_to_original=np.asarray(attrs["stored_to_original"], dtype=np.float64),
+            source_stamp=str(attrs.get("source_stamp", "")),
         )
 
 
@@ -194,6 +197,7 @@ class StudyRecord:
     label: int
     pe_flags: np.ndarray
     settings: str
+    source_stamp: str = ""  # "" in files written before stamps were recorded
 
 
 def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyRecord | None:
@@ -210,7 +214,7 @@ def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyR
             flags = np.zeros(n, dtype=bool)
             flags[np.asarray(f.attrs["pe_slices"], dtype=int)] = True
             return StudyRecord(study_id, str(f.attrs["split"]), int(f.attrs["label"]), flags,
-                               str(f.attrs["settings"]))
+                               str(f.attrs["settings"]), str(f.attrs.get("source_stamp", "")))
     except (OSError, KeyError):
         return None
 
