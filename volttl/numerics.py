@@ -9,7 +9,8 @@ The choices and their defaults come from `train.precision`, `train.channels_last
 - ``fp32``: strict float32 everywhere (TF32 off), for checking the others against.
 - ``bf16``: bfloat16 autocast. No loss scaling is needed (float32's exponent range).
 - ``fp16``: float16 autocast with dynamic loss scaling (a GradScaler, whose state is
-  saved in ``last.pt`` so that a resumed run scales as an uninterrupted one would).
+  saved in ``last.pt`` so that a resumed run scales as an uninterrupted one would; it
+  reads an overflow flag back from the device every step).
 
 On a CPU every precision is honoured as written (bf16 and fp16 autocast work there,
 slowly on most CPUs); the default tf32 is plain float32 there.
@@ -25,7 +26,6 @@ import torch
 
 log = logging.getLogger("volttl.numerics")
 
-PRECISIONS = ("tf32", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
