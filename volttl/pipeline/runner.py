@@ -171,8 +171,8 @@ def _keep_manifest(manifest: Path, step: str, inputs: dict) -> str | None:
         before = json.loads(_inputs_path(manifest).read_text())
         differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in inputs.items() if before.get(k) != v]
         raise PipelineError(f"{manifest}: made by the {step} step with other options ({'; '.join(differ)}); "
-                            "use another workdir, or delete the manifest, its studies and the store to "
-                            "make them again")
+                            "use another workdir, or empty this one (its store, runs and outputs all came "
+                            "from the old studies)")
     return f"skipped: {manifest} exists"
 
 
