@@ -296,6 +296,36 @@ def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):
         train_repeats(cfg, group, resume=True, progress=False)
 
 
+def test_a_run_is_not_continued_on_other_training_data(trained, tmp_path):
+    """Test studies may come and go; a changed training or validation study (here a pe_slices
+    correction) makes the store another dataset, and the run is not continued on it."""
+    from volttl.config import config_to_yaml, load_config
+    from volttl.runs import RunError, check_resumable
+
+    cfg_path, run = trained
+    cfg = load_config(cfg_path)
+    with open(cfg.data.manifest) as fh:
+        rows = list(csv.reader(fh))
+    base = Path(cfg.data.manifest).parent
+
+    def preprocess_with(changed_rows):
+        manifest = tmp_path / f"m{len(list(tmp_path.glob('m*.csv')))}.csv"
+        with open(manifest, "w", newline="") as fh:
+            csv.writer(fh).writerows([rows[0]] + [[r[0], str(base / r[1]), *r[2:]] for r in changed_rows])
+        cfg.data.manifest = str(manifest)
+        cfg_path.write_text(config_to_yaml(cfg))
+        assert main(["preprocess", "--config", str(cfg_path), "--quiet"]) == 0
+
+    preprocess_with([r for r in rows[1:] if r[0] != "synth003"])  # one test study fewer
+    check_resumable(run, cfg)
+    corrected = [r if r[0] != "synth001" else [*r[:4], "27-33", *r[5:]] for r in rows[1:]]
+    preprocess_with(corrected)  # a training study's PE slices corrected
+    with pytest.raises(RunError, match="training or validation data changed since the run was trained "
+                                       r"\(train studies 2 -> 2; val studies 2 -> 2"):
+        check_resumable(run, cfg)
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run), "--resume"]) == 1
+
+
 def test_resume_on_a_missing_run_is_an_error(trained, tmp_path, capsys):
     cfg, _ = trained
     assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "nope"), "--resume"]) == 1

@@ -17,6 +17,7 @@ here, and every module that needs a model for a config calls :func:`model_from_c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
 TENSORBOARD = "tensorboard"
 REPEATS = "repeats.json"
+TRAINING_DATA = "training_data.json"
 
 
 class RunError(VolttlError):
@@ -80,6 +82,11 @@ class RunDir:
     @property
     def repeats(self) -> Path:
         return self.path / REPEATS
+
+    @property
+    def training_data(self) -> Path:
+        """What the run was trained on: :meth:`volttl.preprocess.store.Store.training_data`."""
+        return self.path / TRAINING_DATA
 
     def seed(self, seed: int) -> RunDir:
         """One seed's run inside a repeat group."""
@@ -164,6 +171,18 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
                        "continuing or reusing it would match neither config: keep the run's own settings "
                        f"(only train.{', train.'.join(RUNTIME_TRAIN_KEYS)} may change) or use another run "
                        "dir; the run is left as it was")
+    if run.training_data.is_file():  # runs from before this record was kept are not checked
+        from volttl.preprocess.store import Store
+
+        before = json.loads(run.training_data.read_text())
+        with Store(cfg.data.store) as store:
+            now = store.training_data()
+        if now["fingerprint"] != before.get("fingerprint"):
+            counts = "; ".join(f"{k} studies {before.get(k)} -> {now[k]}" for k in ("train", "val"))
+            raise RunError(f"{run.path}: the store's training or validation data changed since the run "
+                           f"was trained ({counts}, or their volumes, labels or windows); continuing or "
+                           "reusing it would pass it off as trained on the new data: use another run dir; "
+                           "the run is left as it was")
 
 
 def default_run_dir(cfg: Config) -> Path:

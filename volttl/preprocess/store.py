@@ -352,3 +352,24 @@ class Store:
         except KeyError as exc:
             raise StoreError(f"{self.path}: study '{study_id}' lacks attribute {exc}; rerun "
                              "`volttl preprocess`") from None
+
+    def training_data(self) -> dict:
+        """What a run learns from and is chosen on: the train and validation studies (ids,
+        labels, window tables) and each one's stored volume (its checksum). A run records
+        this when it starts, so that continuing or reusing it on a store whose training or
+        validation data changed is refused; test studies may come and go."""
+        splits = ("train", "val")
+        studies = [(i, self.study_ids[i]) for i in range(len(self.study_ids)) if self.splits[i] in splits]
+        digest = hashlib.sha256()
+        tables = [self._file[t][...] for t in ("index/windows_train", "index/windows_eval")]
+        fields = [[n for n in t.dtype.names if n != "study"] for t in tables]
+        for i, sid in sorted(studies, key=lambda s: s[1]):  # by id: indices shift as studies come
+            attrs = self._group(sid).attrs
+            stamp = attrs.get(CHECKSUM, attrs.get("settings", ""))
+            digest.update(f"{sid}|{self.splits[i]}|{int(self.labels[i])}|{stamp}\n".encode())
+            for table, names in zip(tables, fields, strict=True):
+                mine = table[table["study"] == i]
+                for name in names:  # field by field: a multi-field view would carry the index
+                    digest.update(np.ascontiguousarray(mine[name]).tobytes())
+        return {"store": str(self.path), "fingerprint": digest.hexdigest()[:16],
+                **{split: sum(self.splits[i] == split for i, _ in studies) for split in splits}}

@@ -41,6 +41,7 @@ from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
+from volttl.preprocess.store import Store
 from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, device_probabilities, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
@@ -209,6 +210,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
                 if before.get(key) != getattr(tc, key):
                     log.info("resumed with train.%s %r (was %r)", key, getattr(tc, key), before.get(key))
         run.config.write_text(config_to_yaml(cfg))
+        if not (resume and run.last.exists()):  # what the run learns from, checked on resume
+            with Store(cfg.data.store) as store:
+                run.training_data.write_text(json.dumps(store.training_data(), indent=1))
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
     numerics = Numerics.of(tc)
