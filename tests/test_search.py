@@ -85,3 +85,32 @@ def test_ray_backend_runs_trials_as_tasks(store, tmp_path):
     assert [r["strategy"] for r in rows] == ["TTL-1", "TTL-2"]
     assert (tmp_path / "search/resnext3d_50_ttl_layer1.0/trial.json").is_file()  # stage 2 ran too
     assert (tmp_path / "search/resnext3d_50_ttl_stem/seed0/best.pt").is_file()
+
+
+def test_a_finished_trial_is_not_reused_on_other_training_data(cohort, tmp_path):
+    import csv
+    from pathlib import Path
+
+    from volttl.config import config_to_dict
+    from volttl.runs import RunError
+    from volttl.search.trials import run_trial
+
+    store = tmp_path / "s.h5"
+    prep = small_config(cohort, store, size=40)
+    assert not preprocess(prep, progress=False).failed
+    cfg = search_cfg(store, tmp_path)
+    cfg.train.repeats, cfg.transfer.strategy, cfg.transfer.cut = 1, "ttl", "stem"
+    first = run_trial(config_to_dict(cfg), str(tmp_path / "trial"))
+    assert run_trial(config_to_dict(cfg), str(tmp_path / "trial")) == first  # unchanged: reused
+    with open(cohort) as fh:
+        rows = list(csv.reader(fh))
+    base = Path(cohort).parent
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as fh:  # a training study's PE slices corrected
+        csv.writer(fh).writerows([rows[0]] + [[r[0], str(base / r[1]), *r[2:4],
+                                               "27-33" if r[0] == "synth001" else r[4], *r[5:]]
+                                              for r in rows[1:]])
+    prep.data.manifest = str(manifest)
+    assert not preprocess(prep, progress=False).failed
+    with pytest.raises(RunError, match="training or validation data changed"):
+        run_trial(config_to_dict(cfg), str(tmp_path / "trial"))

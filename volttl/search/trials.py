@@ -3,7 +3,8 @@ evaluated on the test split, and profiled (parameters, MACs, latency).
 
 A trial lives in its own folder (a repeat group, see :mod:`volttl.train.repeats`) and
 ends by writing ``trial.json``; a trial whose ``trial.json`` holds the same config is
-skipped, so a killed search resumes where it stopped. ``run_trial`` takes and returns
+skipped, so a killed search resumes where it stopped (unless the store's training or
+validation data changed since it was trained: then it stops with one line). ``run_trial`` takes and returns
 plain data so that any backend (this process, a subprocess per GPU, a Ray task) can run
 it: ``python -m volttl.search.trials CONFIG.json TRIAL_DIR`` runs one from a shell.
 """
@@ -49,6 +50,18 @@ def _fingerprint(cfg_dict: dict) -> str:
     return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_trained_on(cfg: Config, trial_dir: Path) -> None:
+    """Each seed of a finished trial must have been trained on the store's present
+    training and validation data (a one-line :class:`RunError` otherwise)."""
+    from volttl.runs import RunDir, check_resumable
+    from volttl.train.repeats import seed_configs
+
+    for one in seed_configs(cfg):
+        run = RunDir(trial_dir).seed(one.train.seed)
+        if run.last.exists():
+            check_resumable(run.path, one)
+
+
 def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     """Train, evaluate and profile one trial (or return its finished result)."""
     from volttl.analysis.complexity import profile_config
@@ -57,11 +70,12 @@ def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     trial_dir_path = Path(trial_dir)
     done = trial_dir_path / RESULT
     fingerprint = _fingerprint(cfg_dict)
+    cfg = config_from_dict(cfg_dict)
     if done.is_file():
         previous = json.loads(done.read_text())
         if previous.get("fingerprint") == fingerprint:
+            check_trained_on(cfg, trial_dir_path)  # the same config, but is it the same data?
             return previous
-    cfg = config_from_dict(cfg_dict)
     val = train_repeats(cfg, trial_dir_path, resume=True, progress=progress)
     test = evaluate_repeats(trial_dir_path, cfg.search.test_split)
     result = {"fingerprint": fingerprint, "model": cfg.model.name, "strategy": cfg.transfer.strategy,
