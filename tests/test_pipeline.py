@@ -112,3 +112,23 @@ def test_a_rerun_with_other_inputs_remakes_or_stops_never_reuses(tmp_path):
     with pytest.raises(PipelineError, match=r"manifest.csv: made by the synth step with other options "
                                             r"\(seed 0 -> 1\)"):
         run_pipeline(path, progress=False)
+
+
+def test_a_pretrained_checkpoint_from_other_settings_stops_the_pipeline(tmp_path):
+    """Runs were built on the checkpoint: one made with other pretrain settings is neither
+    reused nor silently remade under them."""
+    steps = [{"pretrain": {}}]
+    path = _write(tmp_path, steps)
+    spec = yaml.safe_load(path.read_text())
+    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.depth=stem", "pretrain.window=[8, 24, 24]",
+                    "pretrain.windows=16", "pretrain.epochs=1", "pretrain.batch_size=8"]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_pipeline(path, progress=False)
+    run_pipeline(path, progress=False)
+    outcome = json.loads((tmp_path / "work" / "report.json").read_text())["steps"][0]["outcome"]
+    assert outcome.startswith("skipped")
+    spec["set"].append("pretrain.epochs=2")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(PipelineError, match=r"src.pth: made by the pretrain step with other options "
+                                            r"\(epochs 1 -> 2\)"):
+        run_pipeline(path, progress=False)

@@ -16,15 +16,16 @@ A pipeline file names a base config, overrides for it, a work folder and the ste
 
 Steps run in order, and each is skipped when its outputs are already there and were made
 from the same inputs (synth, manifest: the manifest, made with the same step options;
-preprocess: finished studies, by the store itself; train: finished epochs, resumed, with
-the run's own training settings; search: finished trials; svcca, cam: svcca.json and
+pretrain: the checkpoint, made with the same pretrain settings; preprocess: finished
+studies, by the store itself; train: finished epochs, resumed, with the run's own
+training settings and data; search: finished trials, likewise; svcca, cam: svcca.json and
 cam_summary.json, made with the same options from the same checkpoint); `evaluate` and
 `report` are always rewritten. So a killed pipeline is rerun with the same command. An
-output made from other inputs is made again (svcca, cam) or, where remaking it would
-leave the store out of step with its studies (synth, manifest), stops the pipeline with
-one line. ``train: {run: runs/x}`` trains one run (``train.repeats``
-seeds) in the work folder; `evaluate`, `svcca` and `cam` then use it unless they name a
-search-table ``row``. `volttl demo` is the packaged pipeline ``resources/demo_pipeline.yaml``.
+output made from other inputs is made again (svcca, cam) or, where later steps were
+built on it (synth, manifest, pretrain) or it is a run, stops the pipeline with one line.
+``train: {run: runs/x}`` trains one run (``train.repeats`` seeds) in the work folder;
+`evaluate`, `svcca` and `cam` then use it unless they name a search-table ``row``.
+`volttl demo` is the packaged pipeline ``resources/demo_pipeline.yaml``.
 """
 
 from __future__ import annotations
@@ -162,18 +163,19 @@ def _record_inputs(output: Path, inputs: dict) -> None:
     _inputs_path(output).write_text(json.dumps(inputs, indent=1))
 
 
-def _keep_manifest(manifest: Path, step: str, inputs: dict) -> str | None:
-    """The 'skipped' outcome when the manifest exists from these inputs. From others: a
-    one-line stop, since making the studies again would not remake the store of them."""
-    if not manifest.is_file():
+def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
+    """The 'skipped' outcome when an output that later steps build on (a manifest, a
+    pretrained checkpoint) exists from these inputs. From others: a one-line stop, since
+    making it again would not remake what was built on the old one."""
+    if not output.is_file():
         return None
-    if _made_from(manifest, inputs) is False:
-        before = json.loads(_inputs_path(manifest).read_text())
+    if _made_from(output, inputs) is False:
+        before = json.loads(_inputs_path(output).read_text())
         differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in inputs.items() if before.get(k) != v]
-        raise PipelineError(f"{manifest}: made by the {step} step with other options ({'; '.join(differ)}); "
-                            "use another workdir, or empty this one (its store, runs and outputs all came "
-                            "from the old studies)")
-    return f"skipped: {manifest} exists"
+        raise PipelineError(f"{output}: made by the {step} step with other options ({'; '.join(differ)}); "
+                            "use another workdir, or empty this one (what later steps made came from the "
+                            "old one)")
+    return f"skipped: {output} exists"
 
 
 def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -182,7 +184,7 @@ def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
     manifest = Path(cfg.data.manifest)
     inputs = {"studies": int(args.get("studies", 40)), "seed": int(args.get("seed", 0)),
               "matrix": int(args.get("matrix", 160))}
-    skipped = _keep_manifest(manifest, "synth", inputs)
+    skipped = _keep_upstream(manifest, "synth", inputs)
     if skipped:
         return skipped
     synth_cohort(manifest.parent, **inputs, progress=progress,
@@ -196,7 +198,7 @@ def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     from volttl.manifests import import_manifest, split_counts, write_manifest
 
     manifest = Path(cfg.data.manifest)
-    skipped = _keep_manifest(manifest, "manifest", dict(args))
+    skipped = _keep_upstream(manifest, "manifest", dict(args))
     if skipped:
         return skipped
     options = dict(args)
@@ -220,9 +222,14 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     from volttl.pretrain import pretrain
 
     out = Path(cfg.pretrain.out)
-    if out.is_file():
-        return f"skipped: {out} exists"
+    d = config_to_dict(cfg)
+    inputs = {**{k: v for k, v in d["pretrain"].items() if k != "out"}, "model": d["model"]["name"],
+              "hu_clip": d["data"]["hu_clip"], "intensity_shift": d["data"]["intensity_shift"]}
+    skipped = _keep_upstream(out, "pretrain", inputs)
+    if skipped:
+        return skipped
     result = pretrain(cfg, progress=progress)
+    _record_inputs(out, inputs)
     report["pretrain"] = result
     return f"source-task accuracy {result['accuracy']:.3f}; {out}"
 
