@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "layer cuts within search.radius of each stage-1 winner (by validation study "
                        "AUROC, mean over train.repeats); FTL and PENet baselines. Writes "
                        "search_table.{md,csv,json} and trials.csv to search.out_dir; finished trials "
-                       "are skipped on a rerun.")
+                       "are skipped on a rerun, if trained with the same settings on the same training "
+                       "and validation data (else it stops with one line).")
     with_config(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)

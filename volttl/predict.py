@@ -130,6 +130,7 @@ def score_study(model: torch.nn.Module, hu: np.ndarray, cfg: Config, device: tor
     n, size = hu.shape[0], hu.shape[1]
     y0 = (size - crop) // 2
     starts = [int(s) for s in indexed_window_starts(n, window, window)]
+    numerics = Numerics.of(cfg.train)  # the run's precision and memory format
     probs = []
     for b in range(0, len(starts), batch_size):
         chunk = starts[b: b + batch_size]
@@ -138,7 +139,7 @@ def score_study(model: torch.nn.Module, hu: np.ndarray, cfg: Config, device: tor
             hi = min(s + window, n)
             x[i, 0, : hi - s] = hu[s:hi, y0: y0 + crop, y0: y0 + crop]
         x = normalise(x, tuple(cfg.data.hu_clip), cfg.data.intensity_shift).astype(np.float32)
-        probs.append(window_probabilities(model, torch.from_numpy(x), device, Numerics.of(cfg.train)))
+        probs.append(window_probabilities(model, torch.from_numpy(x), device, numerics))
     p = np.concatenate(probs)
     aggregate = float(p.max() if cfg.eval.aggregate == "max" else p.mean())
     return StudyScore(aggregate, starts, [float(v) for v in p])

@@ -151,6 +151,10 @@ def training_keys(cfg: Config) -> dict:
     return keys
 
 
+def _differences(before: dict, now: dict) -> list[str]:
+    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+
+
 def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     """Before a run is continued or its finished result reused (``--resume``, pipelines,
     search trials): the run must exist, and its model-defining and training keys must equal
@@ -159,13 +163,11 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     if not run.last.is_file():
         raise RunError(f"{run.path}: nothing to resume (no {LAST}); drop --resume to start a new run")
     saved = run.read_config()
-    before, now = model_keys(saved), model_keys(cfg)
-    differ = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    differ = _differences(model_keys(saved), model_keys(cfg))
     if differ:
         raise RunError(f"{run.path}: --resume with a different model ({'; '.join(differ)}); "
                        "the run is left as it was")
-    before, now = training_keys(saved), training_keys(cfg)
-    differ = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    differ = _differences(training_keys(saved), training_keys(cfg))
     if differ:
         raise RunError(f"{run.path}: the run there was trained with other settings ({'; '.join(differ)}); "
                        "continuing or reusing it would match neither config: keep the run's own settings "

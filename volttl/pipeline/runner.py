@@ -248,9 +248,8 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
         a = summary["val_study_auroc"]
         report["run"]["first_seed"] = str(run.seed(cfg.train.seed).path)
         return f"{name}: best validation study AUROC {a['mean']:.3f} +- {a['std']:.3f} over {a['n']} seeds"
-    if run.last.exists():  # continued or reused only if trained with these settings
-        check_resumable(run.path, cfg)
-    if run.finished_epochs() >= cfg.train.epochs:
+    if run.finished_epochs() >= cfg.train.epochs:  # reused only with these settings and data
+        check_resumable(run.path, cfg)  # (train_run checks a run it continues itself)
         return f"skipped: {name} has finished {cfg.train.epochs} epochs"
     best = train_run(cfg, run.path, resume=run.last.exists(), progress=progress)
     return f"{name}: best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"

@@ -361,14 +361,18 @@ class Store:
         splits = ("train", "val")
         studies = [(i, self.study_ids[i]) for i in range(len(self.study_ids)) if self.splits[i] in splits]
         digest = hashlib.sha256()
-        tables = [self._file[t][...] for t in ("index/windows_train", "index/windows_eval")]
-        fields = [[n for n in t.dtype.names if n != "study"] for t in tables]
+        tables = []  # each window table sorted by study once, with each study's row range
+        for key in ("index/windows_train", "index/windows_eval"):
+            table = self._file[key][...]
+            table = table[np.argsort(table["study"], kind="stable")]
+            bounds = np.searchsorted(table["study"], np.arange(len(self.study_ids) + 1))
+            tables.append((table, bounds, [n for n in table.dtype.names if n != "study"]))
         for i, sid in sorted(studies, key=lambda s: s[1]):  # by id: indices shift as studies come
             attrs = self._group(sid).attrs
             stamp = attrs.get(CHECKSUM, attrs.get("settings", ""))
             digest.update(f"{sid}|{self.splits[i]}|{int(self.labels[i])}|{stamp}\n".encode())
-            for table, names in zip(tables, fields, strict=True):
-                mine = table[table["study"] == i]
+            for table, bounds, names in tables:
+                mine = table[bounds[i]: bounds[i + 1]]
                 for name in names:  # field by field: a multi-field view would carry the index
                     digest.update(np.ascontiguousarray(mine[name]).tobytes())
         return {"store": str(self.path), "fingerprint": digest.hexdigest()[:16],

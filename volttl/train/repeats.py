@@ -54,9 +54,8 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
         raise VolttlError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
     best = []
     for one, run in zip(configs, runs, strict=True):
-        if run.last.exists():  # continued or reused only if trained with these settings
-            check_resumable(run.path, one)
         if run.finished_epochs() >= one.train.epochs:  # done before: its best is in last.pt
+            check_resumable(run.path, one)  # reused only with these settings and data
             best.append(dict(read_checkpoint(run.last)[2]["best"]))
             continue
         best.append(train_run(one, run.path, resume=run.last.exists(), progress=progress))
