@@ -121,7 +121,8 @@ class TrainConfig:
     out_dir: str = "runs"
     device: str = "auto"
     # how a step computes (volttl/numerics.py): tf32 | fp32 | bf16 | fp16. tf32 and
-    # channels_last were the fastest on an H100 (FTL 149 windows/s against 121-124 for
+    # channels_last were the fastest on an H100 (torch 2.11, measured before the current
+    # training loop; FTL 149 windows/s against 121-124 for
     # bf16 + channels_last and 136 for bf16 NCDHW); bf16 halves activation memory
     precision: Literal["tf32", "fp32", "bf16", "fp16"] = "tf32"
     channels_last: bool = True  # channels_last_3d memory format for model and batches
