@@ -182,6 +182,17 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, com
     assert len(lines) == 2  # rank 0 alone writes the run dir
     log_lines = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert sum("val study AUROC" in line for line in log_lines) == 2  # one per epoch, rank 0 only
+    assert any("2 windows per micro-batch (train.batch_size 4 over 2 process(es))" in line
+               for line in log_lines)
+    # train.batch_size is the global batch: one process takes the same optimiser steps, with
+    # the same examples per step and the same learning rates, as the two did
+    train_run(cfg, tmp_path / "single", progress=False)
+    single = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    double = [json.loads(x) for x in lines]
+    for one, two in zip(single, double, strict=True):
+        assert one["optimizer_steps"] == two["optimizer_steps"] > 0
+        assert one["examples_per_step"] == two["examples_per_step"] == 4 * cfg.train.grad_accum
+        assert one["lr"] == pytest.approx(two["lr"])
 
 
 @pytest.mark.slow

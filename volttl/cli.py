@@ -51,6 +51,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"volttl preprocess: warning: {line}", file=sys.stderr)
     for sid, reason in summary.failed.items():
         print(f"volttl preprocess: failed {sid}: {reason}", file=sys.stderr)
+    if summary.adjusted:
+        print(f"volttl preprocess: {summary.adjusted_line()}", file=sys.stderr)
     print(f"{summary.line()}; store: {cfg.data.store}")
     return 1 if summary.failed else 0
 

@@ -53,6 +53,11 @@ class PreprocessConfig:
     train_stride: int = 24
     min_pe_slices: int = 4
     workers: int = 2
+    # PENet's handling of the outliers of its own dataset, for reproducing it: a study shorter
+    # than one window is stored as it is and padded with air when read (PENet pads); pe_slices
+    # past the study's last slice are dropped (PENet uses the part inside). Off: both refused.
+    # Every study it touched is listed in preprocess's summary and in the study's record.
+    penet_rules: bool = False
 
 
 @dataclass
@@ -68,6 +73,14 @@ class ModelConfig:
     # window mapped onto the scale the backbone's published weights were trained on
     # (ResNeXt3D: 0..255 minus the ActivityNet channel means), for eval-mode frozen BN
     input_scale: Literal["ct", "source"] = "ct"
+    # the input normalisation of model.pretrained, for input_scale source: auto = known from
+    # the file (Hara's 2018 3D-ResNets layout: hara2018), else refused; hara2018 = 0..255
+    # minus the ActivityNet means; kinetics2020 = 0..1, Kinetics means and stds (the 2020
+    # 3D-ResNets code); custom = source_scale, source_mean and source_std below (3 each)
+    source_norm: Literal["auto", "hara2018", "kinetics2020", "custom"] = "auto"
+    source_scale: float = 255.0
+    source_mean: list[float] = field(default_factory=list)
+    source_std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +155,9 @@ class ProfileConfig:
 
     strategies: list[str] = field(default_factory=lambda: ["ftl", "tf", "lwft", "ttl"])
     cuts: list[str] = field(default_factory=lambda: ["layer3"])
+    # the profiled input (slices, rows, cols), with 3 channels under count_stem rgb. The TTL
+    # paper's cost columns reproduce at 32 x 208 x 208 (configs/pe.yaml), not at the 24 x 192
+    # x 192 windows volttl trains on
     input_size: tuple[int, int, int] = (24, 192, 192)
     repeats: int = 20
     warmup: int = 3
@@ -369,6 +385,14 @@ def check_ranges(cfg: Config) -> None:
     need(math.isfinite(lo) and math.isfinite(hi) and lo < hi, "data.hu_clip", "[low, high] with low < high",
          list(d.hu_clip))
     need(math.isfinite(d.intensity_shift), "data.intensity_shift", "finite", d.intensity_shift)
+    m = cfg.model
+    if m.source_norm == "custom":
+        scale = m.source_scale
+        need(math.isfinite(scale) and scale > 0, "model.source_scale", "> 0", scale)
+        need(len(m.source_mean) == 3 and all(math.isfinite(v) for v in m.source_mean), "model.source_mean",
+             "3 finite numbers (R, G, B)", m.source_mean)
+        need(len(m.source_std) == 3 and all(math.isfinite(v) and v > 0 for v in m.source_std),
+             "model.source_std", "3 positive numbers (R, G, B)", m.source_std)
     need(0 <= cfg.transfer.head.dropout < 1, "transfer.head.dropout", "in [0, 1)", cfg.transfer.head.dropout)
     need(cfg.train.momentum < 1, "train.momentum", "< 1", cfg.train.momentum)
     need(cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs",

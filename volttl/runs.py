@@ -27,6 +27,7 @@ import yaml
 
 from volttl.config import Config, ConfigError, config_from_dict
 from volttl.errors import VolttlError
+from volttl.models import input_norms
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
@@ -230,7 +231,8 @@ def model_from_config(cfg: Config, weights: bool = True,
                                 init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
                                 window=window, head_norm=t.head.norm, weights=weights,
                                 frozen_bn=t.frozen_bn, input_scale=cfg.model.input_scale,
-                                intensity_shift=cfg.data.intensity_shift)
+                                intensity_shift=cfg.data.intensity_shift,
+                                source_norm=input_norms.declared(cfg.model))
 
 
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:

@@ -116,6 +116,13 @@ def profile_config(cfg) -> dict:
             "device": device_name(device), "input": list(shape[1:]), "count_stem": p.count_stem}
 
 
+def profiled_input(cfg) -> str:
+    """The profiled input as ``C x D x H x W`` for the cost columns (3 channels when the
+    3-channel stem is counted)."""
+    channels = 3 if cfg.profile.count_stem == "rgb" or cfg.model.stem == "repeat" else 1
+    return " x ".join(str(v) for v in (channels, *cfg.profile.input_size))
+
+
 def convention(cfg) -> str:
     """How the cost columns are counted, for table headers."""
     stem = "3-channel (RGB) stem, as the TTL paper counts" if cfg.profile.count_stem == "rgb" else \
@@ -143,7 +150,8 @@ def profile_variants(cfg) -> str:
     header = ("| model | strategy | cut | P(M) | MACs(G) | T(ms) |\n"
               "| --- | --- | --- | --- | --- | --- |")
     window = "x".join(str(v) for v in r["input"])
-    table = "\n".join([f"Input {window}, batch 1, on {rows[0].device}. {convention(cfg)}.", "", header,
+    table = "\n".join([f"Input (C x D x H x W) {profiled_input(cfg)}, batch 1, on {rows[0].device}. "
+                       f"{convention(cfg)}.", "", header,
                        *(r.markdown() for r in rows)])
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,11 @@ import torch
 
 @dataclass(frozen=True)
 class PECentredSampler:
-    """With probability ``prob`` a training window is replaced by one centred on a random
-    positive study's PE slices, jittered by up to ``jitter`` slices."""
+    """PENet's training draw (``ct_pe_dataset_3d.py``): with probability ``prob`` the window
+    is centred on the PE slices of the indexed study when it is positive, else of a random
+    positive study; then every training window, drawn or indexed, is shifted by up to
+    ``jitter`` slices and kept inside the study (start in ``[0, slices - window]``), so
+    windows do not sit on the same slice grid every epoch."""
 
     prob: float = 0.3
     jitter: int = 12
@@ -23,13 +26,15 @@ class PECentredSampler:
     def draw(self, rng: np.random.Generator, study: int, start: int, window: int,
              positives: list[int], pe_slices: dict[int, np.ndarray], num_slices: dict[int, int]
              ) -> tuple[int, int]:
-        """The ``(study, start)`` to read instead of the indexed one (often the same)."""
-        if not positives or rng.random() >= self.prob:
-            return study, start
-        study = int(rng.choice(positives))
-        pe = pe_slices[study]
-        centre = (int(pe.min()) + int(pe.max())) // 2 + int(rng.integers(-self.jitter, self.jitter + 1))
-        return study, int(np.clip(centre - window // 2, 0, max(0, num_slices[study] - 1)))
+        """The ``(study, start)`` to read instead of the indexed one."""
+        if positives and rng.random() < self.prob:
+            if study not in positives:
+                study = int(rng.choice(positives))
+            pe = pe_slices[study]
+            start = max(0, (int(pe.min()) + int(pe.max())) // 2 - window // 2)
+        if self.jitter:
+            start += int(rng.integers(-self.jitter, self.jitter + 1))
+        return study, int(min(max(start, 0), max(0, num_slices[study] - window)))
 
 
 def pool_bags(logits: torch.Tensor, bag: int, how: str) -> torch.Tensor:

@@ -36,13 +36,22 @@ class Unit:
 
 @dataclass(frozen=True)
 class SourceInput:
-    """The input scale a backbone's published weights were trained on: each input channel
-    is ``scale * u - channel_means[c]``, where ``u`` is the frame (or, for CT, the clipped
-    window) in [0, 1]. ``origin`` says where the figures come from."""
+    """The input normalisation a backbone's published weights were trained on: each input
+    channel is ``(scale * u - channel_means[c]) / channel_stds[c]``, where ``u`` is the
+    frame (or, for CT, the clipped window) in [0, 1]. ``origin`` says where the figures
+    come from."""
 
     scale: float
     channel_means: tuple[float, ...]
     origin: str
+    channel_stds: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def gains_and_offsets(self, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel ``a_c, b_c`` such that the channel is ``a_c * x + b_c`` for the CT
+        input ``x = u - shift``."""
+        means = torch.tensor(self.channel_means, dtype=torch.float32)
+        stds = torch.tensor(self.channel_stds, dtype=torch.float32)
+        return self.scale / stds, (self.scale * shift - means) / stds
 
 
 @dataclass(frozen=True)
@@ -143,33 +152,46 @@ class Backbone3D(nn.Module):
                     return f"{path}.{name}" if name else path
         raise VolttlError(f"{type(self).__name__} declares no stem convolution")
 
-    def map_input_to_source(self, shift: float) -> None:
+    def map_input_to_source(self, shift: float, source: SourceInput | None = None) -> None:
         """Feed the stem what the published weights saw: the CT window ``x = u - shift``
         (``u`` in [0, 1], see :func:`volttl.data.intensity.normalise`) becomes
-        ``scale * u - mean_c`` in each channel. With the 3-channel stem this is exact as it
-        stands. With the summed 1-channel stem the channels differ only by their means,
-        so the grey value takes the average mean and the stem convolution adds the fixed
-        rest, ``conv(sum_c (mean_bar - mean_c) W_c, 1)`` over the volume (zero padding
-        included): the same output as the 3-channel stem. That kernel comes from the
-        3-channel weights when they are loaded (:meth:`set_stem_offset_kernel`)."""
-        source = type(self).source_input
+        ``a_c * x + b_c`` in each channel c (``source``, by default the backbone's declared
+        :attr:`source_input`). With the 3-channel stem this is exact as it stands. With the
+        summed 1-channel stem the grey value is ``mean(a) * x + mean(b)``, the summed kernel
+        weighs each channel by ``r_c = a_c / mean(a)`` (:meth:`stem_channel_weights`), and
+        the stem convolution adds the fixed rest, ``conv(sum_c (b_c - r_c mean(b)) W_c, 1)``
+        over the volume (zero padding included): the same output as the 3-channel stem.
+        That kernel comes from the 3-channel weights when they are loaded
+        (:meth:`set_stem_offset_kernel`)."""
+        source = source or type(self).source_input
         if source is None:
             return
-        means = torch.tensor(source.channel_means, dtype=torch.float32)
-        self.register_buffer("input_gain", torch.tensor(float(source.scale)))
-        self.register_buffer("input_offset", source.scale * shift - means)
+        gains, offsets = source.gains_and_offsets(shift)
+        gain = gains.mean()
+        self.register_buffer("input_gain", gain)
+        self.register_buffer("input_offset", offsets)
+        if not torch.allclose(gains, gain.expand_as(gains)):  # per-channel std: channels weigh apart
+            self.register_buffer("input_channel_gain", gains / gain)
         if self.in_channels == 1:
             conv = self.get_submodule(self.stem_conv_path())
             self.register_buffer("stem_offset_kernel", torch.zeros_like(conv.weight))
             conv.register_forward_hook(self._add_stem_offset)
 
+    def stem_channel_weights(self) -> torch.Tensor:
+        """``r_c``: how much each RGB kernel counts when the stem is summed into one channel
+        (ones unless the mapped normalisation divides the channels by different stds)."""
+        if hasattr(self, "input_channel_gain"):
+            return self.input_channel_gain
+        return torch.ones(3)
+
     def set_stem_offset_kernel(self, rgb_weight: torch.Tensor) -> None:
         """From the 3-channel stem weights ``(out, 3, k, k, k)``: the kernel that carries the
-        channels' mean differences once the weights are summed into one channel."""
+        channels' offsets once the weights are summed into one channel."""
         if not hasattr(self, "stem_offset_kernel"):
             return
         offset = self.input_offset.to(rgb_weight.dtype)
-        spread = (offset - offset.mean()).view(1, -1, 1, 1, 1)
+        ratio = self.stem_channel_weights().to(rgb_weight.dtype)
+        spread = (offset - ratio * offset.mean()).view(1, -1, 1, 1, 1)
         with torch.no_grad():
             self.stem_offset_kernel.copy_((rgb_weight * spread).sum(dim=1, keepdim=True))
 
@@ -185,7 +207,10 @@ class Backbone3D(nn.Module):
             x = x.expand(-1, 3, *x.shape[2:])
         if hasattr(self, "input_gain"):  # `model.input_scale: source`
             offset = self.input_offset if x.shape[1] == 3 else self.input_offset.mean(0, keepdim=True)
-            x = x * self.input_gain + offset.view(1, -1, 1, 1, 1).to(x.dtype)
+            gain = self.input_gain
+            if x.shape[1] == 3 and hasattr(self, "input_channel_gain"):
+                gain = (gain * self.input_channel_gain).view(1, -1, 1, 1, 1).to(x.dtype)
+            x = x * gain + offset.view(1, -1, 1, 1, 1).to(x.dtype)
         return x
 
     @classmethod

@@ -31,7 +31,8 @@ from volttl.models.base import Backbone3D
 
 log = logging.getLogger("volttl.checkpoints")
 VOLTTL_FORMAT = "volttl-checkpoint"
-INPUT_MAP_KEYS = ("input_gain", "input_offset", "stem_offset_kernel")  # `input_scale: source`
+INPUT_MAP_KEYS = ("input_gain", "input_offset", "input_channel_gain",  # `input_scale: source`
+                  "stem_offset_kernel")
 
 
 class CheckpointError(VolttlError):
@@ -95,10 +96,13 @@ def _load_legacy(path: Path) -> dict:
     return obj
 
 
-def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None = None) -> LoadReport:
+def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None = None,
+                    checkpoint: tuple[dict, str, dict] | None = None) -> LoadReport:
     """Load ``path`` into ``model``; fail by name on any missing or mismatched backbone
-    weight. The source classifier is dropped unless the file is volttl's own."""
-    state, kind, obj = read_checkpoint(path)
+    weight. The source classifier is dropped unless the file is volttl's own.
+    ``checkpoint``: :func:`read_checkpoint`'s answer for ``path`` when the caller has it."""
+    state, kind, obj = checkpoint or read_checkpoint(path)
+    state = dict(state)
     state = {type(model).checkpoint_key(k): v for k, v in state.items()}
     maps_input = hasattr(model, "input_gain")
     if maps_input and obj.get("input_scale") == "ct":
@@ -116,7 +120,8 @@ def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None 
         w, want = state[stem_key], target[stem_key]
         if w.shape[1] == 3 and want.shape[1] == 1:
             model.set_stem_offset_kernel(w.float())  # `input_scale: source` with `stem: sum`
-            state[stem_key] = w.sum(dim=1, keepdim=True)  # `stem: sum`
+            ratio = model.stem_channel_weights().to(w.dtype).view(1, -1, 1, 1, 1)
+            state[stem_key] = (w * ratio).sum(dim=1, keepdim=True)  # `stem: sum`
             if maps_input:
                 state.setdefault("stem_offset_kernel", model.stem_offset_kernel.clone())
     own = {}

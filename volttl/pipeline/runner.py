@@ -214,7 +214,7 @@ def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dic
     summary = preprocess(cfg, progress=progress)
     if summary.failed:
         raise PipelineError(f"preprocess: {summary.line()}")
-    return summary.line()
+    return summary.line() + (f"; {summary.adjusted_line()}" if summary.adjusted else "")
 
 
 def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:

@@ -51,10 +51,18 @@ class PreprocessSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    adjusted: dict[str, str] = field(default_factory=dict)  # by preprocess.penet_rules
 
     def line(self) -> str:
         return (f"{len(self.done)} preprocessed, {len(self.skipped)} already stored, "
                 f"{len(self.failed)} failed")
+
+    def adjusted_line(self) -> str:
+        """One line naming every study that PENet's rules changed, and how ("" if none)."""
+        if not self.adjusted:
+            return ""
+        what = "; ".join(f"{sid}: {how}" for sid, how in sorted(self.adjusted.items()))
+        return f"{len(self.adjusted)} study(ies) stored by PENet's rules (preprocess.penet_rules): {what}"
 
 
 def _hdf5_geometry(row: StudyRow) -> dict:
@@ -86,11 +94,11 @@ class ThrottledIndex:
             self.write()
 
 
-def study_settings(row: StudyRow, thickness: float, size: int) -> str:
+def study_settings(row: StudyRow, thickness: float, size: int, penet_rules: bool = False) -> str:
     return settings_hash({
         "path": row.path, "series_uid": row.extras.get("series_uid", ""), "label": row.label,
         "split": row.split, "pe_slices": row.pe_slices, "thickness": thickness, "size": size,
-        **_hdf5_geometry(row),
+        **_hdf5_geometry(row), **({"penet_rules": True} if penet_rules else {}),
     })
 
 
@@ -123,16 +131,24 @@ class PreparedStudy:
     meta: StudyMeta
     pe_flags: np.ndarray  # per stored slice
     warnings: list[str]
+    adjusted: str = ""  # what preprocess.penet_rules changed ("" when nothing)
 
 
-def prepare_study(row: StudyRow, thickness: float, size: int, window: int, settings: str = ""
-                  ) -> PreparedStudy:
+def prepare_study(row: StudyRow, thickness: float, size: int, window: int, settings: str = "",
+                  penet_rules: bool = False) -> PreparedStudy:
     """Read, check, reorient and resample one study in memory: what `volttl preprocess`
-    stores and what `volttl predict` scores, by the same code."""
+    stores and what `volttl predict` scores, by the same code. ``penet_rules``: a study
+    shorter than one window is kept (read padded with air) and pe_slices past its end are
+    dropped, as PENet does with its own dataset; otherwise both are refused."""
     vol = read_study(row.path, row.extras.get("series_uid") or None, **_hdf5_geometry(row))
-    source, warnings = vol.geometry, []
-    outside = [p for p in row.pe_slices if p >= source.shape[0]]
-    if outside:
+    source, warnings, adjusted = vol.geometry, [], []
+    pe_slices = list(row.pe_slices)
+    outside = [p for p in pe_slices if p >= source.shape[0]]
+    if outside and penet_rules:
+        pe_slices = [p for p in pe_slices if p < source.shape[0]]
+        adjusted.append(f"pe_slices {format_slices(outside)} past its {source.shape[0]} slices dropped "
+                        f"({len(pe_slices)} kept)")
+    elif outside:
         raise StudyReadError(f"{row.path}: pe_slices {format_slices(outside)} lie outside the study's "
                              f"{source.shape[0]} slices (0-{source.shape[0] - 1})")
     clipped, whole = scan_float_hu(vol.hu) if vol.hu.dtype.kind == "f" else (0, False)
@@ -143,7 +159,7 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
         vol, canonical_to_source = to_canonical(vol)
     except OrientationError as exc:
         raise StudyReadError(f"{row.path}: {exc}") from None
-    if row.pe_slices and canonical_to_source[2, 2] == 0:
+    if pe_slices and canonical_to_source[2, 2] == 0:
         raise StudyReadError(f"{row.path}: pe_slices count along the file's third voxel axis, which is not "
                              "the patient's head-foot axis here; give pe_slices for an axial volume")
     # whole-number float HU (most NIfTI and NRRD CT) go through int16 as DICOM pixels do, so
@@ -151,31 +167,37 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
     hu = vol.hu.astype(np.int16) if whole and not clipped else vol.hu
     geo = vol.geometry
     stored, grid = resample_to_store(hu, geo.spacing[2], thickness, size)
-    if grid.num_slices < window:
+    if grid.num_slices < window and penet_rules:
+        adjusted.append(f"{grid.num_slices} slice(s), shorter than one {window}-slice window: "
+                        "padded with air")
+    elif grid.num_slices < window:
         raise StudyReadError(f"{row.path}: {geo.shape[0]} slice(s) of {geo.spacing[2]:g} mm give "
                              f"{grid.num_slices} stored slice(s) of {thickness:g} mm; at least one window "
                              f"of real data ({window} slices, {window * thickness:g} mm) is needed")
     stored_to_source = canonical_to_source @ grid.stored_to_original()
     source_k = stored_to_source[2, 2] * np.arange(grid.num_slices) + stored_to_source[2, 3]
-    flags = pe_flags_on_stored_grid(row.pe_slices, source.shape[0], source_k)
+    flags = pe_flags_on_stored_grid(pe_slices, source.shape[0], source_k)
     meta = StudyMeta(
         study_id=row.study_id, label=row.label, split=row.split,
-        pe_slices=np.flatnonzero(flags), pe_slices_original=np.asarray(row.pe_slices, dtype=np.int64),
+        pe_slices=np.flatnonzero(flags), pe_slices_original=np.asarray(pe_slices, dtype=np.int64),
         source=row.path, source_kind=vol.source_kind, series_uid=row.extras.get("series_uid") or "",
         settings=settings, slice_thickness=thickness, size=size, original=source,
-        stored_to_original=stored_to_source)
-    return PreparedStudy(stored, meta, flags, warnings)
+        stored_to_original=stored_to_source, adjusted="; ".join(adjusted))
+    return PreparedStudy(stored, meta, flags, warnings, meta.adjusted)
 
 
 def process_study(row: StudyRow, store: str, thickness: float, size: int, window: int,
-                  settings: str, stamp: str = "") -> tuple[StudyRecord, list[str]]:
+                  settings: str, stamp: str = "", penet_rules: bool = False
+                  ) -> tuple[StudyRecord, list[str]]:
     """Prepare one study and write it to the store (in a worker process); returns its
     index record and warnings for the user. ``stamp``: :func:`source_stamp`, taken before
     reading, so a source changed while it was read is read again next time."""
-    study = prepare_study(row, thickness, size, window, settings)
+    study = prepare_study(row, thickness, size, window, settings, penet_rules)
     study.meta.source_stamp = stamp
     write_study(store, study.hu, study.meta, window)
-    return StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings, stamp), study.warnings
+    record = StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings, stamp,
+                         study.adjusted)
+    return record, study.warnings
 
 
 Outcome = tuple[str, StudyRecord | None, str | None, list[str]]
@@ -269,14 +291,20 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     """Preprocess every study of ``cfg.data.manifest`` into ``cfg.data.store``."""
     p = cfg.preprocess
     rows = read_manifest(cfg.data.manifest, check_paths=False)  # a missing study fails alone
-    unlabelled = [r.study_id for r in rows if r.label == 1 and not r.pe_slices]
+    # window labels are learnt from the training positives' slices only; validation and test
+    # positives without slices are scored at study level (their windows' labels are unknown)
+    unlabelled = [r.study_id for r in rows if r.label == 1 and not r.pe_slices and r.split == "train"]
     if unlabelled and cfg.data.labels == "slices":
         more = f" and {len(unlabelled) - 20} more" if len(unlabelled) > 20 else ""
         shown = ", ".join(unlabelled[:20]) + more
-        raise ManifestError(f"{cfg.data.manifest}: {len(unlabelled)} positive study(ies) without pe_slices "
-                            f"({shown}); with data.labels: slices every window of them would be labelled "
-                            "negative. Give their pe_slices, or set data.labels: study to learn from study "
-                            "labels alone")
+        raise ManifestError(f"{cfg.data.manifest}: {len(unlabelled)} training positive study(ies) "
+                            f"without pe_slices ({shown}); with data.labels: slices every window of them "
+                            "would be labelled negative. Give their pe_slices, or set data.labels: study to "
+                            "learn from study labels alone")
+    study_level = [r for r in rows if r.label == 1 and not r.pe_slices and r.split != "train"]
+    if study_level:
+        log.info("%d validation/test positive study(ies) without pe_slices: scored at study level; "
+                 "window-level metrics leave them out", len(study_level))
     store = cfg.data.store
     Path(store).parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(store):
@@ -288,7 +316,7 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         if not Path(row.path.partition("#")[0]).exists():  # named before any work, the rest go on
             summary.failed[row.study_id] = f"{row.path}: no such file or folder"
             continue
-        settings = study_settings(row, p.slice_thickness, p.size)
+        settings = study_settings(row, p.slice_thickness, p.size, p.penet_rules)
         stamp = source_stamp(row.path)
         rec = read_record(store, row.study_id)
         changed = rec is not None and rec.source_stamp not in ("", stamp)  # "": stored before stamps
@@ -297,8 +325,10 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         if rec is not None and rec.settings == settings and not changed:
             records[row.study_id] = rec
             summary.skipped.append(row.study_id)
+            if rec.adjusted:
+                summary.adjusted[row.study_id] = rec.adjusted
         else:
-            todo.append((row, store, p.slice_thickness, p.size, p.window, settings, stamp))
+            todo.append((row, store, p.slice_thickness, p.size, p.window, settings, stamp, p.penet_rules))
     config_yaml = config_to_yaml(cfg)
 
     def reindex() -> None:
@@ -315,6 +345,8 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
         if rec is not None:
             records[sid] = rec
             summary.done.append(sid)
+            if rec.adjusted:
+                summary.adjusted[sid] = rec.adjusted
             _fault_point("before-index", len(summary.done))
             index.study_finished()
             _fault_point("after-index", len(summary.done))

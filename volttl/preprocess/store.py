@@ -10,12 +10,13 @@ Layout (``store.h5`` plus a folder ``store.h5.d/`` beside it; h5py alone reads i
   ``label``, ``split``, ``pe_slices`` (stored grid), ``pe_slices_original``, the original
   grid (``original_shape`` (k, j, i), ``original_spacing`` (i, j, k) mm,
   ``original_origin`` LPS, ``original_direction``, ``original_affine_ras``),
-  ``stored_to_original`` (4x4, stored (c, r, s) index -> original (i, j, k) index) and
-  ``stored_affine_ras``.
+  ``stored_to_original`` (4x4, stored (c, r, s) index -> original (i, j, k) index),
+  ``stored_affine_ras``, and ``adjusted`` (what ``preprocess.penet_rules`` changed, or "").
 - ``store.h5/index/study_ids``, ``index/splits``, ``index/labels``: the studies in
   manifest order; ``index/windows_eval`` (every study, non-overlapping) and
   ``index/windows_train`` (train split, ``train_stride``): records
-  ``(study, start, pe_slices, label)`` where ``study`` indexes ``index/study_ids``.
+  ``(study, start, pe_slices, label)`` where ``study`` indexes ``index/study_ids``;
+  ``label`` is 1, 0, or -1 (unknown: a positive study without pe_slices).
 
 Why two files: HDF5 cannot survive a kill in the middle of a write. Each study is
 written to a temporary file and renamed into place, and the small index file is
@@ -133,6 +134,7 @@ class StudyMeta:
     original: Geometry
     stored_to_original: np.ndarray  # 4x4: stored (c, r, s) index -> original (i, j, k) index
     source_stamp: str = ""  # the source's sizes and modification times when it was read
+    adjusted: str = ""  # what preprocess.penet_rules changed in this study ("" when nothing)
 
     @property
     def stored_affine_ras(self) -> np.ndarray:
@@ -151,6 +153,7 @@ class StudyMeta:
             "stored_to_original": np.asarray(self.stored_to_original, dtype=np.float64),
             "stored_affine_ras": self.stored_affine_ras,
             "source_stamp": self.source_stamp,
+            "adjusted": self.adjusted,
         }
 
     @staticmethod
@@ -165,6 +168,7 @@ class StudyMeta:
             original=Geometry.from_attrs(attrs, "original_"),
             stored_to_original=np.asarray(attrs["stored_to_original"], dtype=np.float64),
             source_stamp=str(attrs.get("source_stamp", "")),
+            adjusted=str(attrs.get("adjusted", "")),
         )
 
 
@@ -198,6 +202,7 @@ class StudyRecord:
     pe_flags: np.ndarray
     settings: str
     source_stamp: str = ""  # "" in files written before stamps were recorded
+    adjusted: str = ""  # what preprocess.penet_rules changed ("" when nothing)
 
 
 def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyRecord | None:
@@ -214,7 +219,8 @@ def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyR
             flags = np.zeros(n, dtype=bool)
             flags[np.asarray(f.attrs["pe_slices"], dtype=int)] = True
             return StudyRecord(study_id, str(f.attrs["split"]), int(f.attrs["label"]), flags,
-                               str(f.attrs["settings"]), str(f.attrs.get("source_stamp", "")))
+                               str(f.attrs["settings"]), str(f.attrs.get("source_stamp", "")),
+                               str(f.attrs.get("adjusted", "")))
     except (OSError, KeyError):
         return None
 

@@ -3,6 +3,9 @@
 PENet's rule: evaluation windows are consecutive and non-overlapping,
 ``ceil(num_slices / window)`` per study, the last padded with air; a window is
 positive when the study is positive and at least ``min_pe_slices`` of its slices show PE.
+A positive study without slice labels (PENet's validation and test positives) has
+windows of unknown label (:data:`UNKNOWN`): it is scored at study level only, and its
+windows never count as negatives.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 
 import numpy as np
 
+UNKNOWN = -1  # the label of a window of a positive study that has no pe_slices
 WINDOW_DTYPE = np.dtype([("study", np.int32), ("start", np.int32), ("pe_slices", np.int16),
                          ("label", np.int8)])
 
@@ -39,7 +43,8 @@ def pe_flags_on_stored_grid(pe_original: list[int], original_slices: int,
 
 def study_windows(study_index: int, pe_flags: np.ndarray, label: int, window: int, stride: int,
                   min_pe_slices: int) -> np.ndarray:
-    """The study's windows as records ``(study, start, pe_slices, label)``."""
+    """The study's windows as records ``(study, start, pe_slices, label)``; ``label`` is
+    :data:`UNKNOWN` throughout a positive study that has no PE slices."""
     starts = indexed_window_starts(len(pe_flags), window, stride)
     csum = np.concatenate([[0], np.cumsum(pe_flags)])
     ends = np.minimum(starts + window, len(pe_flags))
@@ -49,4 +54,6 @@ def study_windows(study_index: int, pe_flags: np.ndarray, label: int, window: in
     out["start"] = starts
     out["pe_slices"] = counts
     out["label"] = (label == 1) & (counts >= min_pe_slices)
+    if label == 1 and not pe_flags.any():
+        out["label"] = UNKNOWN
     return out

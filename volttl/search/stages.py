@@ -18,7 +18,7 @@ import logging
 import math
 from pathlib import Path
 
-from volttl.analysis.complexity import convention
+from volttl.analysis.complexity import convention, profiled_input
 from volttl.config import Config
 from volttl.errors import VolttlError
 from volttl.models import display_name, get_backbone_spec
@@ -118,9 +118,9 @@ def search_run(cfg: Config, progress: bool = True) -> list[dict]:
 def _write_table(rows: list[dict], out: Path, cfg: Config) -> None:
     split = cfg.search.test_split
     n = max(r["repeats"] for r in rows)
-    window = "x".join(str(v) for v in cfg.profile.input_size)
     lines = [f"Study-level {split} AUROC and AUPRC, mean +- std over {n} repeat(s); P(M), MACs(G) and "
-             f"T(ms) at 1 x {window}, batch 1, on {cfg.profile.device}; {convention(cfg)}. "
+             f"T(ms) at input (C x D x H x W) {profiled_input(cfg)}, batch 1, on {cfg.profile.device}; "
+             f"{convention(cfg)}. "
              "-1: block search only; -2: block then layer search.", "",
              "| model | strategy | cut | AUROC | AUPRC | P(M) | MACs(G) | T(ms) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

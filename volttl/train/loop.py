@@ -18,8 +18,10 @@ is keyed on (seed, epoch), so a resumed run ends with the same weights as an
 uninterrupted one.
 
 Under ``torchrun`` each process trains a DistributedDataParallel replica on its shard of
-the windows (``train.batch_size`` is per process); validation is sharded too and
-gathered, so every rank sees the same metrics; only rank 0 writes the run dir.
+the windows. ``train.batch_size`` is the global batch, split evenly across the processes
+(refused when it does not divide), so one config takes the same optimiser steps, with the
+same examples per step and the same schedule, on one process or N; validation is sharded
+too and gathered, so every rank sees the same metrics; only rank 0 writes the run dir.
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def per_process_batch(cfg: Config, world: int) -> int:
+    """The windows each of ``world`` processes takes per micro-batch: ``train.batch_size``
+    is the global batch (PENet's batch of 8 is the total over its GPUs)."""
+    total = cfg.train.batch_size
+    if total % world:
+        raise VolttlError(f"train.batch_size {total} does not divide over {world} processes: give a "
+                          f"multiple of {world} (it is the global batch, split across the processes)")
+    per = total // world
+    if cfg.data.labels == "study":  # whole bags only: (per // bag) studies of bag windows each
+        bag = cfg.data.bag_windows
+        if per < bag:
+            raise VolttlError(f"train.batch_size {total} over {world} process(es) gives {per} window(s) "
+                              f"each, less than one bag of data.bag_windows {bag}")
+        per = per // bag * bag
+    return per
 
 
 def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
@@ -221,21 +240,23 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay, dampening=tc.dampening)
     train_ds, val_ds = datasets(cfg, tc.seed)
+    batch = per_process_batch(cfg, dist.world)
     bags = cfg.data.labels == "study"
     if bags:  # study labels: each batch is whole bags of windows, one study logit per bag
         sampler = StudyBagSampler(train_ds.studies(), cfg.data.bag_windows,
-                                  tc.batch_size // cfg.data.bag_windows, tc.seed, dist.rank, dist.world)
+                                  batch // cfg.data.bag_windows, tc.seed, dist.rank, dist.world)
         drop_last, batches = False, len(sampler)
     else:
         sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
                                                       shuffle=True, seed=tc.seed)
         # a last batch of one window cannot train BatchNorm (one value per channel): dropped
-        drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
-        batches = len(sampler) // tc.batch_size if drop_last else math.ceil(len(sampler) / tc.batch_size)
+        drop_last = len(sampler) % batch == 1 and len(sampler) > 1
+        batches = len(sampler) // batch if drop_last else math.ceil(len(sampler) / batch)
     steps_per_epoch = math.ceil(batches / tc.grad_accum)
-    bag = cfg.data.bag_windows
-    windows_per_batch = (tc.batch_size // bag) * bag if bags else tc.batch_size
-    examples_per_step = max(1, windows_per_batch) * tc.grad_accum * dist.world
+    examples_per_step = batch * tc.grad_accum * dist.world
+    log.info("process %d of %d: %d windows per micro-batch (train.batch_size %d over %d process(es)), "
+             "%d optimiser steps per epoch", dist.rank, dist.world, batch, tc.batch_size, dist.world,
+             steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(
         cfg, [g["name"] for g in optimizer.param_groups], steps_per_epoch, examples_per_step))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
@@ -252,7 +273,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
     if start_epoch == 0 and model.frozen_units and model.frozen_norm == "recalibrate":
         seen = model.recalibrate_frozen_norms(_recalibration_batches(
-            train_ds, cfg.transfer.recalibrate_windows, tc.batch_size, tc.workers, device, numerics))
+            train_ds, cfg.transfer.recalibrate_windows, batch, tc.workers, device, numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
     # compiled first, then wrapped (DDP's gradient hooks stay outside the compiled graph);
     # the compiled module shares the model's parameters, and checkpoints save `model` itself
@@ -268,7 +289,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
-        loader = _loader(train_ds, 0 if bags else tc.batch_size, sampler, tc.workers, device, drop_last)
+        loader = _loader(train_ds, 0 if bags else batch, sampler, tc.workers, device, drop_last)
         bar = tqdm(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
@@ -303,10 +324,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         train_loss = torch.stack(losses).double().mean().item()  # waits for the epoch's last step
         elapsed = time.perf_counter() - t0
         dist.sync_buffers(model)
-        probs, labels, studies = predict(model, val_ds, device, tc.batch_size, tc.workers, dist, numerics)
+        probs, labels, studies = predict(model, val_ds, device, batch, tc.workers, dist, numerics)
         val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
         record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
                   "lr": [g["lr"] for g in optimizer.param_groups],
+                  "optimizer_steps": int(schedule.last_epoch), "examples_per_step": examples_per_step,
                   "windows_per_s": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
         improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
         if improved:

@@ -40,14 +40,19 @@ def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, n: int = 1000, seed: in
 
 def summarise(window_labels, window_probs, window_studies, study_labels, how="max",
               bootstrap: int = 0, seed: int = 0) -> dict:
-    """Everything a run reports about one split."""
+    """Everything a run reports about one split. Window-level metrics leave out the windows
+    of unknown label (negative label values: positive studies without slice labels) and
+    say how many studies that left out; study-level metrics use every study."""
     window_labels, window_probs = np.asarray(window_labels), np.asarray(window_probs)
-    studies, scores = study_scores(window_probs, np.asarray(window_studies), how)
+    window_studies = np.asarray(window_studies)
+    studies, scores = study_scores(window_probs, window_studies, how)
     labels = np.asarray(study_labels)[studies]
-    w_roc, w_prc = auroc_auprc(window_labels, window_probs)
+    known = window_labels >= 0
+    w_roc, w_prc = auroc_auprc(window_labels[known], window_probs[known])
     s_roc, s_prc = auroc_auprc(labels, scores)
     out = {"window_auroc": w_roc, "window_auprc": w_prc, "study_auroc": s_roc,
-           "study_auprc": s_prc, "studies": int(len(studies)), "windows": int(len(window_probs))}
+           "study_auprc": s_prc, "studies": int(len(studies)), "windows": int(len(window_probs)),
+           "window_metrics_studies_left_out": int(len(np.unique(window_studies[~known])))}
     if bootstrap:
         ci = bootstrap_ci(labels, scores, bootstrap, seed)
         out["study_auroc_ci"], out["study_auprc_ci"] = ci["auroc"], ci["auprc"]

@@ -26,8 +26,9 @@ from torch import nn
 
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
-from volttl.models.base import Backbone3D
-from volttl.models.checkpoints import load_pretrained
+from volttl.models.base import Backbone3D, SourceInput
+from volttl.models.checkpoints import load_pretrained, read_checkpoint
+from volttl.models.input_norms import NAMES, known_for_file
 
 log = logging.getLogger("volttl.transfer")
 STRATEGIES = ("ftl", "tf", "lwft", "ttl")
@@ -97,8 +98,13 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
                    width: float = 0.5, init: str = "kaiming", pool: str = "avg",
                    dropout: float = 0.0, window: tuple[int, int, int] | None = None,
                    head_norm: bool = False, pretrained_state: dict[str, torch.Tensor] | None = None,
-                   frozen_bn: str = "train") -> TransferSetup:
-    """Turn a (pretrained) full backbone into the model a strategy trains."""
+                   frozen_bn: str = "train", loaded: set[str] | None = None) -> TransferSetup:
+    """Turn a (pretrained) full backbone into the model a strategy trains.
+
+    A parameter is "pretrained" (``train.lr_pretrained``, and PENet's schedule delays its
+    warm-up) only if its value was loaded from a file: ``loaded`` names those (by default
+    the keys of ``pretrained_state``; none when nothing was loaded). Everything else,
+    a from-scratch backbone included, is "new"."""
     if strategy not in STRATEGIES:
         raise VolttlError(f"transfer.strategy '{strategy}' is not one of {', '.join(STRATEGIES)}")
     if init not in INITS:
@@ -121,11 +127,14 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     if strategy == "lwft":
         model.freeze_upto(keep, frozen_bn)
     frozen = {id(p) for p in model.frozen_parameters()}
+    if loaded is None:
+        loaded = set(pretrained_state or {})
     setup = TransferSetup(model, strategy, cut if strategy != "ftl" else "")
     for name, p in model.named_parameters():
         if id(p) in frozen:
             setup.frozen.append(name)
-        elif init == "random" or any(name.startswith(pre + ".") for pre in new_prefixes):
+        elif (init == "random" or name not in loaded
+              or any(name.startswith(pre + ".") for pre in new_prefixes)):
             setup.new.append(name)
         else:
             setup.pretrained.append(name)
@@ -143,9 +152,6 @@ def check_input_scale(spec: type[Backbone3D], input_scale: str, pretrained: str 
     if input_scale == "source" and pretrained == "":
         raise VolttlError("model.input_scale: source maps CT onto the pretrained weights' input "
                           "scale, but no model.pretrained is given")
-    if input_scale == "source" and source is None and pretrained:
-        log.info("%s: its weights take PENet-normalised CT, so input_scale source is ct",
-                 spec.display_name)
     if input_scale == "ct" and source is not None and pretrained and frozen_bn == "eval":
         log.warning("transfer.frozen_bn is eval with %s weights trained on %g-scale input while "
                     "model.input_scale is ct: the frozen statistics will squash CT windows; "
@@ -159,33 +165,47 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
                          window: tuple[int, int, int] | None = None,
                          head_norm: bool = False, weights: bool = True,
                          frozen_bn: str = "train", input_scale: str = "ct",
-                         intensity_shift: float = 0.15897) -> TransferSetup:
+                         intensity_shift: float = 0.15897,
+                         source_norm: SourceInput | None = None) -> TransferSetup:
     """Build the backbone, load its weights (unless ``init: random``), apply the strategy.
 
     ``weights=False`` builds the architecture alone, quietly: nothing is loaded and
     ``meanvar`` falls back to the backbone's own initialisation, for callers that load
     trained weights next or only count parameters.
 
-    ``input_scale: source`` maps the CT window (``u - intensity_shift``) onto the scale the
-    backbone's published weights were trained on (:attr:`Backbone3D.source_input`)."""
+    ``input_scale: source`` maps the CT window (``u - intensity_shift``) onto the input
+    normalisation the pretrained file was trained on: ``source_norm`` when declared, else
+    the one the file's layout identifies (:func:`volttl.models.input_norms.known_for_file`);
+    a file that identifies none is refused. Built without weights, the backbone's declared
+    :attr:`Backbone3D.source_input` stands in (a run's checkpoint carries the mapping)."""
     spec = get_backbone_spec(model_name)
     if strategy != "ftl":
         spec.cut_point(cut)  # fail early, listing the valid cuts
     model = spec(num_outputs=num_outputs, in_channels=1 if stem == "sum" else 3)
     check_input_scale(spec, input_scale, pretrained if weights and init != "random" else None,
                       frozen_bn if strategy == "lwft" else "train")
+    checkpoint = None
     if input_scale == "source":
-        model.map_input_to_source(intensity_shift)
-    reference = None
+        source = source_norm
+        if source is None and weights and init != "random":
+            checkpoint = read_checkpoint(pretrained)
+            source = known_for_file(checkpoint[1], checkpoint[2])
+            if source is None:
+                raise VolttlError(f"{pretrained}: model.input_scale is source, but the input normalisation "
+                                  "these weights were trained on is not known from the file; declare it "
+                                  f"with model.source_norm ({', '.join(n for n in NAMES if n != 'auto')}: "
+                                  "model.source_scale, source_mean, source_std)")
+        model.map_input_to_source(intensity_shift, source)
+    reference, loaded = None, set()
     if not weights:
         init = "kaiming" if init == "meanvar" else init
     elif init == "random":  # the backbone's own initialisation, nothing loaded
         if pretrained:
             log.warning("transfer.init is random: model.pretrained (%s) is not loaded", pretrained)
     elif pretrained:
-        load_pretrained(model, pretrained)
+        loaded = set(load_pretrained(model, pretrained, checkpoint=checkpoint).loaded)
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     else:
         log.warning("no model.pretrained given: the backbone starts from its own initialisation")
     return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, window,
-                          head_norm, reference, frozen_bn)
+                          head_norm, reference, frozen_bn, loaded)
