@@ -73,13 +73,15 @@ class RandomFlip(WindowTransform):
 
 @dataclass(frozen=True)
 class RandomRotation(WindowTransform):
-    """In-plane rotation by an angle (radians) drawn uniformly in +-``max_degrees``; air
-    fills the corners (:func:`rotate_inplane`)."""
+    """In-plane rotation by a whole number of degrees drawn uniformly in +-``max_degrees``
+    (PENet: ``random.randint(-15, 15)``), returned in radians; air fills the corners
+    (:func:`rotate_inplane`)."""
 
     max_degrees: float = 15.0
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> float:
-        return float(np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees)))
+        bound = int(self.max_degrees)
+        return float(np.deg2rad(rng.integers(-bound, bound + 1)))
 
     def apply(self, x: torch.Tensor, params: float) -> torch.Tensor:
         return rotate_inplane(x[None], torch.tensor([params]))[0]
