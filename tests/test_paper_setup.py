@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from volttl.config import config_from_dict, load_config
-from volttl.data.sampling import PECentredSampler
+from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.manifests import write_manifest
 from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
 from volttl.preprocess.run import preprocess
@@ -155,15 +155,19 @@ def test_global_batch_that_does_not_divide_is_refused():
 
 
 def test_every_training_window_is_jittered_as_penet_does():
-    """PENet's draw: indexed windows shift by up to 12 slices too, a forced positive draw
-    keeps an indexed positive study, and starts stay inside the study."""
+    """PENet's draw: indexed windows shift by up to half a window too, a forced positive
+    draw keeps an indexed positive study, and starts stay within the evaluation windows'
+    starts (0 to the last, air-padded, window's)."""
     pe = {0: np.array([], dtype=int), 1: np.array([40, 41, 42, 43, 44, 45])}
     slices = {0: 100, 1: 60}
     sampler = PECentredSampler(prob=0.0, jitter=12)
     starts = {sampler.draw(np.random.default_rng(i), 0, 48, 24, [1], pe, slices)[1] for i in range(300)}
     assert starts == set(range(36, 61))  # 48 +- 12, every shift drawn
-    edge = {sampler.draw(np.random.default_rng(i), 0, 72, 24, [1], pe, slices)[1] for i in range(300)}
-    assert max(edge) == 76 and min(edge) == 60  # clamped to [0, 100 - 24]
+    assert last_window_start(100, 24) == 96 and last_window_start(96, 24) == 72
+    edge = {sampler.draw(np.random.default_rng(i), 0, 96, 24, [1], pe, slices)[1] for i in range(300)}
+    assert max(edge) == 96 and min(edge) == 84  # the last evaluation window's start bounds it
+    low = {sampler.draw(np.random.default_rng(i), 0, 0, 24, [1], pe, slices)[1] for i in range(300)}
+    assert min(low) == 0 and max(low) == 12
     forced = PECentredSampler(prob=1.0, jitter=0)
     assert forced.draw(np.random.default_rng(0), 1, 0, 24, [1], pe, slices) == (1, 30)
     assert forced.draw(np.random.default_rng(0), 0, 0, 24, [1], pe, slices) == (1, 30)
@@ -172,6 +176,19 @@ def test_every_training_window_is_jittered_as_penet_does():
     slices[2] = 50
     drawn = {forced.draw(np.random.default_rng(i), 2, 0, 24, [1, 2], pe, slices)[0] for i in range(50)}
     assert drawn == {2}
+
+
+def test_training_jitter_is_half_the_window(tmp_path):
+    """PENet jitters by num_slices // 2: 12 for its 24-slice windows, 4 for 8-slice ones."""
+    from volttl.data.dataset import WindowDataset
+    from volttl.synth import synth_cohort
+
+    from .conftest import small_config
+
+    manifest = synth_cohort(tmp_path / "c", studies=4, seed=1, matrix=48, progress=False)
+    assert not preprocess(small_config(manifest, tmp_path / "s.h5", size=32), progress=False).failed
+    ds = WindowDataset(str(tmp_path / "s.h5"), "train", True, crop=32)
+    assert ds.window == 8 and ds.sampler.jitter == 4 and ds.sampler.prob == 0.3
 
 
 def test_cost_columns_reproduce_the_papers_macs_at_its_input():

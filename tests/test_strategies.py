@@ -271,3 +271,24 @@ def test_tiny_cut_points_are_derived_from_units():
     names = [(c.name, c.level) for c in TinyNet.cut_points()]
     assert names[:4] == [("stem", "block"), ("stages.0.0", "layer"), ("stages.0.1", "layer"),
                          ("stages.0", "block")]
+
+
+def test_normalised_head_moves_the_logit_alike_at_any_width():
+    """One SGD step on a BatchNorm1d + linear head moves the logit by about the learning
+    rate, at layer1's 256 features as at layer4's 2048 (unscaled, 8x more at 2048: the
+    transfer demo's deep rows diverged)."""
+    moves = {}
+    for strategy, cut in (("ttl", "layer1"), ("ftl", "")):
+        model = build_transfer_model("resnext3d_50", strategy, cut or "layer1", head_norm=True).model.train()
+        width = model.head_norm.num_features
+        assert torch.allclose(model.head_norm.weight, torch.full((width,), width ** -0.5))
+        features = torch.randn(8, width, generator=torch.Generator().manual_seed(0)) * 3 + 1
+        params = [*model.head_norm.parameters(), *model.fc.parameters()]
+        opt = torch.optim.SGD(params, lr=0.01)
+        before = model.fc(model.head_norm(features))[:, 0]
+        torch.nn.functional.binary_cross_entropy_with_logits(before, torch.ones(8)).backward()
+        opt.step()
+        after = model.fc(model.head_norm(features))[:, 0]
+        moves[width] = float((after - before).abs().mean())
+    assert set(moves) == {256, 2048}
+    assert 0.5 < moves[2048] / moves[256] < 2 and 0.001 < moves[256] < 0.05, moves

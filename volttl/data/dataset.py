@@ -38,7 +38,7 @@ class Augment:
     """PENet's training augmentation settings."""
 
     pe_prob: float = 0.3
-    pe_jitter: int = 12
+    pe_jitter: int | None = None  # slices; None: half the window (PENet: num_slices // 2)
     flip_prob: float = 0.5
     max_rotation_deg: float = 15.0
 
@@ -55,8 +55,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
         self.study_labels_only = study_labels  # items carry their study's label (bags)
         aug = (augment or Augment()) if train else None
-        # PE-centred sampling needs slice labels; with study labels the bags choose windows
-        self.sampler = PECentredSampler(aug.pe_prob, aug.pe_jitter) if aug and not study_labels else None
+        self.sampler: PECentredSampler | None = None  # set once the window is known
         self.transform: Compose = (training_transform(crop, aug.flip_prob, aug.max_rotation_deg) if aug
                                    else evaluation_transform(crop))
         with Store(store) as s:
@@ -69,6 +68,9 @@ class WindowDataset(torch.utils.data.Dataset):
             self.pe_slices = {i: s.meta(self.study_ids[i]).pe_slices for i in members}
             self.num_slices = {i: s.hu(self.study_ids[i]).shape[0] for i in members}
             self.size = s.hu(self.study_ids[members[0]]).shape[1] if members else crop
+        if aug and not study_labels:  # needs slice labels; with study labels the bags choose windows
+            jitter = self.window // 2 if aug.pe_jitter is None else aug.pe_jitter
+            self.sampler = PECentredSampler(aug.pe_prob, jitter)
         if len(self.windows) == 0:
             raise VolttlError(f"{store}: no {split} windows in the store")
         if crop > self.size:

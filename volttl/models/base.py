@@ -349,7 +349,11 @@ class Backbone3D(nn.Module):
         the flattened map (``pool="flatten"``, which needs the input window ``(D, H, W)``).
         ``norm`` puts a BatchNorm1d before the linear layer: pooled ReLU features are large
         and all positive, which makes a single-logit head unstable at a backbone's
-        learning rate when the backbone trains from scratch."""
+        learning rate when the backbone trains from scratch. Its scale starts at
+        ``1 / sqrt(features)``: normalised to unit variance, ``C`` features would move the
+        logit by about ``lr * C`` per SGD step, 8x more at layer4's 2048 than at layer1's 256
+        (the deep rows of the transfer demo diverged, logits reaching +-50); scaled, a step
+        moves it by about ``lr`` whatever the width."""
         channels = self.feature_channels()
         if pool == "avg":
             self.head_pool, in_features = nn.AdaptiveAvgPool3d(1), channels
@@ -366,6 +370,8 @@ class Backbone3D(nn.Module):
                 probe = self.forward_features(torch.zeros(1, self.in_channels, *window, device=device))
             in_features = probe[0].numel()
         self.head_norm = nn.BatchNorm1d(in_features) if norm else nn.Identity()
+        if norm:
+            nn.init.constant_(self.head_norm.weight, in_features ** -0.5)
         self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         head = nn.Linear(in_features, num_outputs)
         self._set_module(self.head_path, head)
