@@ -264,7 +264,10 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
         # the JSON's peak (from the unquantised map) is one of the file's maximal voxels
         ijk = np.rint(np.linalg.inv(cam.affine) @ np.append(rec["peak_ras_mm"], 1.0))[:3].astype(int)
         assert data[tuple(ijk)] == data.max() and list(ijk) == rec["peak_voxel_ijk"]
-        assert rec["probability"] == pytest.approx(preds[sid], abs=1e-4)  # the study score evaluate gives
+        # the study score evaluate gives: the same windows and numerics (one inference path);
+        # only the batches differ, which moves float32 sums by ~1e-7
+        assert rec["probability"] == pytest.approx(preds[sid], abs=2e-6)
+        assert rec["label"] == int(rows[sid]["label"])
         assert (tmp_path / "cam" / f"{sid}_cam.png").stat().st_size > 1000
         saved = json.loads((tmp_path / "cam" / f"{sid}_cam.json").read_text())
         assert saved["target_layer"] == "layer1.0" and saved["files"]["cam"] == f"{sid}_cam.nii.gz"

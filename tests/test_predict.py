@@ -65,6 +65,11 @@ def test_predict_equals_evaluate_and_writes_overlays(cohort, trained, tmp_path, 
         src = Path(r["source"])
         shape = nib.load(src).shape if src.is_file() else nib.load(tmp_path / "p" / r["files"]["ct"]).shape
         assert cam.shape == shape
+        # one number per study everywhere: the overlay's record reports predict's probability
+        # exactly, and a scan with no label gets none
+        cam_record = json.loads((tmp_path / "p" / f"{r['study_id']}_cam.json").read_text())
+        assert cam_record["probability"] == r["probability"] and cam_record["label"] is None
+        assert cam_record["window_probabilities"] == r["window_probabilities"]
     with open(tmp_path / "p" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(records) and {"best_window_source_slices", "probability"} <= set(rows[0])
@@ -106,7 +111,7 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
         path = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), path)
         study = prepare_study(StudyRow(name, str(path), 0, "test", []), 1.25, 32, 8)
-        where[name] = window_location(study.meta, 16, 8, 24)
+        where[name] = window_location(study.meta, 16, 8, 24, study.hu.shape[0])
         lo, hi = where[name]["best_window_source_slices"]
         z = [(affine @ [0, 0, k, 1])[2] for k in (lo, hi)]
         centre_z = where[name]["best_window_centre_ras_mm"][2]
@@ -116,4 +121,11 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
     assert up == pytest.approx(down)
     lo, hi = where["up"]["best_window_source_slices"]
     assert where["down"]["best_window_source_slices"] == [39 - hi, 39 - lo]
-    assert where["up"]["best_window_stored_slices"] == [16, 23]
+    assert where["up"]["best_window_stored_slices"] == [16, 23] and where["up"]["best_window_padding"] == 0
+    # the last window runs into air padding: its location is that of the part inside the scan
+    study = prepare_study(StudyRow("up", str(tmp_path / "up.nii.gz"), 0, "test", []), 1.25, 32, 8)
+    n = study.hu.shape[0]  # 80 stored slices of 1.25 mm
+    tail = window_location(study.meta, n - 2, 8, 24, n)
+    assert tail["best_window_stored_slices"] == [n - 2, n - 1] and tail["best_window_padding"] == 0.75
+    top = (forward @ [0, 0, 39, 1])[2]  # the scan's last slice centre
+    assert tail["best_window_centre_ras_mm"][2] <= top + 1e-6  # inside the scan, not in the padding

@@ -14,23 +14,16 @@ import csv
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
-from volttl.data.intensity import AIR_HU, normalise
 from volttl.errors import VolttlError
+from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
-from volttl.numerics import Numerics
 from volttl.preprocess.run import PreparedStudy, prepare_study
 from volttl.preprocess.store import StudyMeta
-from volttl.preprocess.windows import indexed_window_starts
-from volttl.runs import load_run, resolve_device, window_probabilities
 
 log = logging.getLogger("volttl.predict")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
@@ -89,14 +82,16 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
     return out
 
 
-def window_location(meta: StudyMeta, start: int, window: int, crop: int) -> dict:
+def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_slices: int) -> dict:
     """Where a scored window lies in the scan the user gave, not on the stored grid: its
-    stored slices, its centre in RAS mm, and the source file's slices whose centres lie in
-    its slab (numbered as the file numbers them, as pe_slices are; None when the file's
-    third voxel axis is not head-foot, where no slice range describes a window)."""
+    stored slices and its centre in RAS mm, both of the part inside the scan (the last
+    window runs into air padding beyond it), the share of the window that is padding, and
+    the source file's slices whose centres lie in its slab (numbered as the file numbers
+    them, as pe_slices are; None when the file's third voxel axis is not head-foot, where
+    no slice range describes a window)."""
     m, n = meta.stored_to_original, meta.original.shape[0]
     centre_in_plane = (meta.size - crop) // 2 + (crop - 1) / 2  # the centre crop
-    last = start + window - 1
+    last = min(start + window, stored_slices) - 1  # the window's last slice inside the scan
     centre = meta.stored_affine_ras @ [centre_in_plane, centre_in_plane, (start + last) / 2, 1.0]
     source = None
     if m[2, 2] != 0 and not m[2, 0] and not m[2, 1]:
@@ -107,42 +102,8 @@ def window_location(meta: StudyMeta, start: int, window: int, crop: int) -> dict
         source = [lo, hi] if lo <= hi else None  # None: the window lies in the air padding
     return {"best_window_stored_slices": [start, last],
             "best_window_centre_ras_mm": [round(float(v), 2) for v in centre[:3]],
-            "best_window_source_slices": source}
-
-
-@dataclass
-class StudyScore:
-    probability: float
-    window_starts: list[int]
-    window_probabilities: list[float]
-
-    @property
-    def best_window(self) -> int:
-        """The stored slice where the highest-scoring window starts."""
-        return self.window_starts[int(np.argmax(self.window_probabilities))]
-
-
-def score_study(model: torch.nn.Module, hu: np.ndarray, cfg: Config, device: torch.device,
-                batch_size: int = 4) -> StudyScore:
-    """The study's evaluation windows (non-overlapping from slice 0, air beyond the end,
-    centre crop), their probabilities and the run's aggregate, as `volttl evaluate`."""
-    window, crop = cfg.preprocess.window, cfg.data.crop
-    n, size = hu.shape[0], hu.shape[1]
-    y0 = (size - crop) // 2
-    starts = [int(s) for s in indexed_window_starts(n, window, window)]
-    numerics = Numerics.of(cfg.train)  # the run's precision and memory format
-    probs = []
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b: b + batch_size]
-        x = np.full((len(chunk), 1, window, crop, crop), AIR_HU, dtype=np.float32)
-        for i, s in enumerate(chunk):
-            hi = min(s + window, n)
-            x[i, 0, : hi - s] = hu[s:hi, y0: y0 + crop, y0: y0 + crop]
-        x = normalise(x, tuple(cfg.data.hu_clip), cfg.data.intensity_shift).astype(np.float32)
-        probs.append(window_probabilities(model, torch.from_numpy(x), device, numerics))
-    p = np.concatenate(probs)
-    aggregate = float(p.max() if cfg.eval.aggregate == "max" else p.mean())
-    return StudyScore(aggregate, starts, [float(v) for v in p])
+            "best_window_source_slices": source,
+            "best_window_padding": round(1 - (last - start + 1) / window, 4)}
 
 
 def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, cam: bool = True,
@@ -154,17 +115,12 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     from volttl.explain.gradcam import WindowGradCAM
     from volttl.explain.run import cam_study
 
-    cfg, model = load_run(run_dir)
-    if overrides:
-        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    run = TrainedRun.open(run_dir, overrides)
+    cfg = run.cfg
     studies = find_studies(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
-    numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
-    numerics.configure(device)
-    model = model.to(device, memory_format=numerics.memory_format).eval()
-    grad_cam = WindowGradCAM(model, cfg.cam.target_layer, device, cfg.cam.method) if cam else None
+    grad_cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method) if cam else None
     p = cfg.preprocess
     records, failed = [], {}
     for sid, path in tqdm(studies, desc="predict", unit="study", disable=not progress):
@@ -174,10 +130,11 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
         except VolttlError as exc:
             failed[sid] = str(exc)
             continue
-        score = score_study(model.eval(), study.hu, cfg, device, cfg.cam.batch_size)
+        score = run.score_study(study.hu)
         record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
                   "aggregate": cfg.eval.aggregate,
-                  **window_location(study.meta, score.best_window, p.window, cfg.data.crop),
+                  **window_location(study.meta, score.best_window, p.window, cfg.data.crop,
+                                    study.hu.shape[0]),
                   "window_probabilities": [round(v, 6) for v in score.window_probabilities],
                   "model": cfg.model.name, "strategy": cfg.transfer.strategy,
                   "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
@@ -185,7 +142,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
         for w in study.warnings:
             log.warning("%s: %s", sid, w)
         if grad_cam is not None:
-            overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out)
+            overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out, score, label=None)
             record["files"] = overlay["files"]
             record["peak_ras_mm"] = overlay["peak_ras_mm"]
         records.append(record)
@@ -196,7 +153,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
 def _write(records: list[dict], out: Path) -> None:
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
     columns = ["study_id", "source", "probability", "aggregate", "best_window_source_slices",
-               "best_window_centre_ras_mm", "best_window_stored_slices", "model", "strategy", "cut", "run"]
+               "best_window_centre_ras_mm", "best_window_stored_slices", "best_window_padding", "model", "strategy", "cut", "run"]
     with (out / "predictions.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

@@ -21,7 +21,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -30,7 +29,6 @@ from volttl.errors import VolttlError
 from volttl.models import input_norms
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
-from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.transfer import TransferSetup, build_transfer_model
 
 CONFIG = "config.yaml"
@@ -251,23 +249,3 @@ def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D
         first = str(exc).strip().splitlines()[0][:200]
         raise RunError(f"{path}: does not fit the model in {CONFIG} ({first})") from None
     return cfg, model
-
-
-@torch.no_grad()
-def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
-                         numerics: Numerics = DEFAULT_NUMERICS) -> np.ndarray:
-    """The positive-class probability of each window ``(N, 1, D, H, W)``, computed as every
-    inference path does (evaluation, validation, prediction): in the run's precision and
-    memory format (``Numerics.of(cfg.train)``), the logit cast to float32 before the sigmoid."""
-    return device_probabilities(model, x, device, numerics).cpu().numpy()
-
-
-@torch.no_grad()
-def device_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
-                         numerics: Numerics = DEFAULT_NUMERICS) -> torch.Tensor:
-    """:func:`window_probabilities`, left on the device: a loop over batches reads them
-    back once at its end instead of waiting for the device after every batch."""
-    x = numerics.prepare(x.to(device, non_blocking=True))
-    with numerics.autocast(device):
-        logits = model(x)[:, 0]
-    return torch.sigmoid(logits.float())

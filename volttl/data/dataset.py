@@ -20,16 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from volttl.data.intensity import AIR_HU, normalise
+from volttl.data.intensity import normalise
 from volttl.data.sampling import PECentredSampler
 from volttl.data.transforms import (
     Compose,
     augment_batch,
-    evaluation_transform,
     training_params,
     training_transform,
 )
 from volttl.errors import VolttlError
+from volttl.inference import cut_window, model_window
 from volttl.preprocess.store import Store
 
 
@@ -56,8 +56,10 @@ class WindowDataset(torch.utils.data.Dataset):
         self.study_labels_only = study_labels  # items carry their study's label (bags)
         aug = (augment or Augment()) if train else None
         self.sampler: PECentredSampler | None = None  # set once the window is known
-        self.transform: Compose = (training_transform(crop, aug.flip_prob, aug.max_rotation_deg) if aug
-                                   else evaluation_transform(crop))
+        # training draws its augmentation here; evaluation windows are centre-cropped by
+        # the inference path (volttl.inference.model_window)
+        self.transform: Compose | None = (training_transform(crop, aug.flip_prob, aug.max_rotation_deg)
+                                          if aug else None)
         with Store(store) as s:
             self.window = s.window
             self.min_pe = s.min_pe_slices
@@ -108,12 +110,7 @@ class WindowDataset(torch.utils.data.Dataset):
         """HU ``(window, size, size)`` from ``start``, padded with air beyond the study."""
         store, sid = self._open(), self.study_ids[study]
         hu = store.hu(sid)
-        n = hu.shape[0]
-        lo, hi = max(start, 0), min(start + self.window, n)
-        out = np.full((self.window, *hu.shape[1:]), AIR_HU, dtype=dtype)
-        if hi > lo:
-            out[lo - start: hi - start] = store.read_slices(sid, lo, hi, hu)
-        return out
+        return cut_window(hu, start, self.window, lambda lo, hi: store.read_slices(sid, lo, hi, hu), dtype)
 
     def window_label(self, study: int, start: int) -> int:
         pe = self.pe_slices[study]
@@ -136,10 +133,8 @@ class WindowDataset(torch.utils.data.Dataset):
             hu = torch.from_numpy(self.read_window(study, start, np.int16))[None]
             params = training_params(self.transform.sample(rng, tuple(hu.shape)))
             return hu, torch.tensor(float(label)), study, params
-        x = torch.from_numpy(self.read_window(study, start))[None]  # (1, D, H, W)
-        x = self.transform(x, rng)
-        x = torch.as_tensor(normalise(x.numpy(), self.hu_clip, self.shift), dtype=torch.float32)
-        return x, torch.tensor(float(label)), study
+        x = model_window(self.read_window(study, start), self.crop, self.hu_clip, self.shift)
+        return torch.from_numpy(x), torch.tensor(float(label)), study  # (1, D, crop, crop)
 
     def model_input(self, hu: torch.Tensor, params: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of training items as the model takes it: the int16 windows moved to

@@ -151,6 +151,3 @@ def training_transform(crop: int, flip_prob: float = 0.5, max_degrees: float = 1
     """PENet's training augmentation: random crop, left-right flip, in-plane rotation."""
     return Compose((RandomCrop(crop), RandomFlip(flip_prob), RandomRotation(max_degrees)))
 
-
-def evaluation_transform(crop: int) -> Compose:
-    return Compose((CentreCrop(crop),))

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from volttl.data.intensity import AIR_HU, normalise
 from volttl.errors import VolttlError
+from volttl.inference import window_batch
 from volttl.models.base import Backbone3D
 
 
@@ -180,11 +180,7 @@ def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, str
     probs = []
     for b in range(0, len(starts), batch_size):
         chunk = starts[b: b + batch_size]
-        x = np.full((len(chunk), 1, window, crop, crop), AIR_HU, dtype=np.float32)
-        for i, s in enumerate(chunk):
-            lo, hi = max(s, 0), min(s + window, n)
-            x[i, 0, lo - s: hi - s] = hu[lo:hi, y0: y0 + crop, y0: y0 + crop]
-        maps, p = cam(torch.from_numpy(normalise(x, hu_clip, intensity_shift)))
+        maps, p = cam(torch.from_numpy(window_batch(hu, chunk, window, crop, hu_clip, intensity_shift)))
         probs.append(p)
         for s, m, prob in zip(chunk, maps, p, strict=True):
             span = slice(s + pad, s + pad + window)

@@ -25,6 +25,7 @@ from volttl.explain.gradcam import WindowGradCAM, default_stride, stitch_study
 from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
+from volttl.inference import StudyScore, TrainedRun
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
@@ -63,9 +64,12 @@ def select_studies(store: Store, studies: list[str] | None, split: str) -> list[
     return [store.study_ids[i] for i in store.studies_in(split)]
 
 
-def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path) -> dict:
+def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path,
+              score: StudyScore, label: int | None) -> dict:
     """Everything `volttl cam` writes for one study (its stored HU ``hu`` and metadata);
-    returns its JSON record."""
+    returns its JSON record. ``score``: the study scored by the run
+    (:meth:`TrainedRun.score_study`), so the probability is the one every command reports;
+    ``label``: the study's label, None for a scan that has none (predict)."""
     sid = meta.study_id
     result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
                           cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend)
@@ -82,10 +86,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
     peak_ras = (geo.affine_ras() @ np.array([i, j, k, 1.0]))[:3]
     has_peak = bool(cam_map.max() > 0)  # an all-zero map: nothing raised the positive logit
-    # the study score as evaluation computes it: its non-overlapping windows only
-    aligned = np.array([s >= 0 and s % window == 0 for s in result.starts])
-    probs = result.window_probs[aligned] if aligned.any() else result.window_probs
-    probability = float(probs.max() if cfg.eval.aggregate == "max" else probs.mean())
+    probability = score.probability
     if cfg.cam.preview:  # drawn on the stored grid (canonical LPS): no need to read the CT again
         stored_peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(result.stored_map)),
                                                              result.stored_map.shape))
@@ -94,15 +95,15 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
                       f"{sid}: p(PE) = {probability:.3f}")
         files["preview"] = f"{sid}_cam.png"
     record = {
-        "study_id": sid, "source": meta.source, "label": meta.label, "probability": probability,
+        "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
         "aggregate": cfg.eval.aggregate,
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
         "target_layer": cam.target_layer, "method": cam.method,
         "stride": cfg.cam.stride or default_stride(window), "stitch": cfg.cam.stitch,
         "blend": cfg.cam.blend,
-        "window_starts": result.starts,
-        "window_probabilities": [round(float(p), 5) for p in result.window_probs],
+        "window_starts": score.window_starts,  # the evaluation windows the probability comes from
+        "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
         "files": files,
     }
     (out / f"{sid}_cam.json").write_text(json.dumps(record, indent=2))
@@ -112,20 +113,17 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
 def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = None, split: str = "test",
             overrides: list[str] | None = None, progress: bool = True) -> list[dict]:
     """Grad-CAM overlays for the chosen studies (default: the split's) of a run's store."""
-    from volttl.config import apply_overrides, config_from_dict, config_to_dict
-    from volttl.runs import load_run, resolve_device
-
-    cfg, model = load_run(run_dir)
-    if overrides:
-        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    run = TrainedRun.open(run_dir, overrides)
+    cfg = run.cfg
     out = Path(out)
     records = []
     with Store(cfg.data.store) as store:
         ids = select_studies(store, studies, split)
         out.mkdir(parents=True, exist_ok=True)
-        cam = WindowGradCAM(model, cfg.cam.target_layer, resolve_device(cfg.train.device), cfg.cam.method)
+        cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method)
         for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):
-            records.append(cam_study(store.meta(sid), store.hu(sid)[...], store.window, cam, cfg, out))
+            meta, hu = store.meta(sid), store.hu(sid)[...]
+            records.append(cam_study(meta, hu, store.window, cam, cfg, out, run.score_study(hu), meta.label))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)

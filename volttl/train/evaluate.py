@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from volttl.numerics import Numerics
-from volttl.runs import RunDir, load_run, resolve_device
+from volttl.inference import TrainedRun
+from volttl.runs import RunDir
 from volttl.train.loop import predict
 from volttl.train.metrics import study_scores, summarise
 
@@ -40,14 +40,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     from volttl.data import WindowDataset
 
     run = RunDir(run_dir)
-    cfg, model = load_run(run.path)
-    device = resolve_device(cfg.train.device)
-    numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
-    numerics.configure(device)
-    model = model.to(device, memory_format=numerics.memory_format)
+    trained = TrainedRun.open(run.path)  # the model in the run's numerics, on its device
+    cfg, device = trained.cfg, trained.device
     ds = WindowDataset.from_config(cfg, split, train=False)
-    probs, labels, studies = predict(model, ds, device, cfg.train.batch_size, cfg.train.workers,
-                                     numerics=numerics)
+    probs, labels, studies = predict(trained.model, ds, device, cfg.train.batch_size, cfg.train.workers,
+                                     numerics=trained.numerics)
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     metrics = summarise(labels, probs, studies, ds.study_labels, cfg.eval.aggregate, n_boot)
     metrics.update(split=split, aggregate=cfg.eval.aggregate)
@@ -64,6 +61,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
              f"| {split} | {metrics['studies']} | {metrics['study_auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) "
              f"| {metrics['study_auprc']:.3f} ({ci_p[0]:.3f}-{ci_p[1]:.3f}) | "
              f"{metrics['window_auroc']:.3f} |\n")
+    if metrics["window_metrics_studies_left_out"]:
+        table += (f"\nWindow AUROC leaves out {metrics['window_metrics_studies_left_out']} positive "
+                  "study(ies) without pe_slices (their windows' labels are unknown); study metrics use "
+                  "every study.\n")
     run.metrics_md(split).write_text(table)
     study_labels = ds.study_labels[ids]
     if len(np.unique(study_labels)) == 2:

@@ -26,6 +26,7 @@ too and gathered, so every rank sees the same metrics; only rank 0 writes the ru
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,10 +42,11 @@ from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
+from volttl.inference import device_probabilities
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.store import Store
-from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, device_probabilities, model_from_config
+from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -95,6 +97,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+STORE_KEYS = ("slice_thickness", "size", "window", "train_stride", "min_pe_slices", "penet_rules")
+
+
+def with_store_preprocessing(cfg: Config) -> Config:
+    """The config with the preprocess settings the store was made with: a run learns from
+    the store as it is, and its ``config.yaml`` must say so, since ``predict`` prepares new
+    scans and every scorer cuts windows by it. A config that differs (another store given
+    with ``--set``, an edited key) is corrected with a warning naming the keys."""
+    import yaml
+
+    with Store(cfg.data.store) as store:
+        made = (yaml.safe_load(store.config_yaml) or {}).get("preprocess", {})
+    out = copy.deepcopy(cfg)
+    for key in STORE_KEYS:
+        if key in made and made[key] != getattr(cfg.preprocess, key):
+            log.warning("%s was made with preprocess.%s %r, not %r: the run records and uses the store's",
+                        cfg.data.store, key, made[key], getattr(cfg.preprocess, key))
+            setattr(out.preprocess, key, made[key])
+    return out
 
 
 def per_process_batch(cfg: Config, world: int) -> int:
@@ -188,6 +211,7 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
                 stop_after_epoch: int | None = None) -> tuple[dict, torch.nn.Module]:
     """:func:`train_run`, also returning the trained model (this process's replica)."""
     run_dir = Path(run_dir)
+    cfg = with_store_preprocessing(cfg)
     tc = cfg.train
     if RunDir(run_dir).last.exists() and not resume:
         raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")

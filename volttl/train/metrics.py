@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-
-def study_scores(window_probs: np.ndarray, window_studies: np.ndarray, how: str = "max"
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per study (sorted by study index): the max (PENet) or mean of its window scores."""
-    studies = np.unique(window_studies)
-    agg = np.max if how == "max" else np.mean
-    return studies, np.asarray([agg(window_probs[window_studies == s]) for s in studies])
+from volttl.inference import study_scores
 
 
 def auroc_auprc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

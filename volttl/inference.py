@@ -1,0 +1,144 @@
+"""The one inference path: a trained run opened once, scoring a study's windows.
+
+nnU-Net's ``nnUNetPredictor.initialize_from_trained_model_folder`` is the model: open the
+run folder once (config, best weights, device, the run's numerics), then score studies
+through it. Validation, ``evaluate``, ``predict`` and ``cam`` all build a study's windows
+(:func:`cut_window`, :func:`model_window`), score them (:func:`device_probabilities`) and
+aggregate the window probabilities into the study's (:func:`aggregate`) here, so every
+output that reports a study's probability reports the same number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
+from volttl.data.intensity import AIR_HU, normalise
+from volttl.numerics import DEFAULT_NUMERICS, Numerics
+from volttl.preprocess.windows import indexed_window_starts
+
+AGGREGATES = ("max", "mean")
+
+
+def cut_window(volume, start: int, window: int, read: Callable | None = None,
+               dtype=np.float32) -> np.ndarray:
+    """Slices ``start .. start + window`` of ``volume`` (an array or an HDF5 dataset,
+    ``(slices, rows, cols)``), air beyond either end of the study. ``read(lo, hi)``, when
+    given, reads the slices (the store's reader names a damaged file)."""
+    n = volume.shape[0]
+    lo, hi = max(start, 0), min(start + window, n)
+    out = np.full((window, *volume.shape[1:]), AIR_HU, dtype=dtype)
+    if hi > lo:
+        out[lo - start: hi - start] = read(lo, hi) if read is not None else volume[lo:hi]
+    return out
+
+
+def model_window(hu_window: np.ndarray, crop: int, hu_clip: tuple[float, float], shift: float
+                 ) -> np.ndarray:
+    """A window of HU ``(D, size, size)`` as the model takes it outside training: the
+    centre ``crop`` x ``crop``, normalised, ``(1, D, crop, crop)`` float32."""
+    size = hu_window.shape[-1]
+    y0 = (size - crop) // 2
+    x = hu_window[:, y0: y0 + crop, y0: y0 + crop]
+    return normalise(x, hu_clip, shift).astype(np.float32)[None]
+
+
+def window_batch(hu: np.ndarray, starts: list[int], window: int, crop: int, hu_clip: tuple[float, float],
+                 shift: float) -> np.ndarray:
+    """The windows of a study's stored HU ``hu`` at ``starts``, ``(N, 1, D, crop, crop)``."""
+    return np.stack([model_window(cut_window(hu, s, window), crop, hu_clip, shift) for s in starts])
+
+
+def evaluation_starts(num_slices: int, window: int) -> list[int]:
+    """PENet's evaluation windows: consecutive, non-overlapping, the last padded with air."""
+    return [int(s) for s in indexed_window_starts(num_slices, window, window)]
+
+
+def aggregate(window_probs: np.ndarray, how: str) -> float:
+    """A study's probability from its window probabilities: the maximum (PENet) or mean."""
+    if how not in AGGREGATES:
+        raise ValueError(f"eval.aggregate '{how}' is not one of {', '.join(AGGREGATES)}")
+    probs = np.asarray(window_probs)
+    return float(probs.max() if how == "max" else probs.mean())
+
+
+def study_scores(window_probs: np.ndarray, window_studies: np.ndarray, how: str = "max"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per study (sorted by study index): :func:`aggregate` of its window probabilities."""
+    studies = np.unique(window_studies)
+    return studies, np.asarray([aggregate(window_probs[window_studies == s], how) for s in studies])
+
+
+@torch.no_grad()
+def device_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                         numerics: Numerics = DEFAULT_NUMERICS) -> torch.Tensor:
+    """The positive-class probability of each window ``(N, 1, D, H, W)`` in the run's
+    precision and memory format (``Numerics.of(cfg.train)``), the logit cast to float32
+    before the sigmoid; left on the device, so a loop over batches reads them back once."""
+    x = numerics.prepare(x.to(device, non_blocking=True))
+    with numerics.autocast(device):
+        logits = model(x)[:, 0]
+    return torch.sigmoid(logits.float())
+
+
+def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                         numerics: Numerics = DEFAULT_NUMERICS) -> np.ndarray:
+    """:func:`device_probabilities`, read back to the host."""
+    return device_probabilities(model, x, device, numerics).cpu().numpy()
+
+
+@dataclass
+class StudyScore:
+    """A study's evaluation windows, their probabilities and the run's aggregate."""
+
+    probability: float
+    window_starts: list[int]
+    window_probabilities: list[float]
+
+    @property
+    def best_window(self) -> int:
+        """The stored slice where the highest-scoring window starts."""
+        return self.window_starts[int(np.argmax(self.window_probabilities))]
+
+
+class TrainedRun:
+    """A trained run opened once: its config, its best model on the device in the run's
+    numerics. :meth:`score_study` is how every command scores a study."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, path: Path) -> None:
+        self.cfg, self.device, self.path = cfg, device, path
+        self.numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
+        self.numerics.configure(device)
+        self.model = model.to(device, memory_format=self.numerics.memory_format).eval()
+
+    @classmethod
+    def open(cls, run_dir: str | Path, overrides: list[str] | None = None) -> TrainedRun:
+        """The run's config (with ``overrides``) and ``best.pt``, on the configured device."""
+        from volttl.runs import load_run, resolve_device
+
+        cfg, model = load_run(run_dir)
+        if overrides:
+            cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+        return cls(cfg, model, resolve_device(cfg.train.device), Path(run_dir))
+
+    def score_windows(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities of model-ready windows ``(N, 1, D, crop, crop)``."""
+        x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        return window_probabilities(self.model, x, self.device, self.numerics)
+
+    def score_study(self, hu: np.ndarray, batch_size: int | None = None) -> StudyScore:
+        """A study's stored HU ``(slices, size, size)``: its evaluation windows, their
+        probabilities and the run's aggregate, as ``evaluate`` scores a stored study."""
+        cfg = self.cfg
+        window, batch_size = cfg.preprocess.window, batch_size or cfg.cam.batch_size
+        starts = evaluation_starts(hu.shape[0], window)
+        probs = [self.score_windows(window_batch(hu, starts[b: b + batch_size], window, cfg.data.crop,
+                                                 tuple(cfg.data.hu_clip), cfg.data.intensity_shift))
+                 for b in range(0, len(starts), batch_size)]
+        p = np.concatenate(probs)
+        return StudyScore(aggregate(p, cfg.eval.aggregate), starts, [float(v) for v in p])
