@@ -153,7 +153,8 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
 def _write(records: list[dict], out: Path) -> None:
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
     columns = ["study_id", "source", "probability", "aggregate", "best_window_source_slices",
-               "best_window_centre_ras_mm", "best_window_stored_slices", "best_window_padding", "model", "strategy", "cut", "run"]
+               "best_window_centre_ras_mm", "best_window_stored_slices", "best_window_padding", "model",
+               "strategy", "cut", "run"]
     with (out / "predictions.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
