@@ -132,3 +132,20 @@ def test_a_pretrained_checkpoint_from_other_settings_stops_the_pipeline(tmp_path
     with pytest.raises(PipelineError, match=r"src.pth: made by the pretrain step with other options "
                                             r"\(epochs 1 -> 2\)"):
         run_pipeline(path, progress=False)
+
+
+def test_a_pipeline_without_a_report_step_ends_cleanly(tmp_path, capsys):
+    """It does its work and says where the outcomes are: no failing read of a report.md it
+    never wrote, and no stale report.md left by an earlier pipeline printed as its own."""
+    from volttl.cli import main
+
+    path = _write(tmp_path, [{"synth": {"studies": 4, "matrix": 48, "workers": 1}}, {"preprocess": {}}])
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "report.md").write_text("STALE REPORT of another pipeline\n")
+    assert run_pipeline(path, progress=False) is None
+    capsys.readouterr()
+    assert main(["pipeline", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "STALE" not in out and "no report step" in out and "report.json" in out
+    steps = json.loads((tmp_path / "work" / "report.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == ["synth", "preprocess"]

@@ -124,8 +124,8 @@ def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
     raise PipelineError(f"{table}: no '{label}' row")
 
 
-def run_pipeline(path: str | Path, progress: bool = True) -> Path:
-    """Run every step; returns the report's path."""
+def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
+    """Run every step; returns the path of the report it wrote (None without a report step)."""
     spec, work, cfg = load_pipeline(path)
     work.mkdir(parents=True, exist_ok=True)
     (work / "pipeline_config.yaml").write_text(yaml.safe_dump(
@@ -143,7 +143,9 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path:
         print(f"   {outcome}", flush=True)
     report["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     (work / "report.json").write_text(json.dumps(report, indent=2))
-    return work / "report.md"
+    # report.md only when this pipeline has a report step: one left by an earlier pipeline
+    # in the same work folder would be stale
+    return work / "report.md" if any("report" in step for step in spec["steps"]) else None
 
 
 def _inputs_path(output: Path) -> Path:
