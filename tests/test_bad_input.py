@@ -402,7 +402,9 @@ def test_killing_the_main_process_takes_its_workers_with_it(cohort, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "volttl", "preprocess", "--config", str(cfg), "--quiet"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL
-    deadline = time.time() + 10
+    # the kernel kills the workers with their parent (PR_SET_PDEATHSIG); the wait is only a
+    # bound for a loaded machine, not a timing claim
+    deadline = time.time() + 120
     while time.time() < deadline and _processes_with(str(cfg)):
         time.sleep(0.1)
     assert _processes_with(str(cfg)) == []

@@ -32,9 +32,24 @@ def test_macs_agree_with_ptflops():
     assert ours == pytest.approx(theirs, rel=1e-6)  # ptflops adds the fc bias: 1 MAC
 
 
-def test_latency_is_positive_and_profile_writes_tables(tmp_path):
-    model = ResNeXt3D50(1, 1)
-    assert measure_latency(model, (1, 1, 8, 32, 32), repeats=2, warmup=1) > 0
+def test_latency_is_the_median_forward_time_after_warmup(monkeypatch):
+    """On a fake clock that each forward pass advances by a known time: the warm-up passes
+    are left out and the median of the rest is returned, in milliseconds."""
+    import volttl.analysis.complexity as complexity
+
+    now = [0.0]
+    costs = iter([5.0, 0.004, 0.001, 0.003])  # seconds: one warm-up pass, then three timed ones
+
+    class Clocked(torch.nn.Module):
+        def forward(self, x):
+            now[0] += next(costs)
+            return x
+
+    monkeypatch.setattr(complexity.time, "perf_counter", lambda: now[0])
+    assert measure_latency(Clocked(), (1, 1, 2, 2, 2), repeats=3, warmup=1) == pytest.approx(3.0)
+
+
+def test_profile_writes_tables(tmp_path):
     from volttl.analysis.complexity import profile_variants
 
     cfg = config_from_dict({"model": {"name": "resnext3d_50"}, "profile": {

@@ -14,14 +14,23 @@ from volttl.models.base import Unit, cut_points_from_units, stage_units
 from .test_strategies import TinyBlock
 
 
+@pytest.fixture(autouse=True)
+def plain3d():
+    register_backbone("plain3d_test", display="Plain3D (test)",
+                      checkpoint_key=lambda k: k.replace(".old_body.", ".body."))(Plain3D)
+    yield Plain3D
+    BACKBONES.pop("plain3d_test", None)
+
+
 def _units():
     return stage_units(Unit("stem", ("stem",), 4, (1, 1, 1)), (1, 2), (8, 16), (2, 2),
                        block_path=lambda s, b: f"body.{s}.{b}", stage_path=lambda s: f"body.{s}")
 
 
-@register_backbone("plain3d_test", display="Plain3D (test)",
-                   checkpoint_key=lambda k: k.replace(".old_body.", ".body."))
 class Plain3D(Backbone3D):
+    """Registered by the ``plain3d`` fixture for each test of this file only, so what other
+    test files see of the registry does not depend on the order tests run in."""
+
     head_path = "head"
 
     def __init__(self, num_outputs: int = 1, in_channels: int = 3):
@@ -104,9 +113,3 @@ def test_the_search_table_names_a_new_backbone_by_its_display_name(tmp_path, mon
     table = (tmp_path / "search" / "search_table.md").read_text()
     assert "| Plain3D (test) | TTL-2 |" in table
     assert json.loads((tmp_path / "search" / "search_table.json").read_text())[0]["model"] == "Plain3D (test)"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _unregister():
-    yield
-    BACKBONES.pop("plain3d_test", None)

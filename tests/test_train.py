@@ -16,6 +16,7 @@ from volttl.data import WindowDataset
 from volttl.data.dataset import normalise
 from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.preprocess.run import preprocess
+from volttl.preprocess.store import Store
 from volttl.runs import model_from_config
 from volttl.train.loop import train_run, warmup_cosine
 from volttl.train.losses import binary_focal_loss
@@ -42,12 +43,16 @@ def test_eval_windows_centre_crop_and_air_padding(store):
     assert len(ds) == len(ds.windows) and ds.window == 8
     x, y, study = ds[len(ds) - 1]
     assert x.shape == (1, 8, 32, 32) and x.dtype == torch.float32
-    n = ds.num_slices[study]
-    last = ds.read_window(study, int(ds.windows[-1]["start"]))
-    pad = 8 - (n - int(ds.windows[-1]["start"]))
-    assert pad == 0 or (last[-pad:] == -1000).all()
     assert float(y) == float(ds.windows[-1]["label"])
-    assert torch.equal(ds[0][0], ds[0][0])  # evaluation is deterministic
+    # a window that runs past the study's end: the slices beyond it are air, the rest the study's
+    n = ds.num_slices[study]
+    window = ds.read_window(study, n - 3)
+    assert (window[3:] == -1000).all() and not (window[:3] == -1000).all()
+    with Store(str(store)) as s:
+        np.testing.assert_array_equal(window[:3], s.hu(ds.study_ids[study])[n - 3:])
+    # evaluation windows are the same from a dataset opened anew (no random draw)
+    again = WindowDataset(str(store), "train", False, crop=32)
+    assert torch.equal(ds[0][0], again[0][0]) and torch.equal(ds[len(ds) - 1][0], again[len(ds) - 1][0])
 
 
 def _model_input(ds: WindowDataset, index: int) -> torch.Tensor:

@@ -248,9 +248,19 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from volttl.models import BACKBONES
+def _version() -> str:
+    """The installed volttl's version, without importing torch (``--version`` stays fast)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("volttl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Nothing heavy is imported here (torch, the models): ``--help`` and
+    ``--version`` answer at once, and each command imports what it needs when it runs."""
     parser = argparse.ArgumentParser(
         prog="volttl",
         epilog="A failure the user can fix is printed as one line on stderr (exit 1); add --debug "
@@ -260,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "explain with 3D Grad-CAM.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    parser.add_argument("--version", action="version", version=f"volttl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -318,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cuts", help="list a backbone's declared cut points")
-    p.add_argument("--model", required=True, help="|".join(BACKBONES))
+    p.add_argument("--model", required=True,
+                   help="a registered backbone: resnext3d_50, resnext3d_101, resnext3d_152, penet, or one "
+                   "you registered (an unknown name is answered with the list)")
     p.set_defaults(func=cmd_cuts)
 
     p = sub.add_parser("profile", help="parameters, MACs and latency per strategy and cut")

@@ -3,7 +3,7 @@
 A pipeline file names a base config, overrides for it, a work folder and the steps::
 
     workdir: ../pipeline_runs/demo_table   # relative to this file
-    config: ../configs/demo.yaml           # relative to this file
+    config: ../volttl/resources/demo.yaml  # relative to this file
     set:                                   # --set style overrides; relative paths in
       - data.store=store/demo.h5           # them resolve against workdir
     steps:
