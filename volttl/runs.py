@@ -18,18 +18,21 @@ here, and every module that needs a model for a config calls :func:`model_from_c
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from volttl.config import Config, ConfigError, config_from_dict
+from volttl.config import Config, ConfigError, config_from_dict, config_to_dict
 from volttl.errors import VolttlError
 from volttl.models import input_norms
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
 from volttl.transfer import TransferSetup, build_transfer_model
+
+log = logging.getLogger("volttl.runs")
 
 CONFIG = "config.yaml"
 LAST = "last.pt"
@@ -114,16 +117,18 @@ class RunDir:
         if not self.config.is_file():
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
-            return config_from_dict(yaml.safe_load(self.config.read_text()))
+            raw = yaml.safe_load(self.config.read_text())
+            if not isinstance(raw, dict):
+                raise ConfigError(f"the top level must be a mapping of sections, not a {type(raw).__name__}")
+            return config_from_dict(raw)
         except (ConfigError, yaml.YAMLError) as exc:
-            raise RunError(f"{self.config}: unreadable run config ({exc})") from None
+            first = str(exc).splitlines()[0][:200]
+            raise RunError(f"{self.config}: unreadable run config ({first})") from None
 
 
 def model_keys(cfg: Config) -> dict:
     """The config keys that define the model's architecture and weights layout: a resumed
     run must have the same, or its checkpoint cannot fit."""
-    from volttl.config import config_to_dict
-
     d = config_to_dict(cfg)
     keys = {f"model.{k}": v for k, v in d["model"].items() if k != "pretrained"}
     keys.update({f"transfer.{k}": v for k, v in d["transfer"].items() if k != "head"})
@@ -141,8 +146,6 @@ def training_keys(cfg: Config) -> dict:
     """The config keys beside the model's that decide a run's weights and its best epoch:
     the window feed (``data.*`` but its paths), the optimisation (``train.*`` but
     :data:`RUNTIME_TRAIN_KEYS`) and the validation aggregate that picks ``best.pt``."""
-    from volttl.config import config_to_dict
-
     d = config_to_dict(cfg)
     keys = {f"data.{k}": v for k, v in d["data"].items() if k not in ("manifest", "store")}
     keys.update({f"train.{k}": v for k, v in d["train"].items() if k not in RUNTIME_TRAIN_KEYS})
@@ -233,6 +236,34 @@ def model_from_config(cfg: Config, weights: bool = True,
                                 source_norm=input_norms.declared(cfg.model))
 
 
+def check_config_against_checkpoint(path: Path, cfg: Config, saved: dict | None) -> None:
+    """A run's ``config.yaml`` against the config its checkpoint was written with: a key
+    that defines the model, its training or its preprocessing edited by hand is refused by
+    name (the weights were not made with it); any other difference (device, workers,
+    precision, cam, paths, ...) is accepted and logged."""
+    if not isinstance(saved, dict):  # checkpoints written without their config
+        return
+    try:
+        before = config_from_dict(saved)
+    except ConfigError:
+        return
+    d_now, d_before = config_to_dict(cfg), config_to_dict(before)
+    fixed = {**model_keys(before), **training_keys(before),
+             **{f"preprocess.{k}": v for k, v in d_before["preprocess"].items() if k != "workers"}}
+    now = {**model_keys(cfg), **training_keys(cfg),
+           **{f"preprocess.{k}": v for k, v in d_now["preprocess"].items() if k != "workers"}}
+    differ = _differences(fixed, now)
+    if differ:
+        shown = "; ".join(differ[:5]) + (f"; ... {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise RunError(f"{path}: edited after training ({shown}); the weights were made with the "
+                       "checkpoint's values: restore them, or train a new run with the new ones")
+    for section in ("train", "eval", "cam", "data", "profile", "search"):
+        for key, value in d_now[section].items():
+            if d_before[section].get(key) != value:
+                log.info("%s: %s.%s %r (the run trained with %r)", path, section, key, value,
+                         d_before[section].get(key))
+
+
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:
     """The run's config and its model with the chosen checkpoint's weights."""
     run = RunDir(run_dir)
@@ -243,6 +274,7 @@ def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D
     if not path.is_file():
         raise RunError(f"{run.path}: no {which} (the run has not finished an epoch)")
     _, _, ckpt = read_checkpoint(path)
+    check_config_against_checkpoint(run.config, cfg, ckpt.get("config"))
     try:
         model.load_state_dict(ckpt["model_state"])
     except (RuntimeError, KeyError) as exc:

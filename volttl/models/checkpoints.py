@@ -66,6 +66,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     if obj.get("format") == VOLTTL_FORMAT:
         state, kind = obj["model_state"], "volttl"
+        expected = obj.get("state_sha256")  # files written before checksums are taken as whole
+        if expected is not None and state_digest(state) != expected:
+            raise CheckpointError(f"{path}: damaged: its weights do not match the checksum written with "
+                                  "them (the file changed after volttl wrote it); restore it from a copy, "
+                                  "or train the run again (last.pt: --resume from an earlier copy)")
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state, kind = obj["state_dict"], "3d-resnets"
     elif "model_state" in obj and isinstance(obj["model_state"], dict):
@@ -157,11 +162,32 @@ def load_pretrained(model: Backbone3D, path: str | Path, keep_head: bool | None 
     return report
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state_dict's names, dtypes, shapes and bytes: written with each of
+    volttl's checkpoints and checked when one is read, so a file whose bytes changed after
+    it was written is refused by name instead of scoring studies with damaged weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            digest.update(f"{key}={t!r}".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> None:
-    """volttl's own format, written atomically: a kill never leaves half a file."""
+    """volttl's own format, written atomically: a kill never leaves half a file. The
+    weights' :func:`state_digest` goes with them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": VOLTTL_FORMAT, "version": 1, "model_state": model.state_dict(), **extra}
+    state = model.state_dict()
+    payload = {"format": VOLTTL_FORMAT, "version": 1, "model_state": state,
+               "state_sha256": state_digest(state), **extra}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)

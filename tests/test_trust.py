@@ -1,0 +1,96 @@
+"""Nothing volttl wrote is read back on trust: a checkpoint whose bytes changed, a run
+config edited by hand."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from volttl.models.checkpoints import CheckpointError, read_checkpoint, save_checkpoint, state_digest
+from volttl.models.resnext3d import ResNeXt3D50
+from volttl.runs import RunError, load_run
+
+from .conftest import train_tiny_run
+
+
+def _flip_a_byte_inside(path: Path, entry_suffix: str) -> None:
+    """Flip one byte in the middle of the largest stored tensor of a torch zip file."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if entry_suffix in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_by_name(tmp_path):
+    model = ResNeXt3D50(num_outputs=1, in_channels=1)
+    save_checkpoint(tmp_path / "best.pt", model, epoch=0)
+    state, kind, obj = read_checkpoint(tmp_path / "best.pt")
+    assert kind == "volttl" and obj["state_sha256"] == state_digest(model.state_dict())
+    _flip_a_byte_inside(tmp_path / "best.pt", "/data/")
+    torch.load(tmp_path / "best.pt", weights_only=True)  # torch itself loads the damaged file
+    with pytest.raises(CheckpointError, match=r"best\.pt: damaged: its weights do not match the checksum"):
+        read_checkpoint(tmp_path / "best.pt")
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(tmp_path):
+    model = ResNeXt3D50(num_outputs=1, in_channels=1)
+    torch.save({"format": "volttl-checkpoint", "version": 1, "model_state": model.state_dict()},
+               tmp_path / "old.pt")
+    state, kind, _ = read_checkpoint(tmp_path / "old.pt")
+    assert kind == "volttl" and torch.equal(state["fc.weight"], model.fc.weight)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cohort, tmp_path_factory):
+    return train_tiny_run(Path(cohort), tmp_path_factory.mktemp("trust"))[1]
+
+
+def _edit(run: Path, section: str, key: str, value) -> str:
+    text = (run / "config.yaml").read_text()
+    raw = yaml.safe_load(text)
+    raw[section][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return text
+
+
+def test_a_run_config_edited_by_hand_is_refused_with_the_keys_named(tiny_run):
+    original = _edit(tiny_run, "preprocess", "slice_thickness", 1.0)
+    try:
+        with pytest.raises(RunError, match=r"config\.yaml: edited after training "
+                                           r"\(preprocess\.slice_thickness 2\.0 -> 1\.0\)"):
+            load_run(tiny_run)
+        _edit(tiny_run, "train", "lr_new", 0.5)
+        with pytest.raises(RunError, match=r"train\.lr_new 0\.1 -> 0\.5"):
+            load_run(tiny_run)
+    finally:
+        (tiny_run / "config.yaml").write_text(original)
+    load_run(tiny_run)
+
+
+def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
+    original = _edit(tiny_run, "train", "workers", 3)
+    try:
+        with caplog.at_level("INFO", logger="volttl.runs"):
+            cfg, _ = load_run(tiny_run)
+        assert cfg.train.workers == 3 and "train.workers 3 (the run trained with 0)" in caplog.text
+    finally:
+        (tiny_run / "config.yaml").write_text(original)
+
+
+def test_a_run_config_that_is_a_yaml_list_is_one_line(tiny_run):
+    original = (tiny_run / "config.yaml").read_text()
+    (tiny_run / "config.yaml").write_text("- a\n- b\n")
+    try:
+        with pytest.raises(RunError, match=r"config\.yaml: unreadable run config \(the top level must be a "
+                                           r"mapping of sections, not a list\)"):
+            load_run(tiny_run)
+    finally:
+        (tiny_run / "config.yaml").write_text(original)
