@@ -94,3 +94,60 @@ def test_a_run_config_that_is_a_yaml_list_is_one_line(tiny_run):
             load_run(tiny_run)
     finally:
         (tiny_run / "config.yaml").write_text(original)
+
+
+def _series(tmp_path: Path):
+    from .test_dicom import make_series
+
+    hu = make_series(tmp_path / "s")
+    return hu, sorted((tmp_path / "s").glob("*.dcm"))
+
+
+def test_dicom_without_rescale_tags_is_read_as_itk_reads_it_and_said(tmp_path):
+    import pydicom
+
+    from volttl.manifests.schema import StudyRow
+    from volttl.preprocess.run import prepare_study
+
+    hu, files = _series(tmp_path)
+    stored = {}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        stored[float(ds.ImagePositionPatient[2])] = ds.pixel_array.astype(float) * float(ds.RescaleSlope)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(f)
+    study = prepare_study(StudyRow("s", str(tmp_path / "s"), 0, "test", []), 2.0, 16, 2)
+    assert any("no RescaleSlope/RescaleIntercept" in w and "dcm2niix and ITK" in w for w in study.warnings)
+    from volttl.io import read_study
+
+    vol = read_study(tmp_path / "s")
+    assert vol.notes and float(vol.hu.min()) >= min(v.min() for v in stored.values())  # stored values, as HU
+
+
+@pytest.mark.parametrize("slope", ["0", "-1", "nan"])
+def test_an_invalid_rescale_slope_is_refused_by_file(tmp_path, slope):
+    import pydicom
+
+    from volttl.io import read_study
+    from volttl.io.studies import StudyReadError
+
+    _, files = _series(tmp_path)
+    ds = pydicom.dcmread(files[1])
+    ds.RescaleSlope = slope
+    ds.save_as(files[1])
+    with pytest.raises(StudyReadError, match=rf"{files[1].name}: RescaleSlope .* is not a positive number"):
+        read_study(tmp_path / "s")
+
+
+def test_half_a_rescale_pair_is_refused(tmp_path):
+    import pydicom
+
+    from volttl.io import read_study
+    from volttl.io.studies import StudyReadError
+
+    _, files = _series(tmp_path)
+    ds = pydicom.dcmread(files[0])
+    del ds.RescaleIntercept
+    ds.save_as(files[0])
+    with pytest.raises(StudyReadError, match=r"RescaleSlope without its pair"):
+        read_study(tmp_path / "s")

@@ -17,6 +17,7 @@ to the lowest SeriesNumber. ``series_uid`` overrides the rule.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,8 @@ class _Slice:
     rows: int
     columns: int
     pixel_spacing: np.ndarray
-    slope: float
-    intercept: float
+    slope: float | None  # None: RescaleSlope absent
+    intercept: float | None  # None: RescaleIntercept absent
     bits_stored: int
     signed: bool
 
@@ -150,8 +151,8 @@ def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
             rows=_raw_us(ds, ROWS, 0),
             columns=_raw_us(ds, COLUMNS, 0),
             pixel_spacing=np.asarray(spacing, dtype=float),
-            slope=(_raw_floats(ds, RESCALE_SLOPE) or [1.0])[0],
-            intercept=(_raw_floats(ds, RESCALE_INTERCEPT) or [0.0])[0],
+            slope=(_raw_floats(ds, RESCALE_SLOPE) or [None])[0],
+            intercept=(_raw_floats(ds, RESCALE_INTERCEPT) or [None])[0],
             bits_stored=_raw_us(ds, BITS_STORED, 16),
             signed=_raw_us(ds, PIXEL_REPRESENTATION, 0) == 1,
         )
@@ -401,6 +402,32 @@ def _rescaled_stack(slices: list[_Slice], folder: Path) -> np.ndarray:
     return out
 
 
+def _check_rescale(slices: list[_Slice]) -> list[str]:
+    """The stored values' meaning (CT: HU = slope * stored + intercept; both tags required).
+    A slope that is not a positive finite number, or a non-finite intercept, is refused by
+    file name. A missing pair is read as dcm2niix and ITK read it (slope 1, intercept 0)
+    and said so: the stored values are then taken as HU, which they may not be. One of
+    the two without the other is refused (no reading of it is safe)."""
+    for s in slices:
+        if s.slope is not None and not (math.isfinite(s.slope) and s.slope > 0):
+            raise DicomSeriesError(f"{s.path}: RescaleSlope {s.slope:g} is not a positive number (HU = "
+                                   "slope x stored value + intercept); fix the tag or export the series "
+                                   "again")
+        if s.intercept is not None and not math.isfinite(s.intercept):
+            raise DicomSeriesError(f"{s.path}: RescaleIntercept {s.intercept} is not a finite number")
+        if (s.slope is None) != (s.intercept is None):
+            present = "RescaleSlope" if s.slope is not None else "RescaleIntercept"
+            raise DicomSeriesError(f"{s.path}: {present} without its pair; HU cannot be computed")
+    missing = [s for s in slices if s.slope is None]
+    for s in missing:
+        s.slope, s.intercept = 1.0, 0.0
+    if not missing:
+        return []
+    return [f"{len(missing)} of {len(slices)} slice file(s) have no RescaleSlope/RescaleIntercept (required "
+            "for CT); their stored values were taken as HU (slope 1, intercept 0), as dcm2niix and ITK do: "
+            "check that air reads about -1000"]
+
+
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
     """Read the study's axial CT series from ``folder`` as HU, sorted along the slice normal.
 
@@ -428,6 +455,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     dz = _slice_spacing(slices, along, folder)
 
     _check_tilt(slices, normal, along, folder)
+    notes = _check_rescale(slices)
     hu = _rescaled_stack(slices, folder)
     hu = _onto_uniform_positions(hu, along, dz, folder)
     row_spacing, col_spacing = slices[0].pixel_spacing[:2]
@@ -438,4 +466,4 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
         origin=tuple(float(v) for v in slices[0].position),
         direction=tuple(tuple(float(v) for v in row) for row in direction),
     )
-    return Volume(hu=hu, geometry=geometry, source_kind="dicom")
+    return Volume(hu=hu, geometry=geometry, source_kind="dicom", notes=notes)

@@ -8,7 +8,7 @@ i, j and k axes as columns. NIfTI affines are RAS, i.e. the same with x and y ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,3 +80,4 @@ class Volume:
     hu: np.ndarray
     geometry: Geometry
     source_kind: str  # "dicom", "nifti" or "hdf5"
+    notes: list[str] = field(default_factory=list)  # how the reader read it, for the user

@@ -141,7 +141,7 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
     shorter than one window is kept (read padded with air) and pe_slices past its end are
     dropped, as PENet does with its own dataset; otherwise both are refused."""
     vol = read_study(row.path, row.extras.get("series_uid") or None, **_hdf5_geometry(row))
-    source, warnings, adjusted = vol.geometry, [], []
+    source, warnings, adjusted = vol.geometry, list(vol.notes), []
     pe_slices = list(row.pe_slices)
     outside = [p for p in pe_slices if p >= source.shape[0]]
     if outside and penet_rules:
