@@ -114,11 +114,25 @@ def test_series_rule_skips_scout_and_override(tmp_path):
                        with_scout=True)
     for f in other.glob("*.dcm"):
         f.rename(tmp_path / "s" / f"x{f.name}")
-    assert read_study(tmp_path / "s").hu.shape == (6, 12, 10)  # the largest axial series
     uid = str(pydicom.dcmread(next((tmp_path / "s").glob("xscout.dcm"))).SeriesInstanceUID)
     small_uid = {str(pydicom.dcmread(f).SeriesInstanceUID) for f in (tmp_path / "s").glob("x*.dcm")}
     small_uid.discard(uid)
-    assert read_study(tmp_path / "s", series_uid=small_uid.pop()).hu.shape == (3, 12, 10)
+    small_uid = small_uid.pop()
+    big_uid = str(pydicom.dcmread(next((tmp_path / "s").glob("[!x]*.dcm"))).SeriesInstanceUID)
+    # two axial CT series (the scout aside): never one chosen silently; each listed, by UID
+    message = expect_error(tmp_path / "s", r"2 CT series, none chosen: .*give the one to read in the "
+                                           r"manifest's series_uid column")
+    assert f"{big_uid} (number" in message and "6 slices" in message and small_uid in message
+    assert uid not in message  # the localizer is no candidate
+    vol = read_study(tmp_path / "s", series_uid=small_uid)
+    assert vol.hu.shape == (3, 12, 10) and vol.series_uid == small_uid
+    assert read_study(tmp_path / "s", series_uid=big_uid).hu.shape == (6, 12, 10)
+    for f in (tmp_path / "s").glob("x*.dcm"):  # the other series gone, the scout kept: read, and said
+        if f.name != "xscout.dcm":
+            f.unlink()
+    vol = read_study(tmp_path / "s")
+    assert vol.hu.shape == (6, 12, 10) and vol.series_uid == big_uid
+    assert any("left out 1 other series" in n and uid in n for n in vol.notes)
 
 
 def expect_error(folder: Path, pattern: str) -> str:

@@ -151,3 +151,18 @@ def test_half_a_rescale_pair_is_refused(tmp_path):
     ds.save_as(files[0])
     with pytest.raises(StudyReadError, match=r"RescaleSlope without its pair"):
         read_study(tmp_path / "s")
+
+
+def test_a_localizer_inside_an_axial_series_is_left_out_with_a_note(tmp_path):
+    import pydicom
+
+    from volttl.io import read_study
+
+    hu, files = _series(tmp_path)
+    ds = pydicom.dcmread(files[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a lateral scout, same series
+    ds.save_as(tmp_path / "s" / "scout_in_series.dcm")
+    vol = read_study(tmp_path / "s")
+    assert vol.hu.shape == hu.shape and any("1 localizer image(s) inside series" in n for n in vol.notes)

@@ -204,19 +204,34 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n)
 
 
-def _choose_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None):
+def _is_localizer(s: _Slice) -> bool:
+    return "LOCALIZER" in [str(t).upper() for t in getattr(s.ds, "ImageType", [])]
+
+
+def _describe(uid: str, slices: list[_Slice]) -> str:
+    ds = slices[0].ds
+    number = getattr(ds, "SeriesNumber", "")
+    description = str(getattr(ds, "SeriesDescription", "") or "no description")[:64]
+    return f"{uid} (number {number}, '{description}', {len(slices)} slices)"
+
+
+def _choose_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None
+                   ) -> tuple[str, list[_Slice], list[str]]:
+    """The one series to read, its UID and notes for the user. Never a silent choice: the
+    manifest's ``series_uid`` names one; else the folder must hold exactly one axial CT
+    series (localizer images left out, each kind of skip said in a note), or it is refused
+    with every candidate listed."""
     if series_uid:
         if series_uid not in series:
             raise DicomSeriesError(f"{folder}: series {series_uid} not found in the folder")
-        return series[series_uid]
-    ct, modalities = {}, set()
+        return series_uid, series[series_uid], []
+    ct, modalities, notes = {}, set(), []
     for uid, slices in series.items():
-        ds = slices[0].ds
-        modality = str(getattr(ds, "Modality", ""))
+        modality = str(getattr(slices[0].ds, "Modality", ""))
         modalities.add(modality or "unknown")
-        image_type = [str(t).upper() for t in getattr(ds, "ImageType", [])]
-        if modality == "CT" and "LOCALIZER" not in image_type:
-            ct[uid] = slices
+        images = [s for s in slices if not _is_localizer(s)]
+        if modality == "CT" and images:
+            ct[uid] = images
     if not ct:
         raise DicomSeriesError(
             f"{folder}: no CT series (modality {', '.join(sorted(modalities))}, not CT)"
@@ -224,13 +239,19 @@ def _choose_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
     axial = {u: s for u, s in ct.items()
              if abs(_normal(s[0].orientation)[2]) >= AXIAL_MIN_COS}
     pool = axial or ct
-
-    def rank(item):
-        uid, slices = item
-        number = getattr(slices[0].ds, "SeriesNumber", None)
-        return (-len(slices), int(number) if number not in (None, "") else 1 << 30, uid)
-
-    return sorted(pool.items(), key=rank)[0][1]
+    if len(pool) > 1:
+        listed = "; ".join(_describe(u, s) for u, s in sorted(pool.items()))
+        raise DicomSeriesError(f"{folder}: {len(pool)} CT series, none chosen: {listed}; give the one to "
+                               "read in the manifest's series_uid column")
+    (uid, slices), = pool.items()
+    skipped = [u for u in series if u != uid]
+    if skipped:
+        notes.append(f"read series {_describe(uid, slices)}; left out {len(skipped)} other series "
+                     f"(localizers, other modalities or non-axial reformats): {', '.join(sorted(skipped))}")
+    localizers = len(series[uid]) - len(slices)
+    if localizers:
+        notes.append(f"{localizers} localizer image(s) inside series {uid} left out")
+    return uid, slices, notes
 
 
 def _check_consistent(slices: list[_Slice], folder: Path) -> None:
@@ -446,7 +467,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
             series.setdefault(s.series_uid, []).append(s)
     if not series:
         raise DicomSeriesError(f"{folder}: no DICOM image with a position and orientation")
-    slices = _choose_series(series, folder, series_uid)
+    chosen_uid, slices, notes = _choose_series(series, folder, series_uid)
     _check_consistent(slices, folder)
 
     normal = _normal(slices[0].orientation)
@@ -455,7 +476,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     dz = _slice_spacing(slices, along, folder)
 
     _check_tilt(slices, normal, along, folder)
-    notes = _check_rescale(slices)
+    notes += _check_rescale(slices)
     hu = _rescaled_stack(slices, folder)
     hu = _onto_uniform_positions(hu, along, dz, folder)
     row_spacing, col_spacing = slices[0].pixel_spacing[:2]
@@ -466,4 +487,4 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
         origin=tuple(float(v) for v in slices[0].position),
         direction=tuple(tuple(float(v) for v in row) for row in direction),
     )
-    return Volume(hu=hu, geometry=geometry, source_kind="dicom", notes=notes)
+    return Volume(hu=hu, geometry=geometry, source_kind="dicom", notes=notes, series_uid=chosen_uid)

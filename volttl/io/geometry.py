@@ -81,3 +81,4 @@ class Volume:
     geometry: Geometry
     source_kind: str  # "dicom", "nifti" or "hdf5"
     notes: list[str] = field(default_factory=list)  # how the reader read it, for the user
+    series_uid: str = ""  # DICOM: the series read

@@ -180,7 +180,8 @@ def prepare_study(row: StudyRow, thickness: float, size: int, window: int, setti
     meta = StudyMeta(
         study_id=row.study_id, label=row.label, split=row.split,
         pe_slices=np.flatnonzero(flags), pe_slices_original=np.asarray(pe_slices, dtype=np.int64),
-        source=row.path, source_kind=vol.source_kind, series_uid=row.extras.get("series_uid") or "",
+        source=row.path, source_kind=vol.source_kind,
+        series_uid=row.extras.get("series_uid") or vol.series_uid,
         settings=settings, slice_thickness=thickness, size=size, original=source,
         stored_to_original=stored_to_source, adjusted="; ".join(adjusted))
     return PreparedStudy(stored, meta, flags, warnings, meta.adjusted)
