@@ -166,3 +166,60 @@ def test_a_localizer_inside_an_axial_series_is_left_out_with_a_note(tmp_path):
     ds.save_as(tmp_path / "s" / "scout_in_series.dcm")
     vol = read_study(tmp_path / "s")
     assert vol.hu.shape == hu.shape and any("1 localizer image(s) inside series" in n for n in vol.notes)
+
+
+def _nifti(path: Path, data, affine, codes: int = 1):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine if codes else None)  # no affine: nibabel keeps both codes 0
+    if codes:
+        img.header.set_qform(affine, code=codes)
+        img.header.set_sform(affine, code=codes)
+    else:
+        img.header.set_zooms([float(affine[i, i]) for i in range(3)])
+    nib.save(img, path)
+    assert int(nib.load(path).header["sform_code"]) == codes
+
+
+def test_nifti_without_orientation_is_placed_as_itk_places_it(tmp_path):
+    """qform_code = sform_code = 0: volttl's grid is ITK's (3D Slicer's), not nibabel's guess,
+    which differs front-to-back; the overlay lands on the viewer's grid, and it is said."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from volttl.io import read_study
+
+    data = np.random.default_rng(0).integers(-1000, 500, size=(12, 10, 6)).astype(np.int16)
+    _nifti(tmp_path / "bare.nii.gz", data, np.diag([0.8, 0.7, 2.0, 1.0]), codes=0)
+    vol = read_study(tmp_path / "bare.nii.gz")
+    itk = sitk.ReadImage(str(tmp_path / "bare.nii.gz"))
+    np.testing.assert_allclose(np.asarray(vol.geometry.direction).ravel(), itk.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(vol.geometry.origin, itk.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(vol.geometry.spacing, itk.GetSpacing(), atol=1e-6)
+    np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(itk))
+    assert any("no qform or sform" in n for n in vol.notes)
+
+
+def test_a_sheared_nifti_is_refused(tmp_path):
+    import numpy as np
+
+    from volttl.io import read_study
+    from volttl.io.studies import StudyReadError
+
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[0, 2] = 0.5  # slices sheared along x
+    _nifti(tmp_path / "shear.nii.gz", np.zeros((8, 8, 4), np.int16) - 1000, affine)
+    with pytest.raises(StudyReadError, match=r"shear\.nii\.gz: sheared affine \(voxel axes 14\.04 degrees"):
+        read_study(tmp_path / "shear.nii.gz")
+
+
+@pytest.mark.parametrize("dtype,values,says", [("uint8", (0, 255), "8-bit values cannot hold HU"),
+                                                ("int16", (0, 2000), "no value below 0")])
+def test_nifti_values_that_cannot_be_hu_are_warned_of(tmp_path, dtype, values, says):
+    import numpy as np
+
+    from volttl.io import read_study
+
+    data = np.linspace(*values, 8 * 8 * 4).reshape(8, 8, 4).astype(dtype)
+    _nifti(tmp_path / "v.nii.gz", data, np.diag([0.8, 0.8, 2.0, 1.0]))
+    assert any(says in n for n in read_study(tmp_path / "v.nii.gz").notes)

@@ -28,13 +28,60 @@ def read_nifti(path: str | Path) -> Volume:
     if data.ndim != 3:
         raise ImageFileError(f"{path}: expected a 3D image, got shape {data.shape}")
     header = img.header
+    hu = np.ascontiguousarray(data.transpose(2, 1, 0))
+    notes = _hu_doubts(header.get_data_dtype(), hu)
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
         pixdim = tuple(float(v) for v in header["pixdim"][1:4])
         if any(not np.isfinite(v) or v <= 0 for v in pixdim):  # nibabel would quietly take 1 mm
             raise ImageFileError(f"{path}: no sform or qform, and pixdim {pixdim} has a zero spacing")
-    hu = np.ascontiguousarray(data.transpose(2, 1, 0))
+        # no orientation in the file: nibabel and ITK (so 3D Slicer) guess differently (they
+        # disagree front-to-back); the overlay must land where the viewer puts the CT
+        geometry = _itk_geometry(path, hu.shape)
+        note = ("no qform or sform: oriented as ITK and 3D Slicer read the file (identity direction in "
+                "LPS); check left-right and front-back on the overlay")
+        return Volume(hu=hu, geometry=geometry, source_kind="nifti", notes=[note, *notes])
+    _refuse_shear(path, img.affine)
     geometry = Geometry.from_affine_ras(img.affine, hu.shape)
-    return Volume(hu=hu, geometry=geometry, source_kind="nifti")
+    return Volume(hu=hu, geometry=geometry, source_kind="nifti", notes=notes)
+
+
+def _hu_doubts(dtype: np.dtype, hu: np.ndarray) -> list[str]:
+    """Why the values may not be HU (a NIfTI says nothing of its units): a byte type, or no
+    value below zero (CT in HU has air at -1000 and fat near -100)."""
+    if np.dtype(dtype).itemsize == 1:
+        return [f"stored as {np.dtype(dtype).name}: 8-bit values cannot hold HU (-1000 air to 3000 bone); "
+                "an exported screenshot-range image, not HU, is likely"]
+    lo = float(hu.min()) if hu.size else 0.0
+    if lo >= 0:
+        return [f"no value below 0 (lowest {lo:g}), unlike CT in HU (air -1000): check that the file holds "
+                "HU (a rescale not applied, or another modality)"]
+    return []
+
+
+def _itk_geometry(path: Path, shape: tuple[int, int, int]) -> Geometry:
+    """The grid ITK reads from a file's header (no pixels read)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return Geometry(shape=shape, spacing=tuple(float(v) for v in reader.GetSpacing()[:3]),
+                    origin=tuple(float(v) for v in reader.GetOrigin()[:3]),
+                    direction=tuple(tuple(float(v) for v in row)
+                                    for row in np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)))
+
+
+def _refuse_shear(path: Path, affine: np.ndarray) -> None:
+    """A sheared affine (voxel axes not at right angles) has no grid of spacing and
+    direction: refused, as a gantry tilt is, rather than written back unsheared."""
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs(unit.T @ unit - np.eye(3))
+    if cosines.max() > 1e-4:
+        angle = float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
+        raise ImageFileError(f"{path}: sheared affine (voxel axes {angle:.2f} degrees off a right angle); "
+                             "volttl does not resample shear: resample the image onto an orthogonal grid "
+                             "first (e.g. with 3D Slicer or SimpleITK)")
 
 
 def read_itk_image(path: str | Path) -> Volume:
