@@ -223,3 +223,37 @@ def test_nifti_values_that_cannot_be_hu_are_warned_of(tmp_path, dtype, values, s
     data = np.linspace(*values, 8 * 8 * 4).reshape(8, 8, 4).astype(dtype)
     _nifti(tmp_path / "v.nii.gz", data, np.diag([0.8, 0.8, 2.0, 1.0]))
     assert any(says in n for n in read_study(tmp_path / "v.nii.gz").notes)
+
+
+ALIAS_BOMB = """data:
+  hu_clip: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]
+train:
+  lr_new: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+  seed: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+  epochs: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+  repeats: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+  workers: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+  batch_size: [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+"""
+
+
+@pytest.mark.parametrize("text,says", [
+    (ALIAS_BOMB, "YAML aliases (*a) are not allowed"),
+    ("train:\n  lr_new: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
+])
+def test_hostile_config_yaml_is_one_bounded_line(tmp_path, text, says):
+    from volttl.config import ConfigError, load_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    message = str(info.value)
+    assert says in message and "\n" not in message and len(message) < 400
+
+
+def test_a_huge_value_is_shown_bounded_in_the_message(tmp_path):
+    from volttl.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"train": {"epochs": [[list(range(1000))] * 1000] * 1000}})
+    assert "train.epochs: expected an integer" in str(info.value) and len(str(info.value)) < 300

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,36 @@ from volttl.errors import VolttlError
 
 class ConfigError(VolttlError):
     """A config problem, phrased for the user in one line."""
+
+
+_SHOW = reprlib.Repr()  # attributes set one by one: Python < 3.12 takes no arguments
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict = 2, 4, 4, 4
+_SHOW.maxstring, _SHOW.maxother = 60, 60
+
+
+def show(value: Any) -> str:
+    """A value for a message, bounded in size whatever the value (a message never prints
+    an unbounded structure: a 401-byte YAML alias bomb expands to gigabytes)."""
+    return _SHOW.repr(value)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a config has no use for ``*name`` references,
+    and they let a few hundred bytes stand for an exponentially large value."""
+
+    def compose_node(self, parent, index):  # noqa: D102
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in volttl configs")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML: the safe loader, no aliases, nesting bounded (one-line errors)."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 @dataclass
@@ -246,12 +277,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+            raise ConfigError(f"{where}: expected a section (mapping), got {show(value)}")
         return _build(tp, value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{where}: {show(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (types.UnionType, typing.Union):
         for arg in typing.get_args(tp):
@@ -259,10 +290,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} has the wrong type")
+        raise ConfigError(f"{where}: {show(value)} has the wrong type")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {show(value)}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -276,19 +307,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {show(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
 
@@ -307,13 +338,13 @@ def _build(cls: type, raw: dict, where: str) -> Any:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        raise ConfigError(f"--set {show(text)}: expected section.key=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+        return key.strip().split("."), load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({first})") from None
+        raise ConfigError(f"--set {show(text)}: the value is not valid YAML ({first})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -324,7 +355,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: '{k}' is not a section")
+                raise ConfigError(f"--set {show(text)}: '{k}' is not a section")
         node[keys[-1]] = value
     return raw
 
@@ -351,7 +382,7 @@ def check_ranges(cfg: Config) -> None:
 
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
         if not ok:
-            problems.append(f"{key} must be {rule} (got {value!r})")
+            problems.append(f"{key} must be {rule} (got {show(value)})")
 
     def positive(section: str, *keys: str) -> None:
         for key in keys:
@@ -423,7 +454,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from volttl.config import Config, ConfigError, config_from_dict, config_to_dict
+from volttl.config import Config, ConfigError, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
 from volttl.models import input_norms
 from volttl.models.base import Backbone3D
@@ -117,7 +117,7 @@ class RunDir:
         if not self.config.is_file():
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
-            raw = yaml.safe_load(self.config.read_text())
+            raw = load_yaml(self.config.read_text())
             if not isinstance(raw, dict):
                 raise ConfigError(f"the top level must be a mapping of sections, not a {type(raw).__name__}")
             return config_from_dict(raw)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict
+from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
 
 log = logging.getLogger("volttl.pipeline")
@@ -52,7 +52,7 @@ class PipelineError(VolttlError):
 def _read_yaml(path: Path, what: str):
     """A YAML file through the safe loader; a syntax error or a ``!!python`` tag is one line."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise PipelineError(f"{path}: not a valid {what} ({first})") from None
@@ -88,7 +88,7 @@ def load_pipeline(path: str | Path) -> tuple[dict, Path, Config]:
     for item in overrides:
         dotted, _, text = item.partition("=")
         section, _, key = dotted.partition(".")
-        value = str(yaml.safe_load(text) or "")
+        value = str(load_yaml(text) or "")
         if (section, key) in PATH_KEYS and value and not Path(value).expanduser().is_absolute():
             setattr(getattr(cfg, section), key, str(work / value))
     return spec, work, cfg
