@@ -257,3 +257,28 @@ def test_a_huge_value_is_shown_bounded_in_the_message(tmp_path):
     with pytest.raises(ConfigError) as info:
         config_from_dict({"train": {"epochs": [[list(range(1000))] * 1000] * 1000}})
     assert "train.epochs: expected an integer" in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_hash_in_a_real_path_is_a_path(tmp_path, cohort):
+    """`CT Chest #2` is a folder name; PENet's file#dataset applies only after an HDF5 file."""
+    import shutil
+
+    from volttl.addresses import split_hdf5_address
+    from volttl.manifests.schema import read_manifest, write_manifest
+    from volttl.preprocess.run import preprocess
+
+    from .conftest import small_config
+
+    assert split_hdf5_address("/d/data.hdf5#1257") == ("/d/data.hdf5", "1257")
+    assert split_hdf5_address("/d/CT Chest #2/a.nii.gz") == ("/d/CT Chest #2/a.nii.gz", None)
+    assert split_hdf5_address("/d/CT #2/data.h5#7") == ("/d/CT #2/data.h5", "7")
+    rows = read_manifest(cohort)[:2]
+    for r in rows:
+        target = tmp_path / f"CT Chest #{r.study_id}" / Path(r.path).name
+        target.parent.mkdir()
+        (shutil.copytree if Path(r.path).is_dir() else shutil.copy)(r.path, target)
+        r.path, r.split = str(target), "train"
+    write_manifest(rows, tmp_path / "m.csv")
+    assert [Path(r.path) for r in read_manifest(tmp_path / "m.csv")] == [Path(r.path) for r in rows]
+    summary = preprocess(small_config(tmp_path / "m.csv", tmp_path / "s.h5"), progress=False)
+    assert not summary.failed and len(summary.done) == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from volttl.addresses import split_hdf5_address
 from volttl.errors import VolttlError
 from volttl.explain.gradcam import WindowGradCAM, default_stride, stitch_study
 from volttl.explain.localisation import write_localisation
@@ -43,7 +44,8 @@ def overlay_on_original(stored_map: np.ndarray, meta: StudyMeta) -> tuple[np.nda
 def _read_source_ct(meta: StudyMeta) -> np.ndarray | None:
     """The original HU volume, or None (with a warning) when the source is gone."""
     geo = meta.original
-    hdf5 = {"slice_thickness": geo.spacing[2], "pixel_spacing": geo.spacing[0]} if "#" in meta.source else {}
+    is_hdf5 = split_hdf5_address(meta.source)[1] is not None
+    hdf5 = {"slice_thickness": geo.spacing[2], "pixel_spacing": geo.spacing[0]} if is_hdf5 else {}
     try:
         vol = read_study(meta.source, meta.series_uid or None, **hdf5)
     except StudyReadError as exc:

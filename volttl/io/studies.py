@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from volttl.addresses import split_hdf5_address
 from volttl.errors import VolttlError
 from volttl.io.dicom import DicomSeriesError, read_dicom_series
 from volttl.io.geometry import Geometry, Volume
@@ -27,7 +28,9 @@ class StudyReadError(VolttlError):
 def read_hdf5_dataset(spec: str, slice_thickness: float = 1.25, pixel_spacing: float = 1.0
                       ) -> Volume:
     """Read ``file.hdf5#name``: (slices, rows, cols) raw HU on a nominal axial grid."""
-    file, _, name = spec.partition("#")
+    file, name = split_hdf5_address(spec)
+    if name is None:
+        raise StudyReadError(f"{spec}: not an HDF5 address (file.hdf5#dataset)")
     try:
         with h5py.File(file, "r") as f:
             if name not in f:
@@ -72,7 +75,7 @@ def read_study(path: str | Path, series_uid: str | None = None, **hdf5_geometry)
 def _read(path: str | Path, series_uid: str | None = None, **hdf5_geometry) -> Volume:
     text = str(path)
     try:
-        if "#" in text and Path(text.partition("#")[0]).suffix.lower() in (".h5", ".hdf5"):
+        if split_hdf5_address(text)[1] is not None:
             return read_hdf5_dataset(text, **hdf5_geometry)
         p = Path(text)
         if p.is_dir():

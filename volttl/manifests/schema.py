@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from volttl.addresses import source_file, split_hdf5_address
 from volttl.errors import VolttlError
 
 REQUIRED = ("study_id", "path", "label", "split")
@@ -72,11 +73,11 @@ def format_slices(slices) -> str:
 
 
 def _resolve(path: str, base: Path) -> str:
-    file, sep, name = path.partition("#")
+    file, name = split_hdf5_address(path)
     p = Path(file).expanduser()
     if not p.is_absolute():
         p = (base / p).resolve()
-    return f"{p}{sep}{name}"
+    return f"{p}#{name}" if name is not None else str(p)
 
 
 def read_manifest(path: str | Path, check_paths: bool = True) -> list[StudyRow]:
@@ -120,7 +121,7 @@ def read_manifest(path: str | Path, check_paths: bool = True) -> list[StudyRow]:
             resolved = _resolve(raw_path, path.parent) if raw_path else ""
             if not raw_path:
                 bad.append("empty path")
-            elif check_paths and not Path(resolved.partition("#")[0]).exists():
+            elif check_paths and not Path(source_file(resolved)).exists():
                 bad.append(f"path {raw_path} does not exist")
             if bad:
                 problems += [f"line {line}: {b}" for b in bad]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from volttl.addresses import source_file, split_hdf5_address
 from volttl.config import Config, config_to_yaml
 from volttl.io.orientation import OrientationError, to_canonical
 from volttl.io.studies import StudyReadError, read_study
@@ -66,7 +67,7 @@ class PreprocessSummary:
 
 
 def _hdf5_geometry(row: StudyRow) -> dict:
-    if "#" not in row.path:
+    if split_hdf5_address(row.path)[1] is None:
         return {}
     return {"slice_thickness": float(row.extras.get("slice_thickness") or 1.25),
             "pixel_spacing": float(row.extras.get("pixel_spacing") or 1.0)}
@@ -106,7 +107,7 @@ def source_stamp(path: str) -> str:
     """The number, total size and latest modification time of a study's source files (a
     file, or every file under a series folder): a study exported again to the same path
     gets another stamp and is preprocessed again."""
-    source = Path(path.partition("#")[0])
+    source = Path(source_file(path))
     files = [source] if source.is_file() else [f for f in source.rglob("*") if f.is_file()]
     stats = [f.stat() for f in files]
     return settings_hash({"files": len(stats), "bytes": sum(st.st_size for st in stats),
@@ -314,7 +315,7 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     records: dict[str, StudyRecord] = {}
     todo = []
     for row in rows:
-        if not Path(row.path.partition("#")[0]).exists():  # named before any work, the rest go on
+        if not Path(source_file(row.path)).exists():  # named before any work, the rest go on
             summary.failed[row.study_id] = f"{row.path}: no such file or folder"
             continue
         settings = study_settings(row, p.slice_thickness, p.size, p.penet_rules)
