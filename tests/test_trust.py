@@ -282,3 +282,82 @@ def test_a_hash_in_a_real_path_is_a_path(tmp_path, cohort):
     assert [Path(r.path) for r in read_manifest(tmp_path / "m.csv")] == [Path(r.path) for r in rows]
     summary = preprocess(small_config(tmp_path / "m.csv", tmp_path / "s.h5"), progress=False)
     assert not summary.failed and len(summary.done) == 2
+
+
+def test_enhanced_ct_is_named_as_unsupported(tmp_path):
+    import pydicom
+
+    from volttl.io import read_study
+    from volttl.io.studies import StudyReadError
+
+    _, files = _series(tmp_path)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(f)
+    with pytest.raises(StudyReadError, match="Enhanced CT .* is not supported"):
+        read_study(tmp_path / "s")
+
+
+def test_a_nifti_header_claiming_huge_dimensions_names_the_size(tmp_path, monkeypatch):
+    import nibabel as nib
+    import numpy as np
+
+    from volttl.io import read_study
+    from volttl.io.studies import StudyReadError
+
+    _nifti(tmp_path / "big.nii.gz", np.zeros((4, 4, 4), np.int16), np.eye(4))
+    real = np.asarray
+
+    def no_memory(obj, *a, **k):
+        if isinstance(obj, nib.arrayproxy.ArrayProxy):
+            raise MemoryError
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(np, "asarray", no_memory)
+    with pytest.raises(StudyReadError, match=r"big\.nii\.gz: its header claims 4 x 4 x 4 voxels"):
+        read_study(tmp_path / "big.nii.gz")
+
+
+def test_a_symlink_loop_in_predict_input_is_scored_once(tmp_path):
+    import numpy as np
+
+    from volttl.predict import find_studies
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    _nifti(tmp_path / "in" / "a" / "ct.nii.gz", np.zeros((4, 4, 4), np.int16) - 1000, np.eye(4))
+    (tmp_path / "in" / "a" / "loop").symlink_to(tmp_path / "in")
+    (tmp_path / "in" / "same.nii.gz").symlink_to(tmp_path / "in" / "a" / "ct.nii.gz")
+    assert [p.name for _, p in find_studies([tmp_path / "in"])] == ["ct.nii.gz"]
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, cohort, capsys):
+    import os
+
+    from volttl.cli import main
+
+    if os.geteuid() == 0:  # root writes anywhere: make the output a file where a folder goes
+        (tmp_path / "out").write_text("a file")
+        out = tmp_path / "out" / "sub"
+    else:
+        (tmp_path / "out").mkdir(mode=0o500)
+        out = tmp_path / "out" / "sub"
+    rc = main(["synth", "--out", str(out), "--studies", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("volttl synth: error: cannot write") and "\n" not in err
+
+
+def test_a_rerun_with_studies_dropped_from_the_manifest_says_which_left(tmp_path, cohort):
+    from volttl.manifests.schema import read_manifest, write_manifest
+    from volttl.preprocess.run import preprocess
+
+    from .conftest import small_config
+
+    rows = read_manifest(cohort)[:3]
+    write_manifest(rows, tmp_path / "m.csv")
+    cfg = small_config(tmp_path / "m.csv", tmp_path / "s.h5")
+    assert not preprocess(cfg, progress=False).left_index
+    write_manifest(rows[:1], tmp_path / "m.csv")
+    summary = preprocess(cfg, progress=False)
+    assert summary.left_index == [r.study_id for r in rows[1:]]

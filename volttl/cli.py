@@ -53,6 +53,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"volttl preprocess: failed {sid}: {reason}", file=sys.stderr)
     if summary.adjusted:
         print(f"volttl preprocess: {summary.adjusted_line()}", file=sys.stderr)
+    if summary.left_index:
+        left = summary.left_index
+        print(f"volttl preprocess: warning: {len(left)} study(ies) no longer in the manifest left the "
+              f"store's index: {', '.join(left[:20])}{' ...' if len(left) > 20 else ''}", file=sys.stderr)
     print(f"{summary.line()}; store: {cfg.data.store}")
     return 1 if summary.failed else 0
 
@@ -441,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"volttl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        # an output folder that cannot be written (read-only, or a file where a folder goes)
+        if args.debug:
+            traceback.print_exc()
+        where = exc.filename or "an output file"
+        print(f"volttl {args.command}: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"volttl {args.command}: interrupted", file=sys.stderr)

@@ -49,15 +49,23 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
     with DICOM files as one series, any other folder searched for studies inside. Ids are
     the file or folder names, made unique with a suffix where two collide."""
     found: list[Path] = []
+    visited: set[Path] = set()  # real paths: a symlink loop or a second link is scored once
 
     def visit(path: Path) -> None:
+        real = path.resolve()
+        if real in visited:
+            return
+        visited.add(real)
         if path.is_file():
             if _is_image(path):
                 found.append(path)
         elif path.is_dir():
             if _holds_dicom(path):  # a series (the reader walks its subfolders), and any image
                 found.append(path)  # file beside its slices, so that none is skipped quietly
-                found.extend(f for f in sorted(path.iterdir()) if f.is_file() and _is_image(f))
+                for f in sorted(path.iterdir()):
+                    if f.is_file() and _is_image(f) and f.resolve() not in visited:
+                        visited.add(f.resolve())
+                        found.append(f)
             else:
                 for child in sorted(path.iterdir()):
                     if not child.name.startswith("."):

@@ -59,6 +59,7 @@ NUMBER_OF_FRAMES = 0x00280008
 PIXEL_DATA = 0x7FE00010
 SOP_CLASS = 0x00080016
 CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"  # one multi-frame file per series
 
 
 class DicomSeriesError(VolttlError):
@@ -127,6 +128,9 @@ def _slice_of(path: Path, ds: pydicom.Dataset) -> _Slice | None:
     """The slice's values, or None for files that are not positioned images (structured
     reports, presentation states). A CT image file that lacks its position, orientation
     or pixel data, or a file with no elements at all, was cut short: named, never skipped."""
+    if _sop_class(ds) == ENHANCED_CT:  # geometry lives in per-frame functional groups
+        raise DicomSeriesError(f"{path}: Enhanced CT (one multi-frame file) is not supported; export the "
+                               "series as classic single-frame CT images (one file per slice)")
     position, orientation = _raw_text(ds, IMAGE_POSITION), _raw_text(ds, IMAGE_ORIENTATION)
     incomplete = not position or not orientation or PIXEL_DATA not in ds
     if incomplete and (len(ds) == 0 or _sop_class(ds) in CT_IMAGE_CLASSES):

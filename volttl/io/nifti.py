@@ -21,6 +21,12 @@ def read_nifti(path: str | Path) -> Volume:
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except MemoryError:
+        shape = tuple(int(v) for v in img.header.get_data_shape())
+        gib = float(np.prod(shape, dtype=np.float64)) * 4 / 2**30
+        claimed = " x ".join(map(str, shape))
+        raise ImageFileError(f"{path}: its header claims {claimed} voxels ({gib:,.0f} GiB as float32), "
+                             "more than this machine's memory; a damaged header?") from None
     except Exception as exc:
         raise ImageFileError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:

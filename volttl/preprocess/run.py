@@ -24,11 +24,13 @@ from tqdm import tqdm
 
 from volttl.addresses import source_file, split_hdf5_address
 from volttl.config import Config, config_to_yaml
+from volttl.errors import VolttlError
 from volttl.io.orientation import OrientationError, to_canonical
 from volttl.io.studies import StudyReadError, read_study
 from volttl.manifests.schema import ManifestError, StudyRow, format_slices, read_manifest
 from volttl.preprocess.resample import resample_to_store
 from volttl.preprocess.store import (
+    Store,
     StudyMeta,
     StudyRecord,
     read_record,
@@ -53,6 +55,7 @@ class PreprocessSummary:
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     adjusted: dict[str, str] = field(default_factory=dict)  # by preprocess.penet_rules
+    left_index: list[str] = field(default_factory=list)  # indexed before, not in the manifest now
 
     def line(self) -> str:
         return (f"{len(self.done)} preprocessed, {len(self.skipped)} already stored, "
@@ -93,6 +96,22 @@ class ThrottledIndex:
     def study_finished(self) -> None:
         if time.perf_counter() - self.last_end >= max(self.min_interval_s, 20 * self.last_cost):
             self.write()
+
+
+def _first(ids: list[str], n: int = 20) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _studies_leaving(store: str, manifest_ids: set[str]) -> list[str]:
+    """Studies the store's index lists that the manifest no longer has: a rerun rewrites
+    the index from the manifest, so they leave it (said, never silently)."""
+    if not Path(store).is_file():
+        return []
+    try:
+        with Store(store) as s:
+            return [sid for sid in s.study_ids if sid not in manifest_ids]
+    except VolttlError:  # not a volttl store (yet): nothing indexed to lose
+        return []
 
 
 def study_settings(row: StudyRow, thickness: float, size: int, penet_rules: bool = False) -> str:
@@ -233,6 +252,9 @@ def _die_with_parent() -> None:
 
 def _worker(conn, args) -> None:
     _die_with_parent()
+    # Ctrl-C goes to the whole process group: the main process stops the run with one line,
+    # and its workers die with it (above); none prints a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker()
     if os.environ.get("VOLTTL_FAULT_KILL_WORKER") == args[0].study_id:  # crash tests: an OOM kill
         os.kill(os.getpid(), signal.SIGKILL)
@@ -312,6 +334,10 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     for stale in remove_stale_temps(store):
         log.info("removed %s, left by a killed run", stale.name)
     summary = PreprocessSummary()
+    summary.left_index = _studies_leaving(store, {r.study_id for r in rows})
+    if summary.left_index:
+        log.warning("%d study(ies) in %s are not in the manifest and leave its index (their files stay): %s",
+                    len(summary.left_index), store, _first(summary.left_index))
     records: dict[str, StudyRecord] = {}
     todo = []
     for row in rows:
