@@ -378,3 +378,26 @@ def test_cam_on_four_voxel_orders_of_a_real_ct_lands_on_each_file(run, tmp_path)
     assert len(peaks) == 4
     for name, peak in peaks.items():
         np.testing.assert_allclose(peak, peaks["dicom"], atol=5.0, err_msg=name)  # within a 5 mm slice
+
+
+@pytest.mark.slow
+def test_an_all_zero_map_says_why_in_cam_and_predict(run, tmp_path, capsys, caplog):
+    """A model that sees no positive evidence gives all-zero Grad-CAM maps: both commands
+    say why and what to check, instead of a bare 'all-zero map' (cam) or nothing (predict)."""
+    import shutil
+
+    from volttl.cli import main
+
+    flat = tmp_path / "flat"
+    shutil.copytree(run, flat)
+    ckpt = torch.load(flat / "best.pt", weights_only=False)
+    ckpt["model_state"]["fc.weight"] = -ckpt["model_state"]["fc.weight"].abs()  # nothing raises the logit
+    ckpt["state_sha256"] = state_digest(ckpt["model_state"])
+    torch.save(ckpt, flat / "best.pt")
+    capsys.readouterr()
+    assert main(["cam", "--run", str(flat), "--study", "synth001", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "all-zero map: no window's positive logit rose" in capsys.readouterr().out
+    source = json.loads((tmp_path / "c" / "synth001_cam.json").read_text())["source"]
+    with caplog.at_level("WARNING", logger="volttl.predict"):
+        assert main(["predict", "--run", str(flat), source, "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert "all-zero map: no window's positive logit rose" in caplog.text

@@ -361,3 +361,19 @@ def test_a_rerun_with_studies_dropped_from_the_manifest_says_which_left(tmp_path
     write_manifest(rows[:1], tmp_path / "m.csv")
     summary = preprocess(cfg, progress=False)
     assert summary.left_index == [r.study_id for r in rows[1:]]
+
+
+def test_a_flat_model_on_four_studies_is_warned_of():
+    """0.474214-0.474255 over 4 studies gave 'AUROC 1.000 (CI 1.000-1.000)' with no word."""
+    import numpy as np
+
+    from volttl.train.metrics import summarise
+
+    probs = np.array([0.474214, 0.474230, 0.474241, 0.474255])
+    out = summarise([0, 0, 1, 1], probs, np.arange(4), np.array([0, 0, 1, 1]), bootstrap=200)
+    assert out["study_auroc"] == 1.0
+    text = " ".join(out["warnings"])
+    assert "only 4 studies" in text and "nearly constant" in text and "collapsed to 1.000" in text
+    healthy = summarise([0, 1] * 20, np.linspace(0.1, 0.9, 40), np.arange(40), np.array([0, 1] * 20),
+                        bootstrap=200)
+    assert healthy["warnings"] == []

@@ -175,12 +175,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from volttl.explain.run import cam_run
+    from volttl.explain.run import EMPTY_MAP, cam_run
 
     records = cam_run(args.run, args.out, args.study or None, args.split, args.set, progress=not args.quiet)
     for r in records:
         peak = r["peak_ras_mm"]
-        where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else "all-zero map"
+        where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else EMPTY_MAP
         print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, {where}")
     found = Path(args.out) / "localisation.json"
     if found.is_file():

@@ -121,7 +121,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     predictions.json (and overlays unless ``cam`` is false) to ``out``. Returns the
     records and the failures (study id -> one-line reason)."""
     from volttl.explain.gradcam import WindowGradCAM
-    from volttl.explain.run import cam_study
+    from volttl.explain.run import EMPTY_MAP, cam_study
 
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg
@@ -153,6 +153,8 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
             overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out, score, label=None)
             record["files"] = overlay["files"]
             record["peak_ras_mm"] = overlay["peak_ras_mm"]
+            if overlay["peak_ras_mm"] is None:
+                log.warning("%s: %s", sid, EMPTY_MAP)
         records.append(record)
     _write(records, out)
     return records, failed

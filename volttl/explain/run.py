@@ -35,6 +35,11 @@ from volttl.preprocess.store import Store, StudyMeta
 log = logging.getLogger("volttl.cam")
 
 
+EMPTY_MAP = ("all-zero map: no window's positive logit rose with the target layer's features (an "
+             "untrained or nearly constant model, or one that sees no PE evidence here); check the run's "
+             "validation AUROC, or try an earlier cam.target_layer")
+
+
 def overlay_on_original(stored_map: np.ndarray, meta: StudyMeta) -> tuple[np.ndarray, Geometry]:
     """A map on the stored grid -> the same map on the original CT grid, in [0, 1]."""
     geo = meta.original

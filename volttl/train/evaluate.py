@@ -61,6 +61,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
              f"| {split} | {metrics['studies']} | {metrics['study_auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) "
              f"| {metrics['study_auprc']:.3f} ({ci_p[0]:.3f}-{ci_p[1]:.3f}) | "
              f"{metrics['window_auroc']:.3f} |\n")
+    for warning in metrics["warnings"]:
+        table += f"\nWarning: {warning}.\n"
     if metrics["window_metrics_studies_left_out"]:
         table += (f"\nWindow AUROC leaves out {metrics['window_metrics_studies_left_out']} positive "
                   "study(ies) without pe_slices (their windows' labels are unknown); study metrics use "

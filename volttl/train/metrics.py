@@ -50,4 +50,29 @@ def summarise(window_labels, window_probs, window_studies, study_labels, how="ma
     if bootstrap:
         ci = bootstrap_ci(labels, scores, bootstrap, seed)
         out["study_auroc_ci"], out["study_auprc_ci"] = ci["auroc"], ci["auprc"]
+    out["warnings"] = metric_warnings(labels, scores, out.get("study_auroc_ci"))
+    return out
+
+
+MIN_STUDIES = 20  # below this a study-level AUROC moves by 0.05 or more with one study
+FLAT_SPREAD = 1e-3  # probabilities within this of each other: the model ranks nothing
+
+
+def metric_warnings(labels: np.ndarray, scores: np.ndarray, auroc_ci=None) -> list[str]:
+    """Why a split's study metrics may mean little, each in a line: too few studies, one
+    class only, probabilities that barely differ (a flat model can still rank "perfectly"
+    by noise), a bootstrap interval that collapsed to a point."""
+    out = []
+    n, classes = len(labels), len(np.unique(labels))
+    if classes < 2:
+        out.append(f"only one class among the {n} studies: AUROC and AUPRC are undefined")
+    elif n < MIN_STUDIES:
+        out.append(f"only {n} studies: one study moves the AUROC by {1 / max(1, n // 2):.2f} or more")
+    if n and float(np.ptp(scores)) < FLAT_SPREAD:
+        out.append(f"the study probabilities span only {float(np.ptp(scores)):.2g} "
+                   f"({float(scores.min()):.6f}-{float(scores.max()):.6f}): the model is nearly constant, "
+                   "and any ranking comes from noise")
+    if auroc_ci is not None and np.isfinite(auroc_ci[0]) and auroc_ci[0] == auroc_ci[1]:
+        out.append(f"the bootstrap interval collapsed to {auroc_ci[0]:.3f}: too few or too uniform studies "
+                   "for an interval")
     return out
