@@ -395,7 +395,8 @@ def test_an_all_zero_map_says_why_in_cam_and_predict(run, tmp_path, capsys, capl
     ckpt["state_sha256"] = state_digest(ckpt["model_state"])
     torch.save(ckpt, flat / "best.pt")
     capsys.readouterr()
-    assert main(["cam", "--run", str(flat), "--study", "synth001", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    out = str(tmp_path / "c")
+    assert main(["cam", "--run", str(flat), "--study", "synth001", "--out", out, "--quiet"]) == 0
     assert "all-zero map: no window's positive logit rose" in capsys.readouterr().out
     source = json.loads((tmp_path / "c" / "synth001_cam.json").read_text())["source"]
     with caplog.at_level("WARNING", logger="volttl.predict"):
