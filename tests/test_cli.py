@@ -108,3 +108,25 @@ def test_help_and_version_import_nothing_heavy():
     cuts_help = subprocess.run([sys.executable, "-m", "volttl", "cuts", "--help"], capture_output=True,
                                text=True).stdout
     assert all(name in cuts_help for name in BACKBONES if not name.endswith("_test"))
+
+
+@pytest.mark.slow
+def test_device_flag_on_the_commands_that_run_a_model(cohort, tmp_path, capsys):
+    """`--device` as nnU-Net and TotalSegmentator have it: on evaluate, cam and predict of a
+    run, and on train; a device the machine lacks is one line."""
+    import torch
+
+    from .conftest import train_tiny_run
+
+    _, run = train_tiny_run(Path(cohort), tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
+    missing = "cuda:7" if torch.cuda.is_available() else "cuda"
+    for command in (["evaluate", "--run", str(run)],
+                    ["cam", "--run", str(run), "--out", str(tmp_path / "c"), "--quiet"]):
+        assert main([*command, "--device", missing]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"train.device '{missing}'" in err and "\n" not in err
+    for name in ("train", "predict", "demo", "profile", "search", "pretrain"):
+        assert "--device" in subprocess.run([sys.executable, "-m", "volttl", name, "--help"],
+                                            capture_output=True, text=True).stdout

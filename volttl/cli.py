@@ -167,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate_repeats(run.path, args.split)
         print(run.metrics_md(args.split).read_text().strip())
         return 0
-    metrics = evaluate_run(run.path, args.split)
+    metrics = evaluate_run(run.path, args.split, overrides=args.set)
     print(run.metrics_md(args.split).read_text().strip())
     print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
           f"in {args.run}" if metrics["studies"] else "")
@@ -277,15 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"volttl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> None:
+    def device(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", metavar="DEVICE",
+                       help="where the model runs: auto, cpu, cuda or cuda:N (default: the config's "
+                       "train.device, auto); the same as --set train.device=DEVICE")
+
+    def with_config(p: argparse.ArgumentParser, runs_a_model: bool = True) -> None:
         p.add_argument("--config", required=True, help="YAML config (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key; repeatable")
+        if runs_a_model:
+            device(p)
 
     def run_overrides(p: argparse.ArgumentParser, example: str) -> None:
-        """``--set`` on a command that reads a run, and ``--quiet``."""
+        """``--set`` on a command that reads a run, ``--device`` and ``--quiet``."""
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help=f"override a key of the run's config, e.g. {example}; repeatable")
+        device(p)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("synth", help="write a synthetic CTPA cohort (DICOM + NIfTI + manifest)")
@@ -297,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("preprocess", help="manifest -> HDF5 window store")
-    with_config(p)
+    with_config(p, runs_a_model=False)
     p.add_argument("--workers", type=int, help="parallel processes (overrides preprocess.workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_preprocess)
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
     p.add_argument("--matrix", type=int, default=96, help="their in-plane pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -355,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics, tables and ROC/PR plots for a run")
     p.add_argument("--run", required=True, help="run dir written by `volttl train`")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    device(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("cam", help="3D Grad-CAM overlays as NIfTI on the original CT grid",
@@ -437,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "device", None):  # --device is --set train.device (and the profiler's)
+        args.set = [*getattr(args, "set", []), f"train.device={args.device}", f"profile.device={args.device}"]
     if not args.debug:  # a decoder's own traceback would sit beside volttl's one-line error
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:

@@ -35,12 +35,13 @@ def _plot_curves(labels: np.ndarray, scores: np.ndarray, out: Path, title: str) 
     plt.close(fig)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None = None,
+                 overrides: list[str] | None = None) -> dict:
     """Study- and window-level metrics of ``best.pt`` on ``split``, written into the run dir."""
     from volttl.data import WindowDataset
 
     run = RunDir(run_dir)
-    trained = TrainedRun.open(run.path)  # the model in the run's numerics, on its device
+    trained = TrainedRun.open(run.path, overrides)  # the model in the run's numerics, on its device
     cfg, device = trained.cfg, trained.device
     ds = WindowDataset.from_config(cfg, split, train=False)
     probs, labels, studies = predict(trained.model, ds, device, cfg.train.batch_size, cfg.train.workers,
