@@ -16,14 +16,13 @@ import logging
 import math
 from pathlib import Path
 
-from tqdm import tqdm
-
 from volttl.errors import VolttlError
 from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
 from volttl.preprocess.run import PreparedStudy, prepare_study
 from volttl.preprocess.store import StudyMeta
+from volttl.progress import progress_bar
 
 log = logging.getLogger("volttl.predict")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
@@ -131,7 +130,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     grad_cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method) if cam else None
     p = cfg.preprocess
     records, failed = [], {}
-    for sid, path in tqdm(studies, desc="predict", unit="study", disable=not progress):
+    for sid, path in progress_bar(studies, desc="predict", unit="study", disable=not progress):
         try:
             study: PreparedStudy = prepare_study(StudyRow(sid, str(path), 0, "test", []), p.slice_thickness,
                                                  p.size, p.window)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from volttl.config import Config
 from volttl.data.intensity import normalise
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
+from volttl.progress import progress_bar
 
 log = logging.getLogger("volttl.pretrain")
 CLASSES = ("none", "ball", "tube", "plate")
@@ -115,7 +115,9 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         loader = torch.utils.data.DataLoader(data, batch_size=p.batch_size, shuffle=False,
                                              num_workers=cfg.train.workers)
         losses, correct, seen = [], 0, 0
-        for x, y in tqdm(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", unit="batch", disable=not progress):
+        batches = progress_bar(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", unit="batch",
+                               disable=not progress)
+        for x, y in batches:
             feats = model.forward_features(x, upto=keep)
             logits = head(torch.flatten(torch.nn.functional.adaptive_avg_pool3d(feats, 1), 1))
             loss = torch.nn.functional.cross_entropy(logits, y)

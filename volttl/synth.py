@@ -272,14 +272,14 @@ def synth_cohort(out: str | Path, studies: int = 40, seed: int = 0, matrix: int 
     """Write the cohort under ``out`` (``workers`` processes); returns the manifest path."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm import tqdm
+    from volttl.progress import progress_bar
 
     out = Path(out)
     (out / "studies").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     splits = _stratified_splits(studies, seed)
     jobs = [(out, seed, index, matrix, str(splits[index])) for index in range(studies)]
-    bar = tqdm(total=studies, desc="synth", unit="study", disable=not progress)
+    bar = progress_bar(total=studies, desc="synth", unit="study", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             futures = [pool.submit(_write_study, *job) for job in jobs]

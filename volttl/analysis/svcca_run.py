@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from volttl.analysis.svcca import feature_points, overlap, random_baseline, suggest_cut, svcca
 from volttl.data import WindowDataset
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
+from volttl.progress import progress_bar
 from volttl.runs import RunDir, load_run, model_from_config
 
 log = logging.getLogger("volttl.analysis")
@@ -50,7 +50,7 @@ def collect_features(models: list[torch.nn.Module], ds: WindowDataset, keeps: li
     out: list[dict[int, list[np.ndarray]]] = [{k: [] for k in keeps} for _ in models]
     for m in models:
         m.eval()
-    for b in tqdm(range(0, len(picks), batch_size), desc="svcca features", unit="batch",
+    for b in progress_bar(range(0, len(picks), batch_size), desc="svcca features", unit="batch",
                   disable=not progress):
         x = torch.stack([ds[int(i)][0] for i in picks[b: b + batch_size]])
         with torch.no_grad():

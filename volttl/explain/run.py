@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from volttl.addresses import split_hdf5_address
 from volttl.errors import VolttlError
@@ -31,6 +30,7 @@ from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
 from volttl.preprocess.store import Store, StudyMeta
+from volttl.progress import progress_bar
 
 log = logging.getLogger("volttl.cam")
 
@@ -128,7 +128,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
         ids = select_studies(store, studies, split)
         out.mkdir(parents=True, exist_ok=True)
         cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method)
-        for sid in tqdm(ids, desc="cam", unit="study", disable=not progress):
+        for sid in progress_bar(ids, desc="cam", unit="study", disable=not progress):
             meta, hu = store.meta(sid), store.hu(sid)[...]
             records.append(cam_study(meta, hu, store.window, cam, cfg, out, run.score_study(hu), meta.label))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from tqdm import tqdm
 
 from volttl.manifests.schema import ManifestError, StudyRow
+from volttl.progress import progress_bar
 
 
 def hash_split(uid: str, val: float, test: float, seed: int = 0) -> str:
@@ -59,7 +59,7 @@ def rsna_rows(root: str | Path, csv_path: str | Path | None = None, val: float =
             images[key][rec["SOPInstanceUID"]] = int(rec["pe_present_on_image"])
             negative[key] = int(rec["negative_exam_for_pe"])
     rows = []
-    for (study, series), sops in tqdm(images.items(), desc="rsna", disable=not progress):
+    for (study, series), sops in progress_bar(images.items(), desc="rsna", disable=not progress):
         folder = root / "train" / study / series
         if not folder.is_dir():
             raise ManifestError(f"{folder}: series folder listed in {csv_path.name} is missing")

@@ -20,7 +20,6 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from volttl.addresses import source_file, split_hdf5_address
 from volttl.config import Config, config_to_yaml
@@ -40,6 +39,7 @@ from volttl.preprocess.store import (
     write_study,
 )
 from volttl.preprocess.windows import pe_flags_on_stored_grid
+from volttl.progress import progress_bar
 
 log = logging.getLogger("volttl.preprocess")
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -365,7 +365,7 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
 
     index = ThrottledIndex(reindex)
     index.write()
-    bar = tqdm(total=len(todo), desc="preprocess", unit="study", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="preprocess", unit="study", disable=not progress)
 
     def finish(sid: str, rec: StudyRecord | None, err: str | None, warnings: list[str]) -> None:
         for w in warnings:

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
@@ -46,6 +45,7 @@ from volttl.inference import device_probabilities
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.store import Store
+from volttl.progress import progress_bar
 from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, model_from_config
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
@@ -314,7 +314,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
         loader = _loader(train_ds, 0 if bags else batch, sampler, tc.workers, device, drop_last)
-        bar = tqdm(loader,
+        bar = progress_bar(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         for step, (hu, y, _, params) in enumerate(bar):
