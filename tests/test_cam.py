@@ -402,3 +402,30 @@ def test_an_all_zero_map_says_why_in_cam_and_predict(run, tmp_path, capsys, capl
     with caplog.at_level("WARNING", logger="volttl.predict"):
         assert main(["predict", "--run", str(flat), source, "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert "all-zero map: no window's positive logit rose" in caplog.text
+
+
+def test_preview_of_an_all_zero_map_is_drawn_through_the_centre(tmp_path, monkeypatch):
+    """An all-zero map has its argmax at voxel (0, 0, 0): the planes go through the volume's
+    centre instead, and the title says the map is empty."""
+    import matplotlib.axes
+
+    from volttl.explain.preview import write_preview
+
+    ct = np.full((10, 20, 30), -800.0)
+    drawn, titles = [], []
+    real = matplotlib.axes.Axes.imshow
+    def recording_imshow(self, data, *a, **k):
+        drawn.append(np.asarray(data))
+        return real(self, data, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
+    import matplotlib.figure
+
+    real_title = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, t, *a, **k: titles.append(t) or real_title(self, t, *a, **k))
+    ct[5, 10, 15] = 400  # a marker at the centre
+    write_preview(ct, np.zeros_like(ct), (0, 0, 0), (1.0, 1.0, 2.0), tmp_path / "p.png", "s: p(PE) = 0.5")
+    assert (tmp_path / "p.png").stat().st_size > 1000 and titles == ["s: p(PE) = 0.5 (all-zero map)"]
+    grey = drawn[::2]  # axial, coronal and sagittal CT planes, each through the centre's marker
+    assert [g.shape for g in grey] == [(20, 30), (10, 30), (10, 20)] and all((g == 400).any() for g in grey)
