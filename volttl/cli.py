@@ -167,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate_repeats(run.path, args.split)
         print(run.metrics_md(args.split).read_text().strip())
         return 0
-    metrics = evaluate_run(run.path, args.split, overrides=args.set)
+    metrics = evaluate_run(run.path, args.split, overrides=getattr(args, "set", None))
     print(run.metrics_md(args.split).read_text().strip())
     print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
           f"in {args.run}" if metrics["studies"] else "")
