@@ -17,6 +17,7 @@ here, and every module that needs a model for a config calls :func:`model_from_c
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -157,6 +158,28 @@ def _differences(before: dict, now: dict) -> list[str]:
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
 
 
+STORE_KEYS = ("slice_thickness", "size", "window", "train_stride", "min_pe_slices", "penet_rules")
+
+
+def with_store_preprocessing(cfg: Config, warn: bool = True) -> Config:
+    """The config with the preprocess settings the store was made with: a run learns from
+    the store as it is, and its ``config.yaml`` must say so, since ``predict`` prepares new
+    scans and every scorer cuts windows by it. A config that differs (another store given
+    with ``--set``, an edited key) is corrected with a warning naming the keys."""
+    from volttl.preprocess.store import Store
+
+    with Store(cfg.data.store) as store:
+        made = (yaml.safe_load(store.config_yaml) or {}).get("preprocess", {})
+    out = copy.deepcopy(cfg)
+    for key in STORE_KEYS:
+        if key in made and made[key] != getattr(cfg.preprocess, key):
+            say = log.warning if warn else log.debug
+            say("%s was made with preprocess.%s %r, not %r: the run records and uses the store's",
+                cfg.data.store, key, made[key], getattr(cfg.preprocess, key))
+            setattr(out.preprocess, key, made[key])
+    return out
+
+
 def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     """Before a run is continued or its finished result reused (``--resume``, pipelines,
     search trials): the run must exist, and its model-defining and training keys must equal
@@ -164,6 +187,7 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     run = RunDir(run_dir)
     if not run.last.is_file():
         raise RunError(f"{run.path}: nothing to resume (no {LAST}); drop --resume to start a new run")
+    cfg = with_store_preprocessing(cfg, warn=False)  # the run recorded its store's settings
     saved = run.read_config()
     differ = _differences(model_keys(saved), model_keys(cfg))
     if differ:

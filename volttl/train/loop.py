@@ -26,7 +26,6 @@ too and gathered, so every rank sees the same metrics; only rank 0 writes the ru
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -46,7 +45,13 @@ from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.store import Store
 from volttl.progress import progress_bar
-from volttl.runs import RUNTIME_TRAIN_KEYS, RunDir, check_resumable, model_from_config
+from volttl.runs import (
+    RUNTIME_TRAIN_KEYS,
+    RunDir,
+    check_resumable,
+    model_from_config,
+    with_store_preprocessing,
+)
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -97,27 +102,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-STORE_KEYS = ("slice_thickness", "size", "window", "train_stride", "min_pe_slices", "penet_rules")
-
-
-def with_store_preprocessing(cfg: Config) -> Config:
-    """The config with the preprocess settings the store was made with: a run learns from
-    the store as it is, and its ``config.yaml`` must say so, since ``predict`` prepares new
-    scans and every scorer cuts windows by it. A config that differs (another store given
-    with ``--set``, an edited key) is corrected with a warning naming the keys."""
-    import yaml
-
-    with Store(cfg.data.store) as store:
-        made = (yaml.safe_load(store.config_yaml) or {}).get("preprocess", {})
-    out = copy.deepcopy(cfg)
-    for key in STORE_KEYS:
-        if key in made and made[key] != getattr(cfg.preprocess, key):
-            log.warning("%s was made with preprocess.%s %r, not %r: the run records and uses the store's",
-                        cfg.data.store, key, made[key], getattr(cfg.preprocess, key))
-            setattr(out.preprocess, key, made[key])
-    return out
 
 
 def per_process_batch(cfg: Config, world: int) -> int:
