@@ -86,9 +86,15 @@ def test_compiled_training_matches_eager_and_saves_the_plain_model(store, tmp_pa
     torch.manual_seed(cfg.train.seed)
     init = model_from_config(cfg).model.state_dict()
     assert any(not torch.equal(init[k], eager[k]) for k in eager if k.endswith("weight"))  # it trained
-    for k in (k for k in eager if eager[k].is_floating_point() and not torch.equal(eager[k], init[k])):
-        # measured: at most 7e-5 of the epoch's update; a wrong step would be of its order
-        assert (eager[k] - compiled[k]).norm() < 1e-3 * (eager[k] - init[k]).norm(), k
+    ratios = {k: float((eager[k] - compiled[k]).norm() / (eager[k] - init[k]).norm())
+              for k in eager if eager[k].is_floating_point() and not torch.equal(eager[k], init[k])}
+    # measured: at most 0.65% of the epoch's update on this cohort (7e-5 before PENet's slice
+    # jitter changed the training windows: the update is smaller, the reordering noise is
+    # not); one wrong step of the epoch's five would be about 20%
+    assert max(ratios.values()) < 2e-2, ratios
+    steps = [json.loads((tmp_path / run / "metrics.jsonl").read_text())["optimizer_steps"]
+             for run in ("eager", "compiled")]
+    assert steps[0] == steps[1] > 0
 
 
 def test_the_training_step_does_not_read_back_from_the_device(store, tmp_path, monkeypatch):  # noqa: F811
