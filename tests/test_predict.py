@@ -72,9 +72,14 @@ def test_predict_equals_evaluate_and_writes_overlays(cohort, trained, tmp_path, 
         assert cam_record["window_probabilities"] == r["window_probabilities"]
     with open(tmp_path / "p" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(records) and {"best_window_source_slices", "probability"} <= set(rows[0])
-    for row, r in zip(rows, records, strict=True):
-        assert row["best_window_centre_ras_mm"] == " ".join(map(str, r["best_window_centre_ras_mm"]))
+    assert len(rows) == len(records) and {"best_window_first_source_slice", "probability"} <= set(rows[0])
+    for row, r in zip(rows, records, strict=True):  # one value per cell
+        centre = [float(row[f"best_window_centre_{axis}_mm"]) for axis in "ras"]
+        assert centre == r["best_window_centre_ras_mm"] and " " not in "".join(row.values()).replace(
+            str(r["source"]), "").replace(str(r["run"]), "")
+        first, last = r["best_window_source_slices"] or ["", ""]
+        assert (row["best_window_first_source_slice"], row["best_window_last_source_slice"]) == (str(first),
+                                                                                             str(last))
 
 
 def test_predict_on_the_real_ct(trained, tmp_path):

@@ -159,14 +159,29 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     return records, failed
 
 
+CSV_COLUMNS = ("study_id", "source", "probability", "aggregate", "best_window_first_source_slice",
+               "best_window_last_source_slice", "best_window_centre_r_mm", "best_window_centre_a_mm",
+               "best_window_centre_s_mm", "best_window_first_stored_slice", "best_window_last_stored_slice",
+               "best_window_padding", "model", "strategy", "cut", "run")
+
+
+def csv_row(record: dict) -> dict:
+    """One value per cell: the best window's source slices, centre (R, A, S mm) and stored
+    slices spread over columns of their own; empty where there is no value (no slice range
+    on a non-axial file). predictions.json keeps the record whole."""
+    source = record["best_window_source_slices"] or ["", ""]
+    centre = record["best_window_centre_ras_mm"]
+    stored = record["best_window_stored_slices"]
+    values = (record["study_id"], record["source"], record["probability"], record["aggregate"],
+              source[0], source[1], centre[0], centre[1], centre[2], stored[0], stored[1],
+              record["best_window_padding"], record["model"], record["strategy"], record["cut"],
+              record["run"])
+    return dict(zip(CSV_COLUMNS, values, strict=True))
+
+
 def _write(records: list[dict], out: Path) -> None:
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    columns = ["study_id", "source", "probability", "aggregate", "best_window_source_slices",
-               "best_window_centre_ras_mm", "best_window_stored_slices", "best_window_padding", "model",
-               "strategy", "cut", "run"]
     with (out / "predictions.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
         w.writeheader()
-        for r in records:  # lists as space-separated numbers; no range: empty
-            w.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
-                        for k, v in r.items()})
+        w.writerows(csv_row(r) for r in records)
