@@ -140,3 +140,11 @@ def test_progress_into_a_pipe_is_plain_lines(tmp_path):
                          capture_output=True, text=True, check=True)
     assert "\r" not in out.stderr and "synth: 100%" in out.stderr
     assert len([line for line in out.stderr.splitlines() if line.startswith("synth:")]) <= 3
+
+
+def test_a_run_path_that_does_not_exist_says_so(tmp_path, capsys):
+    for command in (["evaluate"], ["cam", "--out", str(tmp_path / "c")], ["predict", str(tmp_path), "--out",
+                                                                          str(tmp_path / "p")]):
+        assert main([command[0], "--run", str(tmp_path / "nope"), *command[1:]]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{tmp_path / 'nope'}: no such run folder") and "\n" not in err

@@ -115,6 +115,8 @@ class RunDir:
 
     def read_config(self) -> Config:
         """The config the run was trained with."""
+        if not self.path.exists():
+            raise RunError(f"{self.path}: no such run folder")
         if not self.config.is_file():
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
