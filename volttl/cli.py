@@ -53,10 +53,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"volttl preprocess: failed {sid}: {reason}", file=sys.stderr)
     if summary.adjusted:
         print(f"volttl preprocess: {summary.adjusted_line()}", file=sys.stderr)
-    if summary.left_index:
-        left = summary.left_index
-        print(f"volttl preprocess: warning: {len(left)} study(ies) no longer in the manifest left the "
-              f"store's index: {', '.join(left[:20])}{' ...' if len(left) > 20 else ''}", file=sys.stderr)
     print(f"{summary.line()}; store: {cfg.data.store}")
     return 1 if summary.failed else 0
 

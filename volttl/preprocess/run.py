@@ -319,12 +319,10 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     # positives without slices are scored at study level (their windows' labels are unknown)
     unlabelled = [r.study_id for r in rows if r.label == 1 and not r.pe_slices and r.split == "train"]
     if unlabelled and cfg.data.labels == "slices":
-        more = f" and {len(unlabelled) - 20} more" if len(unlabelled) > 20 else ""
-        shown = ", ".join(unlabelled[:20]) + more
         raise ManifestError(f"{cfg.data.manifest}: {len(unlabelled)} training positive study(ies) "
-                            f"without pe_slices ({shown}); with data.labels: slices every window of them "
-                            "would be labelled negative. Give their pe_slices, or set data.labels: study to "
-                            "learn from study labels alone")
+                            f"without pe_slices ({_first(unlabelled)}); with data.labels: slices every window "
+                            "of them would be labelled negative. Give their pe_slices, or set data.labels: "
+                            "study to learn from study labels alone")
     study_level = [r for r in rows if r.label == 1 and not r.pe_slices and r.split != "train"]
     if study_level:
         log.info("%d validation/test positive study(ies) without pe_slices: scored at study level; "
