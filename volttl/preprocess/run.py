@@ -321,8 +321,8 @@ def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
     if unlabelled and cfg.data.labels == "slices":
         raise ManifestError(f"{cfg.data.manifest}: {len(unlabelled)} training positive study(ies) "
                             f"without pe_slices ({_first(unlabelled)}); with data.labels: slices every "
-                            "window of them would be labelled negative. Give their pe_slices, or set data.labels: "
-                            "study to learn from study labels alone")
+                            "window of them would be labelled negative. Give their pe_slices, or set "
+                            "data.labels: study to learn from study labels alone")
     study_level = [r for r in rows if r.label == 1 and not r.pe_slices and r.split != "train"]
     if study_level:
         log.info("%d validation/test positive study(ies) without pe_slices: scored at study level; "
