@@ -241,7 +241,7 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
     records = cam_run(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False)
     rows = {r["study_id"]: r for r in csv.DictReader(open(cohort))}
     preds = {}
-    from volttl.train.evaluate import evaluate_run
+    from volttl.evaluate import evaluate_run
 
     for split in ("train", "val", "test"):
         evaluate_run(run, split, bootstrap=0)

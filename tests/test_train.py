@@ -149,7 +149,7 @@ def test_resume_after_interruption_gives_the_same_run(store, tmp_path):
 
 
 def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
-    from volttl.train.evaluate import evaluate_run
+    from volttl.evaluate import evaluate_run
 
     run = tmp_path / "run"
     train_run(run_cfg(store, tmp_path), run, progress=False)

@@ -100,6 +100,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
           f"{ev['study_auroc']:.3f} over {ev['studies']} studies; run dir {report['run']['dir']}; "
           f"open {cam['out']}/<study>_cam.nii.gz over the CT in 3D Slicer; report {work / 'report.md'}")
+    point = ev.get("operating_point", {})
+    if point.get("threshold") is not None:
+        from volttl.evaluate import fmt_rate
+
+        print(f"at the threshold {point['threshold']:.4f} chosen on val ({point['rule']} "
+              f"{point['target']:g}): test sensitivity {fmt_rate(point, 'sensitivity')}, specificity "
+              f"{fmt_rate(point, 'specificity')} (95% CIs); test ECE {ev['ece']:.3f}")
     return 0
 
 
@@ -154,19 +161,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from volttl.evaluate import evaluate_run
     from volttl.runs import RunDir
-    from volttl.train.evaluate import evaluate_run
     from volttl.train.repeats import evaluate_repeats
 
     run = RunDir(args.run)
     if run.is_repeat_group():
-        evaluate_repeats(run.path, args.split)
+        evaluate_repeats(run.path, args.split, progress=not args.quiet)
         print(run.metrics_md(args.split).read_text().strip())
         return 0
-    metrics = evaluate_run(run.path, args.split, overrides=getattr(args, "set", None))
+    metrics = evaluate_run(run.path, args.split, overrides=getattr(args, "set", None),
+                           progress=not args.quiet)
     print(run.metrics_md(args.split).read_text().strip())
-    print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, curves_{args.split}.png "
-          f"in {args.run}" if metrics["studies"] else "")
+    print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, predictions_{args.split}.csv, "
+          f"curves_{args.split}.png, reliability_{args.split}.png and operating_point.json in {args.run}"
+          if metrics["studies"] else "")
     return 0
 
 
@@ -357,10 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics, tables and ROC/PR plots for a run")
+    p = sub.add_parser("evaluate", help="metrics, operating point, calibration and plots for a run",
+                       description="Study- and window-level AUROC/AUPRC with bootstrap CIs, and "
+                       "sensitivity, specificity, PPV and NPV at the run's operating point. The "
+                       "operating point (eval.operating_point, eval.target) and, with "
+                       "eval.calibration: temperature, the calibration are chosen on the val split "
+                       "and stored in the run (operating_point.json), where predict and cam use them.")
     p.add_argument("--run", required=True, help="run dir written by `volttl train`")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("cam", help="3D Grad-CAM overlays as NIfTI on the original CT grid",

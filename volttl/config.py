@@ -178,6 +178,15 @@ class TrainConfig:
 class EvalConfig:
     aggregate: Literal["max", "mean"] = "max"
     bootstrap: int = 1000
+    # the operating point `volttl evaluate` chooses on the validation studies: the highest
+    # threshold that reaches `target` sensitivity (PE is a finding not to miss), the lowest
+    # that keeps `target` specificity, or Youden's J (target unused)
+    operating_point: Literal["sensitivity", "youden", "specificity"] = "sensitivity"
+    target: float = 0.9
+    # temperature: one temperature fitted on the validation studies rescales every study
+    # probability the run reports (monotone: rankings and AUROC stay); none: as the model gives
+    calibration: Literal["none", "temperature"] = "none"
+    calibration_bins: int = 10  # equal-width bins of the reliability diagram and ECE
 
 
 @dataclass
@@ -406,6 +415,8 @@ def check_ranges(cfg: Config) -> None:
     positive("train", "cosine_examples")
     need(cfg.train.dampening < 1, "train.dampening", "< 1", cfg.train.dampening)
     non_negative("eval", "bootstrap")
+    positive("eval", "calibration_bins")
+    need(0 < cfg.eval.target <= 1, "eval.target", "in (0, 1]", cfg.eval.target)
     non_negative("cam", "stride")
     positive("cam", "batch_size")
     positive("profile", "repeats")

@@ -19,6 +19,7 @@ import torch
 
 from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
 from volttl.data.intensity import AIR_HU, normalise
+from volttl.decision import Decision
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.windows import indexed_window_starts
 
@@ -94,11 +95,14 @@ def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.
 
 @dataclass
 class StudyScore:
-    """A study's evaluation windows, their probabilities and the run's aggregate."""
+    """A study's evaluation windows, their probabilities, the run's aggregate (calibrated
+    when the run is) and the call at the run's operating point (None without one)."""
 
     probability: float
     window_starts: list[int]
     window_probabilities: list[float]
+    predicted_label: int | None = None
+    threshold: float | None = None
 
     @property
     def best_window(self) -> int:
@@ -110,8 +114,15 @@ class TrainedRun:
     """A trained run opened once: its config, its best model on the device in the run's
     numerics. :meth:`score_study` is how every command scores a study."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, path: Path) -> None:
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, path: Path,
+                 weights_sha256: str | None = None) -> None:
+        from volttl.decision import read_decision
+        from volttl.runs import RunDir
+
         self.cfg, self.device, self.path = cfg, device, path
+        self.weights_sha256 = weights_sha256
+        # the calibration and operating point evaluate chose on validation for these weights
+        self.decision: Decision | None = read_decision(RunDir(path).operating_point, weights_sha256)
         self.numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
         self.numerics.configure(device)
         self.model = model.to(device, memory_format=self.numerics.memory_format).eval()
@@ -119,12 +130,23 @@ class TrainedRun:
     @classmethod
     def open(cls, run_dir: str | Path, overrides: list[str] | None = None) -> TrainedRun:
         """The run's config (with ``overrides``) and ``best.pt``, on the configured device."""
-        from volttl.runs import load_run, resolve_device
+        from volttl.runs import load_run_weights, resolve_device
 
-        cfg, model = load_run(run_dir)
+        cfg, model, digest = load_run_weights(run_dir)
         if overrides:
             cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
-        return cls(cfg, model, resolve_device(cfg.train.device), Path(run_dir))
+        return cls(cfg, model, resolve_device(cfg.train.device), Path(run_dir), digest)
+
+    def note_missing_decision(self, log) -> None:
+        """One warning when outputs will carry probabilities but no call."""
+        if self.decision is None:
+            log.warning("%s has no operating point for its best.pt yet: predicted_label and threshold stay "
+                        "empty (run `volttl evaluate --run %s --split val` to choose one)",
+                        self.path, self.path)
+
+    def calibrate(self, probs):
+        """Study probabilities as the run reports them: tempered when the run is calibrated."""
+        return probs if self.decision is None else self.decision.calibrate(probs)
 
     def score_windows(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Probabilities of model-ready windows ``(N, 1, D, crop, crop)``."""
@@ -141,4 +163,8 @@ class TrainedRun:
                                                  tuple(cfg.data.hu_clip), cfg.data.intensity_shift))
                  for b in range(0, len(starts), batch_size)]
         p = np.concatenate(probs)
-        return StudyScore(aggregate(p, cfg.eval.aggregate), starts, [float(v) for v in p])
+        probability = float(self.calibrate(aggregate(p, cfg.eval.aggregate)))
+        decided = self.decision
+        return StudyScore(probability, starts, [float(v) for v in p],
+                          decided.label(probability) if decided else None,
+                          decided.threshold if decided else None)

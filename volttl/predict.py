@@ -124,6 +124,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
 
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg
+    run.note_missing_decision(log)
     studies = find_studies(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,8 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
             continue
         score = run.score_study(study.hu)
         record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
+                  "predicted_label": score.predicted_label, "threshold": score.threshold,
+                  "calibration_temperature": run.decision.temperature if run.decision else None,
                   "aggregate": cfg.eval.aggregate,
                   **window_location(study.meta, score.best_window, p.window, cfg.data.crop,
                                     study.hu.shape[0]),
@@ -159,7 +162,8 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     return records, failed
 
 
-CSV_COLUMNS = ("study_id", "source", "probability", "aggregate", "best_window_first_source_slice",
+CSV_COLUMNS = ("study_id", "source", "probability", "predicted_label", "threshold", "aggregate",
+               "best_window_first_source_slice",
                "best_window_last_source_slice", "best_window_centre_r_mm", "best_window_centre_a_mm",
                "best_window_centre_s_mm", "best_window_first_stored_slice", "best_window_last_stored_slice",
                "best_window_padding", "model", "strategy", "cut", "run")
@@ -168,11 +172,14 @@ CSV_COLUMNS = ("study_id", "source", "probability", "aggregate", "best_window_fi
 def csv_row(record: dict) -> dict:
     """One value per cell: the best window's source slices, centre (R, A, S mm) and stored
     slices spread over columns of their own; empty where there is no value (no slice range
-    on a non-axial file). predictions.json keeps the record whole."""
+    on a non-axial file; no predicted label or threshold while the run has no operating
+    point). predictions.json keeps the record whole."""
     source = record["best_window_source_slices"] or ["", ""]
     centre = record["best_window_centre_ras_mm"]
     stored = record["best_window_stored_slices"]
-    values = (record["study_id"], record["source"], record["probability"], record["aggregate"],
+    blank = lambda v: "" if v is None else v  # noqa: E731
+    values = (record["study_id"], record["source"], record["probability"], blank(record["predicted_label"]),
+              blank(record["threshold"]), record["aggregate"],
               source[0], source[1], centre[0], centre[1], centre[2], stored[0], stored[1],
               record["best_window_padding"], record["model"], record["strategy"], record["cut"],
               record["run"])

@@ -8,7 +8,9 @@ A run folder holds::
     metrics.jsonl    one line per finished epoch
     train.log        everything volttl logged during training
     tensorboard/     scalars for TensorBoard
-    metrics_<split>.json|.md, predictions_<split>.csv, curves_<split>.png   (evaluate)
+    metrics_<split>.json|.md, predictions_<split>.csv, curves_<split>.png,
+    reliability_<split>.png                                          (evaluate)
+    operating_point.json   the calibration and threshold chosen on validation (evaluate)
 
 A repeat group (``train.repeats > 1``) is a folder of such runs, ``seed<S>/``, with
 ``repeats.json``. Every module that reads or writes these files takes the names from
@@ -43,6 +45,7 @@ TRAIN_LOG = "train.log"
 TENSORBOARD = "tensorboard"
 REPEATS = "repeats.json"
 TRAINING_DATA = "training_data.json"
+OPERATING_POINT = "operating_point.json"
 
 
 class RunError(VolttlError):
@@ -91,6 +94,11 @@ class RunDir:
         """What the run was trained on: :meth:`volttl.preprocess.store.Store.training_data`."""
         return self.path / TRAINING_DATA
 
+    @property
+    def operating_point(self) -> Path:
+        """The run's :class:`volttl.decision.Decision`, chosen on validation by evaluate."""
+        return self.path / OPERATING_POINT
+
     def seed(self, seed: int) -> RunDir:
         """One seed's run inside a repeat group."""
         return RunDir(self.path / f"seed{seed}")
@@ -106,6 +114,9 @@ class RunDir:
 
     def curves_png(self, split: str) -> Path:
         return self.path / f"curves_{split}.png"
+
+    def reliability_png(self, split: str) -> Path:
+        return self.path / f"reliability_{split}.png"
 
     def is_repeat_group(self) -> bool:
         return self.repeats.is_file()
@@ -294,6 +305,13 @@ def check_config_against_checkpoint(path: Path, cfg: Config, saved: dict | None)
 
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:
     """The run's config and its model with the chosen checkpoint's weights."""
+    cfg, model, _ = load_run_weights(run_dir, which)
+    return cfg, model
+
+
+def load_run_weights(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D, str | None]:
+    """:func:`load_run`, and the checksum of the weights (None for files written before
+    checksums), which names the exact model that outputs were chosen for."""
     run = RunDir(run_dir)
     cfg = run.read_config()
     cfg.model.pretrained = ""  # the run's own weights replace the pretrained ones
@@ -308,4 +326,4 @@ def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise RunError(f"{path}: does not fit the model in {CONFIG} ({first})") from None
-    return cfg, model
+    return cfg, model, ckpt.get("state_sha256")

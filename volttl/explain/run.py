@@ -103,6 +103,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         files["preview"] = f"{sid}_cam.png"
     record = {
         "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
+        "predicted_label": score.predicted_label, "threshold": score.threshold,
         "aggregate": cfg.eval.aggregate,
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
@@ -110,6 +111,8 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         "stride": cfg.cam.stride or default_stride(window), "stitch": cfg.cam.stitch,
         "blend": cfg.cam.blend,
         "window_starts": score.window_starts,  # the evaluation windows the probability comes from
+        # the model's own window probabilities; the study probability is their aggregate,
+        # calibrated when the run has a temperature
         "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
         "files": files,
     }
@@ -124,6 +127,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
     cfg = run.cfg
     out = Path(out)
     records = []
+    run.note_missing_decision(log)
     with Store(cfg.data.store) as store:
         ids = select_studies(store, studies, split)
         out.mkdir(parents=True, exist_ok=True)

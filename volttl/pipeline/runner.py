@@ -259,8 +259,8 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 
 def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Metrics of the run on ``split`` (default test), rewritten every time."""
+    from volttl.evaluate import evaluate_run
     from volttl.runs import RunDir
-    from volttl.train.evaluate import evaluate_run
     from volttl.train.repeats import evaluate_repeats
 
     name, path = _step_run(cfg, work, args, report, "FTL")
@@ -270,6 +270,9 @@ def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     table = run.metrics_md(split).read_text().strip()
     report["evaluate"] = {"run": name, "split": split, "table": table,
                           "study_auroc": metrics["study_auroc"], "studies": metrics.get("studies")}
+    if "operating_point" in metrics:  # a single run (a repeat group reports per seed in its table)
+        report["evaluate"]["operating_point"] = metrics["operating_point"]
+        report["evaluate"]["ece"] = metrics["calibration"].get("ece")
     return table
 
 

@@ -153,15 +153,16 @@ def _recalibration_batches(ds: WindowDataset, windows: int, batch_size: int, wor
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: WindowDataset, device: torch.device, batch_size: int,
-            workers: int = 0, dist: DistContext | None = None, numerics: Numerics = DEFAULT_NUMERICS
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            workers: int = 0, dist: DistContext | None = None, numerics: Numerics = DEFAULT_NUMERICS,
+            progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Window probabilities, window labels and window studies, in dataset order (each
     rank of a distributed run predicts every world-th window; all get the whole)."""
     dist = dist or DistContext(device=device)
     model.eval()
     probs, labels, studies = [], [], []
     order = list(range(dist.rank, len(ds), dist.world))
-    for x, y, s in _loader(ds, batch_size, order, workers, device):
+    batches = _loader(ds, batch_size, order, workers, device)
+    for x, y, s in progress_bar(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         probs.append(device_probabilities(model, x, device, numerics))
         labels.append(y.numpy())
         studies.append(s.numpy())

@@ -22,6 +22,7 @@ from volttl.models.checkpoints import read_checkpoint
 from volttl.runs import RunDir, check_resumable
 
 REPORTED = ("study_auroc", "study_auprc", "window_auroc", "window_auprc")
+AT_OPERATING_POINT = ("sensitivity", "specificity")
 
 
 def seed_configs(cfg: Config) -> list[Config]:
@@ -67,23 +68,28 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
     return summary
 
 
-def evaluate_repeats(group_dir: str | Path, split: str = "test") -> dict:
+def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool = False) -> dict:
     """Evaluate each seed's best model; write the group's ``metrics_<split>.json`` and a
     markdown table with one row per seed and the mean +- std."""
-    from volttl.train.evaluate import evaluate_run
+    from volttl.evaluate import evaluate_run
 
     group = RunDir(group_dir)
     runs = json.loads(group.repeats.read_text())["runs"]
-    per_run = {name: evaluate_run(group.path / name, split) for name in runs}
+    per_run = {name: evaluate_run(group.path / name, split, progress=progress) for name in runs}
+    at_point = lambda m, k: m["operating_point"].get(k, float("nan"))  # noqa: E731
     summary = {"split": split, "runs": per_run,
-               **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED}}
+               **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED},
+               **{k: mean_std([at_point(m, k) for m in per_run.values()]) for k in AT_OPERATING_POINT}}
     group.metrics_json(split).write_text(json.dumps(summary, indent=2))
-    lines = ["| run | studies | study AUROC | study AUPRC | window AUROC |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| run | studies | study AUROC | study AUPRC | window AUROC | sensitivity | specificity |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in per_run.items():
         lines.append(f"| {name} | {m['studies']} | {m['study_auroc']:.3f} | {m['study_auprc']:.3f} "
-                     f"| {m['window_auroc']:.3f} |")
+                     f"| {m['window_auroc']:.3f} | {at_point(m, 'sensitivity'):.3f} "
+                     f"| {at_point(m, 'specificity'):.3f} |")
     fmt = lambda k: f"{summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}"  # noqa: E731
-    lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} |")
+    lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} "
+                 f"| {fmt('sensitivity')} | {fmt('specificity')} |")
+    lines.append("\nSensitivity and specificity at each run's operating point, chosen on its val split.")
     group.metrics_md(split).write_text("\n".join(lines) + "\n")
     return summary

@@ -1,0 +1,60 @@
+"""JSON records volttl writes and reads back later, each carrying its own checksum.
+
+A record that changed after volttl wrote it (a hand edit, a damaged disk, a copy cut
+short) is refused by name instead of being acted on: an operating point, a finished
+search trial or a pipeline's record decides what later commands do. The checksum is the
+SHA-256 of the record's canonical JSON without the ``sha256`` key; records written
+before checksums existed (no key) are taken as they are. Writes go to a temporary file
+that replaces the record in one step, so a kill never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from volttl.errors import VolttlError
+
+CHECKSUM_KEY = "sha256"
+
+
+class RecordError(VolttlError):
+    """A record volttl wrote that cannot be read back as written."""
+
+
+def record_digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def write_record(path: str | Path, record: dict) -> dict:
+    """``record`` with its checksum, written atomically to ``path``; returns what was written."""
+    path = Path(path)
+    stamped = {**{k: v for k, v in record.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: record_digest(record)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(stamped, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stamped
+
+
+def read_record(path: str | Path, repair: str) -> dict:
+    """The record at ``path``, its checksum verified; ``repair`` says what to do when it
+    is damaged (it ends the one-line error)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        kind = exc.__class__.__name__
+        raise RecordError(f"{path}: damaged: not readable JSON ({kind}); {repair}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: damaged: expected a JSON object; {repair}")
+    expected = record.get(CHECKSUM_KEY)
+    if expected is not None and expected != record_digest(record):
+        raise RecordError(f"{path}: damaged: its content does not match the checksum written with it "
+                          f"(the file changed after volttl wrote it); {repair}")
+    return record
