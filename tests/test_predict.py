@@ -134,3 +134,27 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
     assert tail["best_window_stored_slices"] == [n - 2, n - 1] and tail["best_window_padding"] == 0.75
     top = (forward @ [0, 0, 39, 1])[2]  # the scan's last slice centre
     assert tail["best_window_centre_ras_mm"][2] <= top + 1e-6  # inside the scan, not in the padding
+
+
+def test_an_overlay_that_cannot_be_written_keeps_the_prediction(cohort, trained, tmp_path, caplog):
+    from volttl.predict import predict_run
+
+    source = Path(cohort).parent / "studies" / "synth002.nii.gz"
+    out = tmp_path / "p"
+    (out / "synth002_cam.nii.gz").mkdir(parents=True)  # the overlay's path is taken by a folder
+    records, failed = predict_run(trained, [source], out, progress=False)
+    assert not failed and records[0]["files"] == {} and "synth002_cam.nii.gz" in records[0]["overlay_error"]
+    assert "overlay not written" in caplog.text and "its prediction is kept" in caplog.text
+    with open(out / "predictions.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["probability"]) == records[0]["probability"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_predict_shows_progress_within_a_study_as_plain_lines(cohort, trained, tmp_path, capfd):
+    source = Path(cohort).parent / "studies" / "synth003.nii.gz"
+    assert main(["predict", "--run", str(trained), str(source), "--out", str(tmp_path / "p")]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err  # not a terminal: whole lines, no carriage-return frames
+    window_lines = [line for line in err.splitlines() if "synth003" in line and "window" in line]
+    assert window_lines and window_lines[-1].split("|")[0].strip().endswith("100%")

@@ -202,12 +202,15 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, com
 
 
 @pytest.mark.slow
-def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):
+def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path, caplog):
     from volttl.train.repeats import evaluate_repeats, train_repeats
 
     cfg = run_cfg(store, tmp_path)
     cfg.train.epochs, cfg.train.repeats = 1, 2
-    summary = train_repeats(cfg, tmp_path / "group", progress=False)
+    with caplog.at_level("INFO", logger="volttl.train"):
+        summary = train_repeats(cfg, tmp_path / "group", progress=False)
+    first = next(r.getMessage() for r in caplog.records if r.name == "volttl.train")
+    assert first.startswith("train.repeats 2: training 2 models, one per seed (7, 8)")  # said up front
     assert summary["seeds"] == [7, 8] and summary["runs"] == ["seed7", "seed8"]
     a = torch.load(tmp_path / "group/seed7/last.pt", weights_only=True)["model_state"]
     b = torch.load(tmp_path / "group/seed8/last.pt", weights_only=True)["model_state"]
@@ -224,7 +227,7 @@ def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path):
     assert again["best"] == summary["best"]
     test = evaluate_repeats(tmp_path / "group", "test")
     table = (tmp_path / "group/metrics_test.md").read_text()
-    assert "| seed7 |" in table and "| mean +- std |" in table
+    assert "| seed7 |" in table and "| mean +- std |" in table and "| sensitivity | specificity |" in table
     assert test["study_auroc"]["n"] <= 2 and set(test["runs"]) == {"seed7", "seed8"}
 
 
@@ -265,3 +268,14 @@ def test_penet_schedule_per_group_at_chosen_example_counts():
         got = tuple(g["lr"] for g in opt.param_groups)
         assert got == pytest.approx(expected[target], abs=1e-12), target
     assert opt.param_groups[0]["dampening"] == 0.9
+
+
+def test_more_workers_than_cores_is_said_once_and_capped(caplog):
+    from volttl.train.loop import available_cores, usable_workers
+
+    usable_workers.cache_clear()
+    many = available_cores() + 3
+    assert usable_workers(many) == available_cores() and usable_workers(many) == available_cores()
+    said = [r for r in caplog.records if "train.workers" in r.getMessage()]
+    assert len(said) == 1 and f"train.workers {many} is more than" in said[0].getMessage()
+    assert usable_workers(0) == 0

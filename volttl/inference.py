@@ -153,15 +153,21 @@ class TrainedRun:
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         return window_probabilities(self.model, x, self.device, self.numerics)
 
-    def score_study(self, hu: np.ndarray, batch_size: int | None = None) -> StudyScore:
+    def score_study(self, hu: np.ndarray, batch_size: int | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> StudyScore:
         """A study's stored HU ``(slices, size, size)``: its evaluation windows, their
-        probabilities and the run's aggregate, as ``evaluate`` scores a stored study."""
+        probabilities and the run's aggregate, as ``evaluate`` scores a stored study;
+        ``on_batch(n)`` after each batch of ``n`` windows (progress)."""
         cfg = self.cfg
         window, batch_size = cfg.preprocess.window, batch_size or cfg.cam.batch_size
         starts = evaluation_starts(hu.shape[0], window)
-        probs = [self.score_windows(window_batch(hu, starts[b: b + batch_size], window, cfg.data.crop,
-                                                 tuple(cfg.data.hu_clip), cfg.data.intensity_shift))
-                 for b in range(0, len(starts), batch_size)]
+        probs = []
+        for b in range(0, len(starts), batch_size):
+            chunk = starts[b: b + batch_size]
+            probs.append(self.score_windows(window_batch(hu, chunk, window, cfg.data.crop,
+                                                         tuple(cfg.data.hu_clip), cfg.data.intensity_shift)))
+            if on_batch is not None:
+                on_batch(len(chunk))
         p = np.concatenate(probs)
         probability = float(self.calibrate(aggregate(p, cfg.eval.aggregate)))
         decided = self.decision

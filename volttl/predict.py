@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from volttl.errors import VolttlError
@@ -120,7 +121,7 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     predictions.json (and overlays unless ``cam`` is false) to ``out``. Returns the
     records and the failures (study id -> one-line reason)."""
     from volttl.explain.gradcam import WindowGradCAM
-    from volttl.explain.run import EMPTY_MAP, cam_study
+    from volttl.explain.run import EMPTY_MAP, cam_study, windows_per_study
 
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg
@@ -138,27 +139,38 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
         except VolttlError as exc:
             failed[sid] = str(exc)
             continue
-        score = run.score_study(study.hu)
-        record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
-                  "predicted_label": score.predicted_label, "threshold": score.threshold,
-                  "calibration_temperature": run.decision.temperature if run.decision else None,
-                  "aggregate": cfg.eval.aggregate,
-                  **window_location(study.meta, score.best_window, p.window, cfg.data.crop,
-                                    study.hu.shape[0]),
-                  "window_probabilities": [round(v, 6) for v in score.window_probabilities],
-                  "model": cfg.model.name, "strategy": cfg.transfer.strategy,
-                  "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
-                  "run": str(Path(run_dir))}
-        for w in study.warnings:
-            log.warning("%s: %s", sid, w)
-        if grad_cam is not None:
-            overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out, score, label=None)
-            record["files"] = overlay["files"]
-            record["peak_ras_mm"] = overlay["peak_ras_mm"]
-            if overlay["peak_ras_mm"] is None:
-                log.warning("%s: %s", sid, EMPTY_MAP)
+        with progress_bar(total=windows_per_study(study.hu.shape[0], cfg, cam), desc=f"  {sid}",
+                          unit="window", leave=False, disable=not progress) as bar:
+            score = run.score_study(study.hu, on_batch=bar.update)
+            record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
+                      "predicted_label": score.predicted_label, "threshold": score.threshold,
+                      "calibration_temperature": run.decision.temperature if run.decision else None,
+                      "aggregate": cfg.eval.aggregate,
+                      **window_location(study.meta, score.best_window, p.window, cfg.data.crop,
+                                        study.hu.shape[0]),
+                      "window_probabilities": [round(v, 6) for v in score.window_probabilities],
+                      "model": cfg.model.name, "strategy": cfg.transfer.strategy,
+                      "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
+                      "run": str(Path(run_dir))}
+            for w in study.warnings:
+                log.warning("%s: %s", sid, w)
+            if grad_cam is not None:
+                try:
+                    overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out, score, None,
+                                        bar.update)
+                except OSError as exc:  # a full disk or a read-only file: the prediction still stands
+                    record["files"], record["peak_ras_mm"] = {}, None
+                    record["overlay_error"] = f"{exc.filename or out}: {exc.strerror or exc}"
+                    log.warning("%s: overlay not written (%s); its prediction is kept", sid,
+                                record["overlay_error"])
+                else:
+                    record["files"] = overlay["files"]
+                    record["peak_ras_mm"] = overlay["peak_ras_mm"]
+                    if overlay["peak_ras_mm"] is None:
+                        log.warning("%s: %s", sid, EMPTY_MAP)
         records.append(record)
-    _write(records, out)
+        _write(records, out)  # after every study: a later failure keeps the predictions made so far
+    _write(records, out)  # also when nothing was scored: the files say so
     return records, failed
 
 
@@ -187,8 +199,20 @@ def csv_row(record: dict) -> dict:
 
 
 def _write(records: list[dict], out: Path) -> None:
-    (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    with (out / "predictions.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
-        w.writeheader()
-        w.writerows(csv_row(r) for r in records)
+    """predictions.json and predictions.csv, each replaced whole (written beside, then
+    renamed), so an interrupted write never leaves a file cut short."""
+    json_tmp, csv_tmp = out / ".predictions.json.tmp", out / ".predictions.csv.tmp"
+    try:
+        json_tmp.write_text(json.dumps(records, indent=2))
+        with csv_tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
+            w.writeheader()
+            w.writerows(csv_row(r) for r in records)
+        os.replace(json_tmp, out / "predictions.json")
+        os.replace(csv_tmp, out / "predictions.csv")
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise PredictError(f"{exc.filename or out}: predictions not written ({reason})") from None
+    finally:
+        json_tmp.unlink(missing_ok=True)
+        csv_tmp.unlink(missing_ok=True)

@@ -31,7 +31,8 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     stream = kwargs.pop("file", sys.stderr)
     if not getattr(stream, "isatty", lambda: False)():
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
-        kwargs.update(file=_Lines(stream), ascii=True, dynamic_ncols=False, ncols=100)
+        # a log keeps each bar's last line (how far it got), which a terminal clears
+        kwargs.update(file=_Lines(stream), ascii=True, dynamic_ncols=False, ncols=100, leave=True)
     else:
         kwargs["file"] = stream
     return tqdm(iterable, **kwargs)

@@ -20,6 +20,7 @@ in evaluation (the rest of the plane stays 0) and are batched; overlaps are aver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,8 +166,10 @@ class WindowGradCAM:
 
 def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, stride: int = 0,
                  batch_size: int = 4, how: str = "mean", hu_clip: tuple[float, float] = (-100.0, 900.0),
-                 intensity_shift: float = 0.15897, blend: str = "gaussian") -> StudyCAM:
-    """Grad-CAM of every window of the stored HU volume ``(slices, size, size)``."""
+                 intensity_shift: float = 0.15897, blend: str = "gaussian",
+                 on_batch: Callable[[int], None] | None = None) -> StudyCAM:
+    """Grad-CAM of every window of the stored HU volume ``(slices, size, size)``;
+    ``on_batch(n)`` after each batch of ``n`` windows (progress)."""
     if how not in ("mean", "max"):
         raise VolttlError(f"cam.stitch '{how}' is not one of mean, max")
     weights = blend_weights(window, blend)[:, None, None]
@@ -182,6 +185,8 @@ def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, str
         chunk = starts[b: b + batch_size]
         maps, p = cam(torch.from_numpy(window_batch(hu, chunk, window, crop, hu_clip, intensity_shift)))
         probs.append(p)
+        if on_batch is not None:
+            on_batch(len(chunk))
         for s, m, prob in zip(chunk, maps, p, strict=True):
             span = slice(s + pad, s + pad + window)
             weighted = m * (prob * weights)

@@ -21,11 +21,11 @@ import numpy as np
 
 from volttl.addresses import split_hdf5_address
 from volttl.errors import VolttlError
-from volttl.explain.gradcam import WindowGradCAM, default_stride, stitch_study
+from volttl.explain.gradcam import WindowGradCAM, default_stride, sliding_window_starts, stitch_study
 from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
-from volttl.inference import StudyScore, TrainedRun
+from volttl.inference import StudyScore, TrainedRun, evaluation_starts
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
@@ -62,6 +62,16 @@ def _read_source_ct(meta: StudyMeta) -> np.ndarray | None:
     return vol.hu
 
 
+def windows_per_study(slices: int, cfg, cam: bool = True) -> int:
+    """The windows a study of ``slices`` stored slices goes through: the evaluation
+    windows it is scored on and, with ``cam``, Grad-CAM's sliding windows (the total of
+    the per-study progress bar: a 300-slice study on a CPU takes minutes)."""
+    window = cfg.preprocess.window
+    n = len(evaluation_starts(slices, window))
+    return n + (len(sliding_window_starts(slices, window, cfg.cam.stride or default_stride(window)))
+                if cam else 0)
+
+
 def select_studies(store: Store, studies: list[str] | None, split: str) -> list[str]:
     if studies:
         unknown = [s for s in studies if s not in store.study_ids]
@@ -72,14 +82,16 @@ def select_studies(store: Store, studies: list[str] | None, split: str) -> list[
 
 
 def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path,
-              score: StudyScore, label: int | None) -> dict:
+              score: StudyScore, label: int | None, on_batch=None) -> dict:
     """Everything `volttl cam` writes for one study (its stored HU ``hu`` and metadata);
     returns its JSON record. ``score``: the study scored by the run
     (:meth:`TrainedRun.score_study`), so the probability is the one every command reports;
-    ``label``: the study's label, None for a scan that has none (predict)."""
+    ``label``: the study's label, None for a scan that has none (predict); ``on_batch(n)``
+    after each batch of ``n`` Grad-CAM windows."""
     sid = meta.study_id
     result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
-                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend)
+                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend,
+                          on_batch)
     cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
@@ -134,7 +146,11 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
         cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method)
         for sid in progress_bar(ids, desc="cam", unit="study", disable=not progress):
             meta, hu = store.meta(sid), store.hu(sid)[...]
-            records.append(cam_study(meta, hu, store.window, cam, cfg, out, run.score_study(hu), meta.label))
+            with progress_bar(total=windows_per_study(hu.shape[0], cfg), desc=f"  {sid}", unit="window",
+                              leave=False, disable=not progress) as bar:
+                score = run.score_study(hu, on_batch=bar.update)
+                records.append(cam_study(meta, hu, store.window, cam, cfg, out, score, meta.label,
+                                         bar.update))
     (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)

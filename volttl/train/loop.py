@@ -26,9 +26,11 @@ too and gathered, so every rank sees the same metrics; only rank 0 writes the ru
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -127,9 +129,26 @@ def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
             WindowDataset.from_config(cfg, "val", train=False))
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@functools.cache
+def usable_workers(requested: int) -> int:
+    """``train.workers``, at most the cores this process may use; said once (torch would
+    warn twice per loader, every epoch)."""
+    cores = available_cores()
+    if requested > cores:
+        log.warning("train.workers %d is more than the %d core(s) available: using %d loader workers",
+                    requested, cores, cores)
+        return cores
+    return requested
+
+
 def _loader(ds, batch_size: int, order, workers: int, device: torch.device, drop_last: bool = False):
     """Windows in ``order`` (indices or a sampler), or whole batches when ``order`` is a
     batch sampler (``batch_size`` 0: study bags)."""
+    workers = usable_workers(workers)
     if not batch_size:
         return torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=workers,
                                            pin_memory=device.type == "cuda")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint
 from volttl.runs import RunDir, check_resumable
 
+log = logging.getLogger("volttl.train")
 REPORTED = ("study_auroc", "study_auprc", "window_auroc", "window_auprc")
 AT_OPERATING_POINT = ("sensitivity", "specificity")
 
@@ -51,6 +53,9 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
     group = RunDir(group_dir)
     configs = seed_configs(cfg)
     runs = [group.seed(c.train.seed) for c in configs]
+    log.info("train.repeats %d: training %d models, one per seed (%s), into %s; each takes as long as "
+                "a single run", len(configs), len(configs), ", ".join(str(c.train.seed) for c in configs),
+                group.path)
     if not resume and any(r.last.exists() for r in runs):
         raise VolttlError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
     best = []
