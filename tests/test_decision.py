@@ -61,10 +61,13 @@ def test_rates_and_their_intervals():
     assert (r["tp"], r["fn"], r["fp"], r["tn"]) == (3, 1, 1, 5)
     assert r["sensitivity"] == 0.75 and r["specificity"] == pytest.approx(5 / 6)
     assert r["ppv"] == 0.75 and r["npv"] == pytest.approx(5 / 6)
-    ci = rates_with_ci(labels, probs, 0.5, n_boot=200)
+    ci = rates_with_ci(labels, probs, 0.5)
     for k in ("sensitivity", "specificity", "ppv", "npv"):
         lo, hi = ci[f"{k}_ci"]
         assert 0 <= lo <= ci[k] <= hi <= 1 and lo < hi
+    assert ci["sensitivity_ci"] == pytest.approx((0.3006, 0.9544), abs=1e-4)  # Wilson, 3 of 4
+    perfect = rates_with_ci(np.array([0] * 25 + [1]), np.array([0.1] * 25 + [0.9]), 0.5)
+    assert perfect["specificity"] == 1.0 and perfect["specificity_ci"][0] == pytest.approx(0.8668, abs=1e-4)
     assert np.isnan(rates(np.array([0, 0]), np.array([0, 0]))["sensitivity"])  # no positives
 
 

@@ -368,3 +368,73 @@ def test_a_flat_model_on_four_studies_is_warned_of():
     healthy = summarise([0, 1] * 20, np.linspace(0.1, 0.9, 40), np.arange(40), np.array([0, 1] * 20),
                         bootstrap=200)
     assert healthy["warnings"] == []
+
+
+def _limited(args: list[str], max_bytes: int, cwd: Path):
+    """``python -m volttl ARGS`` with files capped at ``max_bytes`` (as a full disk would
+    cut a write short): what a user meets when the space runs out."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run([sys.executable, "-m", "volttl", *args], cwd=cwd, preexec_fn=cap,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs POSIX resource limits")
+def test_a_write_cut_short_names_the_file_and_leaves_no_temp_files(cohort, tmp_path):
+    from volttl.config import config_to_yaml
+
+    from .conftest import small_config
+
+    cfg = small_config(Path(cohort), tmp_path / "s.h5")
+    cfg.data.crop = 32
+    cfg.model.name, cfg.transfer.cut = "resnext3d_50", "layer1"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    path = tmp_path / "c.yaml"
+    path.write_text(config_to_yaml(cfg))
+    done = _limited(["preprocess", "--config", str(path), "--quiet"], 30_000, tmp_path)
+    assert done.returncode == 1 and "Segmentation" not in done.stderr and "Traceback" not in done.stderr
+    failed = [line for line in done.stderr.splitlines() if line.startswith("volttl preprocess: failed")]
+    assert len(failed) == 6 and all("not written (File too large)" in line for line in failed)
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name]
+    # with room, the same command stores everything; then a cut-short checkpoint in training
+    assert _limited(["preprocess", "--config", str(path), "--quiet"], 2**40, tmp_path).returncode == 0
+    done = _limited(["train", "--config", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"],
+                    200_000, tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "best.pt: not written (the write failed: a full disk or a file-size limit?" in done.stderr
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name]
+    assert len(list((tmp_path / "s.h5.d").glob("*.h5"))) == 6  # what was already written stays
+
+
+def test_trial_and_pipeline_records_edited_after_writing_are_refused(tmp_path):
+    import json
+
+    from volttl.pipeline.runner import _made_from, _record_inputs
+    from volttl.records import RecordError, write_record
+    from volttl.search.trials import read_trial
+
+    trial = tmp_path / "ttl_layer1" / "trial.json"
+    trial.parent.mkdir()
+    write_record(trial, {"fingerprint": "f", "test_study_auroc": {"mean": 0.7}})
+    assert read_trial(trial)["test_study_auroc"]["mean"] == 0.7
+    trial.write_text(trial.read_text().replace("0.7", "0.9"))  # a better-looking row, by hand
+    with pytest.raises(RecordError, match=r"trial\.json: damaged: .*rerun the search"):
+        read_trial(trial)
+    output = tmp_path / "svcca.json"
+    output.write_text("{}")
+    _record_inputs(output, {"run": "a", "cuts": ["layer1"]})
+    assert _made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
+    assert _made_from(output, {"run": "b", "cuts": ["layer1"]}) is False
+    record = tmp_path / ".svcca.json.inputs.json"
+    edited = json.loads(record.read_text())
+    edited["inputs"]["run"] = "b"
+    record.write_text(json.dumps(edited))
+    with pytest.raises(RecordError, match=r"inputs\.json: damaged"):
+        _made_from(output, {"run": "b", "cuts": ["layer1"]})
+    record.write_text(json.dumps({"run": "a", "cuts": ["layer1"]}))  # written before checksums
+    assert _made_from(output, {"run": "a", "cuts": ["layer1"]}) is True

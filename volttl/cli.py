@@ -166,12 +166,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from volttl.train.repeats import evaluate_repeats
 
     run = RunDir(args.run)
+    chosen = {"operating_point": args.operating_point, "target": args.target, "calibration": args.calibration}
+    overrides = list(getattr(args, "set", None) or []) + [f"eval.{k}={v}" for k, v in chosen.items()
+                                                           if v is not None]
     if run.is_repeat_group():
-        evaluate_repeats(run.path, args.split, progress=not args.quiet)
+        evaluate_repeats(run.path, args.split, progress=not args.quiet, overrides=overrides)
         print(run.metrics_md(args.split).read_text().strip())
         return 0
-    metrics = evaluate_run(run.path, args.split, overrides=getattr(args, "set", None),
-                           progress=not args.quiet)
+    metrics = evaluate_run(run.path, args.split, overrides=overrides, progress=not args.quiet)
     print(run.metrics_md(args.split).read_text().strip())
     print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, predictions_{args.split}.csv, "
           f"curves_{args.split}.png, reliability_{args.split}.png and operating_point.json in {args.run}"
@@ -374,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "and stored in the run (operating_point.json), where predict and cam use them.")
     p.add_argument("--run", required=True, help="run dir written by `volttl train`")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--operating-point", choices=["sensitivity", "youden", "specificity"],
+                   help="how the threshold is chosen on val (default: the run's eval.operating_point)")
+    p.add_argument("--target", type=float, metavar="RATE",
+                   help="the sensitivity or specificity it must reach on val (default: eval.target)")
+    p.add_argument("--calibration", choices=["none", "temperature"],
+                   help="temperature: fit one temperature on val and report calibrated probabilities "
+                        "here and in predict and cam (default: the run's eval.calibration)")
     device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)

@@ -14,8 +14,8 @@ by evaluate, predict and cam alike through :class:`Decision`:
   specificity, the lowest such; or Youden's J. A study is called positive when its
   probability is at or above the threshold.
 
-Sensitivity, specificity, PPV and NPV at the threshold come with percentile bootstrap
-intervals over studies; the expected calibration error (ECE) is over equal-width bins,
+Sensitivity, specificity, PPV and NPV at the threshold come with Wilson score
+intervals; the expected calibration error (ECE) is over equal-width bins,
 the bins of scikit-learn's ``calibration_curve``.
 """
 
@@ -83,26 +83,23 @@ def rates(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
             "npv": div(tn, tn + fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
-def rates_with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000,
-                  seed: int = 0) -> dict:
-    """:func:`rates` at ``threshold``, each rate with a percentile 95% interval over
-    ``n_boot`` resamples of the studies (``<rate>_ci``; NaN where it is never defined)."""
+def rates_with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    """:func:`rates` at ``threshold``, each rate with its Wilson score 95% interval
+    (``<rate>_ci``; NaN where the rate is undefined). A bootstrap interval collapses to a
+    point at a rate of 0 or 1 (no false positive among 25 negatives gives "1.000-1.000");
+    Wilson's does not (0.867-1.000)."""
+    from scipy.stats import binomtest
+
     labels, probs = np.asarray(labels), np.asarray(probs)
-    predicted = (probs >= threshold).astype(int)
-    out: dict = rates(labels, predicted)
-    if n_boot:
-        rng = np.random.default_rng(seed)
-        draws = {k: [] for k in RATES}
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(labels), len(labels))
-            r = rates(labels[idx], predicted[idx])
-            for k in RATES:
-                if not math.isnan(r[k]):
-                    draws[k].append(r[k])
-        for k in RATES:
-            v = draws[k]
-            out[f"{k}_ci"] = ((float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if v
-                              else (float("nan"), float("nan")))
+    out: dict = rates(labels, (probs >= threshold).astype(int))
+    tp, fp, tn, fn = out["tp"], out["fp"], out["tn"], out["fn"]
+    for key, hits, total in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                             ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+        if total:
+            ci = binomtest(hits, total).proportion_ci(confidence_level=0.95, method="wilson")
+            out[f"{key}_ci"] = (float(ci.low), float(ci.high))
+        else:
+            out[f"{key}_ci"] = (float("nan"), float("nan"))
     return out
 
 

@@ -156,7 +156,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     labels = scored.study_labels
     point: dict = {"threshold": decision.threshold}
     if decision.threshold is not None and len(labels):
-        point.update(rates_with_ci(labels, probs, decision.threshold, n_boot))
+        point.update(rates_with_ci(labels, probs, decision.threshold))
     metrics["operating_point"] = {**point, "rule": decision.rule, "target": decision.target,
                                   "chosen_on": decision.chosen_on}
     curve = calibration(labels, probs, cfg.eval.calibration_bins) if len(labels) else {}

@@ -189,5 +189,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> None:
     payload = {"format": VOLTTL_FORMAT, "version": 1, "model_state": state,
                "state_sha256": state_digest(state), **extra}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as RuntimeError
+        cause = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                 else "the write failed: a full disk or a file-size limit? torch says: "
+                      + (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise CheckpointError(f"{path}: not written ({cause[:200]}); the previous {path.name}, if any, is "
+                              "unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
+from volttl.records import CHECKSUM_KEY, read_record, write_record
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "svcca", "cam",
@@ -155,14 +156,21 @@ def _inputs_path(output: Path) -> Path:
 def _made_from(output: Path, inputs: dict) -> bool | None:
     """Whether ``output`` was made from ``inputs``: True, False, or None when it does not
     say (made before outputs recorded their inputs, or by hand)."""
-    record = _inputs_path(output)
-    if not record.is_file():
+    before = _recorded_inputs(output)
+    return None if before is None else before == json.loads(json.dumps(inputs))
+
+
+def _recorded_inputs(output: Path) -> dict | None:
+    """The inputs ``output`` was made from (checksummed; a damaged record is refused)."""
+    path = _inputs_path(output)
+    if not path.is_file():
         return None
-    return json.loads(record.read_text()) == json.loads(json.dumps(inputs))
+    record = read_record(path, f"delete it and {output.name} to make them again")
+    return record["inputs"] if CHECKSUM_KEY in record else record  # older records: the inputs alone
 
 
 def _record_inputs(output: Path, inputs: dict) -> None:
-    _inputs_path(output).write_text(json.dumps(inputs, indent=1))
+    write_record(_inputs_path(output), {"inputs": inputs})
 
 
 def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
@@ -172,7 +180,7 @@ def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
     if not output.is_file():
         return None
     if _made_from(output, inputs) is False:
-        before = json.loads(_inputs_path(output).read_text())
+        before = _recorded_inputs(output) or {}
         differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in inputs.items() if before.get(k) != v]
         raise PipelineError(f"{output}: made by the {step} step with other options ({'; '.join(differ)}); "
                             "use another workdir, or empty this one (what later steps made came from the "
@@ -273,7 +281,9 @@ def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     if "operating_point" in metrics:  # a single run (a repeat group reports per seed in its table)
         report["evaluate"]["operating_point"] = metrics["operating_point"]
         report["evaluate"]["ece"] = metrics["calibration"].get("ece")
-    return table
+    auroc = metrics["study_auroc"]
+    auroc = auroc["mean"] if isinstance(auroc, dict) else auroc  # a repeat group: the mean over seeds
+    return f"{name} on {split}: study AUROC {auroc:.3f} (the whole table is in the report)"
 
 
 def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:

@@ -34,7 +34,9 @@ import hashlib
 import json
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import h5py
@@ -111,9 +113,33 @@ def remove_stale_temps(store: str | Path) -> list[Path]:
     return removed
 
 
+class StoreWriteError(VolttlError):
+    """A store file that could not be written (a full disk, a file-size limit, no permission)."""
+
+
+@contextmanager
 def _atomic_h5(path: Path):
+    """An HDF5 file built in memory, then written to ``path`` in one step (a temporary
+    file beside it, then a rename). HDF5 itself never writes to disk: when the disk is
+    full or a file-size limit is reached, the C library can crash the process; Python's
+    own write raises an error that names the file and the cause, and the temporary file is
+    removed, so whatever the store already held stays whole."""
+    buffer = BytesIO()
+    with h5py.File(buffer, "w") as f:  # a Python file object: the whole image stays in memory
+        yield f
+    image = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    return tmp, h5py.File(tmp, "w")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(image)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StoreWriteError(f"{path}: not written ({exc.strerror or exc}); whatever the store held before "
+                              "is unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -177,19 +203,13 @@ def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int)
     study_id = meta.study_id
     path = study_file(store, study_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, f = _atomic_h5(path)
-    try:
-        with f:
-            chunks = (min(window, hu.shape[0]), hu.shape[1], hu.shape[2])
-            dset = f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
-            for key, value in meta.to_attrs().items():
-                f.attrs[key] = value
-            f.flush()
-            f.attrs[CHECKSUM] = chunk_checksum(dset)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic_h5(path) as f:
+        chunks = (min(window, hu.shape[0]), hu.shape[1], hu.shape[2])
+        dset = f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
+        for key, value in meta.to_attrs().items():
+            f.attrs[key] = value
+        f.flush()
+        f.attrs[CHECKSUM] = chunk_checksum(dset)
 
 
 @dataclass
@@ -230,35 +250,29 @@ def write_index(store: str | Path, records: list[StudyRecord], window: int, trai
     """Rewrite ``store.h5`` (links + window index) atomically."""
     store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
-    tmp, f = _atomic_h5(store)
-    try:
-        with f:
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
-            f.attrs["config"] = config_yaml
-            f.attrs["window"] = window
-            f.attrs["train_stride"] = train_stride
-            f.attrs["min_pe_slices"] = min_pe_slices
-            studies = f.create_group("studies")
-            rel = study_dir(store).name
-            for r in records:
-                studies[r.study_id] = h5py.ExternalLink(f"{rel}/{r.study_id}.h5", "/")
-            idx = f.create_group("index")
-            strings = h5py.string_dtype()
-            idx.create_dataset("study_ids", data=[r.study_id for r in records], dtype=strings)
-            idx.create_dataset("splits", data=[r.split for r in records], dtype=strings)
-            idx.create_dataset("labels", data=np.asarray([r.label for r in records], np.int8))
-            ev = [study_windows(i, r.pe_flags, r.label, window, window, min_pe_slices)
-                  for i, r in enumerate(records)]
-            tr = [study_windows(i, r.pe_flags, r.label, window, train_stride, min_pe_slices)
-                  for i, r in enumerate(records) if r.split == "train"]
-            empty = np.zeros(0, dtype=WINDOW_DTYPE)
-            idx.create_dataset("windows_eval", data=np.concatenate(ev) if ev else empty)
-            idx.create_dataset("windows_train", data=np.concatenate(tr) if tr else empty)
-        os.replace(tmp, store)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic_h5(store) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["config"] = config_yaml
+        f.attrs["window"] = window
+        f.attrs["train_stride"] = train_stride
+        f.attrs["min_pe_slices"] = min_pe_slices
+        studies = f.create_group("studies")
+        rel = study_dir(store).name
+        for r in records:
+            studies[r.study_id] = h5py.ExternalLink(f"{rel}/{r.study_id}.h5", "/")
+        idx = f.create_group("index")
+        strings = h5py.string_dtype()
+        idx.create_dataset("study_ids", data=[r.study_id for r in records], dtype=strings)
+        idx.create_dataset("splits", data=[r.split for r in records], dtype=strings)
+        idx.create_dataset("labels", data=np.asarray([r.label for r in records], np.int8))
+        ev = [study_windows(i, r.pe_flags, r.label, window, window, min_pe_slices)
+              for i, r in enumerate(records)]
+        tr = [study_windows(i, r.pe_flags, r.label, window, train_stride, min_pe_slices)
+              for i, r in enumerate(records) if r.split == "train"]
+        empty = np.zeros(0, dtype=WINDOW_DTYPE)
+        idx.create_dataset("windows_eval", data=np.concatenate(ev) if ev else empty)
+        idx.create_dataset("windows_train", data=np.concatenate(tr) if tr else empty)
 
 
 class StoreError(VolttlError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from queue import Queue
 
 from volttl.errors import VolttlError
-from volttl.search.trials import RESULT, run_trial
+from volttl.search.trials import RESULT, read_trial, run_trial
 
 
 def run_sequential(jobs: list[tuple[dict, str]], progress: bool = True) -> list[dict]:
@@ -68,7 +68,7 @@ def run_on_gpus(jobs: list[tuple[dict, str]], gpus: int = 0, progress: bool = Tr
         t.join()
     if errors:
         raise RuntimeError("; ".join(errors))
-    return [json.loads((Path(folder) / RESULT).read_text()) for _, folder in jobs]
+    return [read_trial(Path(folder) / RESULT) for _, folder in jobs]
 
 
 def run_on_ray(jobs: list[tuple[dict, str]], address: str = "", gpus_per_trial: float = 1.0,

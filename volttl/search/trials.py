@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from volttl.config import Config, config_from_dict, config_to_dict
+from volttl.records import read_record, write_record
 
 RESULT = "trial.json"
 
@@ -72,7 +73,7 @@ def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     fingerprint = _fingerprint(cfg_dict)
     cfg = config_from_dict(cfg_dict)
     if done.is_file():
-        previous = json.loads(done.read_text())
+        previous = read_trial(done)
         if previous.get("fingerprint") == fingerprint:
             check_trained_on(cfg, trial_dir_path)  # the same config, but is it the same data?
             return previous
@@ -84,10 +85,12 @@ def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
               "val_study_auroc": val["val_study_auroc"], "val_study_auprc": val["val_study_auprc"],
               "test_split": cfg.search.test_split, "test_study_auroc": test["study_auroc"],
               "test_study_auprc": test["study_auprc"], **profile_config(cfg)}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(done)
-    return result
+    return write_record(done, result)
+
+
+def read_trial(path: str | Path) -> dict:
+    """A finished trial's result, its checksum verified (a row of the search table)."""
+    return read_record(path, f"delete it and rerun the search to redo the trial in {Path(path).parent}")
 
 
 def trial_job(base: Config, trial: Trial, out_dir: Path) -> tuple[dict, str]:

@@ -73,14 +73,16 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
     return summary
 
 
-def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool = False) -> dict:
+def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool = False,
+                     overrides: list[str] | None = None) -> dict:
     """Evaluate each seed's best model; write the group's ``metrics_<split>.json`` and a
     markdown table with one row per seed and the mean +- std."""
     from volttl.evaluate import evaluate_run
 
     group = RunDir(group_dir)
     runs = json.loads(group.repeats.read_text())["runs"]
-    per_run = {name: evaluate_run(group.path / name, split, progress=progress) for name in runs}
+    per_run = {name: evaluate_run(group.path / name, split, overrides=overrides, progress=progress)
+               for name in runs}
     at_point = lambda m, k: m["operating_point"].get(k, float("nan"))  # noqa: E731
     summary = {"split": split, "runs": per_run,
                **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED},
