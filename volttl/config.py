@@ -62,11 +62,11 @@ def load_yaml(text: str) -> Any:
 class DataConfig:
     """Where the studies and the store live, and how windows are fed to the model."""
 
-    manifest: str = ""
-    store: str = ""
-    crop: int = 192
-    hu_clip: tuple[float, float] = (-100.0, 900.0)
-    intensity_shift: float = 0.15897
+    manifest: str = ""  # the manifest CSV (volttl manifest writes one)
+    store: str = ""  # the HDF5 store preprocess writes and training reads (a folder beside it)
+    crop: int = 192  # in-plane crop fed to the model: random in training, centred otherwise
+    hu_clip: tuple[float, float] = (-100.0, 900.0)  # HU clipped to this range, then scaled to [0, 1]
+    intensity_shift: float = 0.15897  # subtracted after scaling (PENet's mean)
     # slices: window labels from the manifest's pe_slices (PENet, RSNA); study: the study
     # label only, learnt from bags of a study's windows (most hospital cohorts)
     labels: Literal["slices", "study"] = "slices"
@@ -78,12 +78,12 @@ class DataConfig:
 class PreprocessConfig:
     """How studies become the HDF5 store (PENet's defaults)."""
 
-    slice_thickness: float = 1.25
-    size: int = 208
-    window: int = 24
-    train_stride: int = 24
-    min_pe_slices: int = 4
-    workers: int = 2
+    slice_thickness: float = 1.25  # stored slice spacing in mm (thinner sources are averaged)
+    size: int = 208  # stored in-plane size in pixels (area resize of the whole field of view)
+    window: int = 24  # slices per window: what the model sees at once
+    train_stride: int = 24  # slices between indexed training windows (evaluation windows never overlap)
+    min_pe_slices: int = 4  # a window is positive with at least this many PE slices
+    workers: int = 2  # studies preprocessed in parallel processes
     # PENet's handling of the outliers of its own dataset, for reproducing it: a study shorter
     # than one window is stored as it is and padded with air when read (PENet pads); pe_slices
     # past the study's last slice are dropped (PENet uses the part inside). Off: both refused.
@@ -95,9 +95,11 @@ class PreprocessConfig:
 class ModelConfig:
     """Backbone, weights and input stem."""
 
-    name: str = "resnext3d_101"
-    pretrained: str = ""
-    num_outputs: int = 1
+    name: str = "resnext3d_101"  # a registered backbone: resnext3d_50, resnext3d_101, resnext3d_152, penet
+    pretrained: str = ""  # checkpoint to start from (3D-ResNets, PENet or volttl format); "" = from scratch
+    num_outputs: int = 1  # logits of the new head (1: PE present)
+    # sum: the RGB stem kernels summed into one channel (the same output as repeating the CT,
+    # a third of the stem's MACs); repeat: the CT copied into three channels (PENet)
     stem: Literal["sum", "repeat"] = "sum"
     # the scale the stem is fed: ct = PENet-normalised CT as the data pipeline gives it
     # (what PENet's and the TTL paper's code feed pretrained weights); source = the CT
@@ -109,61 +111,67 @@ class ModelConfig:
     # minus the ActivityNet means; kinetics2020 = 0..1, Kinetics means and stds (the 2020
     # 3D-ResNets code); custom = source_scale, source_mean and source_std below (3 each)
     source_norm: Literal["auto", "hara2018", "kinetics2020", "custom"] = "auto"
-    source_scale: float = 255.0
-    source_mean: list[float] = field(default_factory=list)
-    source_std: list[float] = field(default_factory=list)
+    source_scale: float = 255.0  # source_norm custom: the clipped window in [0, 1] times this
+    source_mean: list[float] = field(default_factory=list)  # source_norm custom: R, G, B means
+    source_std: list[float] = field(default_factory=list)  # source_norm custom: R, G, B stds
 
 
 @dataclass
 class HeadConfig:
-    pool: Literal["avg", "max", "flatten"] = "avg"
-    norm: bool = False
-    dropout: float = 0.0
+    """The new classifier head after the kept (or rebuilt) backbone."""
+
+    pool: Literal["avg", "max", "flatten"] = "avg"  # global pooling of the last features, or none
+    norm: bool = False  # a BatchNorm1d before the linear layer (scale 1/sqrt(features) at start)
+    dropout: float = 0.0  # dropout before the linear layer
 
 
 @dataclass
 class TransferConfig:
     """Transfer-learning strategy and its cut point."""
 
+    # ftl: finetune everything; tf: keep up to the cut, rebuild the rest at `width` from
+    # scratch; lwft: freeze up to the cut, finetune the rest; ttl: keep up to the cut, drop the rest
     strategy: Literal["ftl", "tf", "lwft", "ttl"] = "ttl"
-    cut: str = "layer3"
-    init: Literal["kaiming", "meanvar", "random"] = "kaiming"
-    width: float = 0.5
+    cut: str = "layer3"  # a cut point the backbone declares (`volttl cuts --model NAME`)
+    init: Literal["kaiming", "meanvar", "random"] = "kaiming"  # weights not loaded from the file
+    width: float = 0.5  # tf: width of the rebuilt top (1.0 = Transfusion's weight transfusion)
     head: HeadConfig = field(default_factory=HeadConfig)
     # LWFT's frozen BatchNorm layers: train (batch statistics; the usual finetuning
     # practice), eval (the pretrained running statistics), or recalibrate (running
     # statistics re-estimated on training windows before finetuning, then fixed)
     frozen_bn: Literal["train", "eval", "recalibrate"] = "train"
-    recalibrate_windows: int = 256
+    recalibrate_windows: int = 256  # frozen_bn recalibrate: training windows it re-estimates on
 
 
 @dataclass
 class TrainConfig:
+    """`volttl train`: SGD over two parameter groups, the schedule, and how a step computes."""
+
     epochs: int = 30
-    batch_size: int = 8
-    grad_accum: int = 1
-    workers: int = 2
-    lr_pretrained: float = 0.01
-    lr_new: float = 0.1
+    batch_size: int = 8  # the global batch, split evenly across torchrun's processes
+    grad_accum: int = 1  # micro-batches per optimiser step
+    workers: int = 2  # loader processes (at most the available cores are used)
+    lr_pretrained: float = 0.01  # parameters loaded from model.pretrained
+    lr_new: float = 0.1  # every other parameter (all of them from scratch)
     momentum: float = 0.9
     weight_decay: float = 1e-3
-    warmup_epochs: int = 0
+    warmup_epochs: int = 0  # schedule cosine: linear warm-up epochs
     # cosine: linear warm-up over warmup_epochs, then cosine to 0 at the last epoch (per
     # optimiser step). penet: PENet's released schedule, counted in training examples:
     # linear warm-up over warmup_examples (pretrained weights start theirs only after
     # pretrained_delay_examples), then cosine to 0 at cosine_examples, 0 after it.
     schedule: Literal["cosine", "penet"] = "cosine"
-    warmup_examples: int = 10_000
-    pretrained_delay_examples: int = 10_000
-    cosine_examples: int = 600_000
+    warmup_examples: int = 10_000  # schedule penet
+    pretrained_delay_examples: int = 10_000  # schedule penet
+    cosine_examples: int = 600_000  # schedule penet
     dampening: float = 0.0  # SGD dampening (PENet: 0.9, about a 10x smaller effective step)
     clip_grad_norm: float = 0.0  # 0 = no clipping; else the max total gradient norm per step
-    loss: Literal["focal", "bce"] = "focal"
+    loss: Literal["focal", "bce"] = "focal"  # binary focal loss (PENet) or cross-entropy
     focal_gamma: float = 2.0
-    seed: int = 0
-    repeats: int = 1
-    out_dir: str = "runs"
-    device: str = "auto"
+    seed: int = 0  # every random draw is keyed on it (and the epoch): a resumed run ends the same
+    repeats: int = 1  # train seeds seed .. seed + repeats - 1 into one group, reported as mean +- std
+    out_dir: str = "runs"  # where run folders are made when --run-dir is not given
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda, cuda:N or mps
     # how a step computes (volttl/numerics.py): tf32 | fp32 | bf16 | fp16. tf32 and
     # channels_last were the fastest on an H100 (torch 2.11, measured before the current
     # training loop; FTL 149 windows/s against 121-124 for
@@ -176,8 +184,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    aggregate: Literal["max", "mean"] = "max"
-    bootstrap: int = 1000
+    """`volttl evaluate`: study scores, intervals, the operating point and calibration."""
+
+    aggregate: Literal["max", "mean"] = "max"  # window probabilities -> the study's (PENet: max)
+    bootstrap: int = 1000  # resamples for the AUROC and AUPRC intervals (0 = none)
     # the operating point `volttl evaluate` chooses on the validation studies: the highest
     # threshold that reaches `target` sensitivity (PE is a finding not to miss), the lowest
     # that keeps `target` specificity, or Youden's J (target unused)
@@ -199,8 +209,8 @@ class ProfileConfig:
     # paper's cost columns reproduce at 32 x 208 x 208 (configs/pe.yaml), not at the 24 x 192
     # x 192 windows volttl trains on
     input_size: tuple[int, int, int] = (24, 192, 192)
-    repeats: int = 20
-    warmup: int = 3
+    repeats: int = 20  # timed forward passes (the median is reported)
+    warmup: int = 3  # untimed passes first
     device: str = "cpu"
     out_dir: str = "profile"
     # P(M) and MACs: rgb counts the 3-channel Kinetics stem, as the TTL paper's table does;
@@ -215,31 +225,31 @@ class CamConfig:
     method: Literal["gradcam", "hirescam", "gradcam++", "layercam"] = "gradcam"
     target_layer: str = ""  # module path; "" = the last unit before the head
     stride: int = 0  # slices between windows; 0 = a quarter window (no banding between windows)
-    stitch: Literal["mean", "max"] = "mean"
+    stitch: Literal["mean", "max"] = "mean"  # how overlapping windows' maps combine
     blend: Literal["gaussian", "constant"] = "gaussian"  # weights along a window's slices (MONAI)
-    batch_size: int = 4
+    batch_size: int = 4  # windows per Grad-CAM (and predict) batch
     # the CT as NIfTI beside the overlay: auto = when the source is not NIfTI (DICOM, NRRD,
     # HDF5), always = for every source kind, never (true/false of older configs: auto/never)
     write_ct: Literal["auto", "always", "never"] | bool = "auto"
     dtype: Literal["uint8", "float32"] = "uint8"  # uint8 with scl_slope 1/255, or float32
-    preview: bool = True
+    preview: bool = True  # a PNG through the map's peak
 
 
 @dataclass
 class SearchConfig:
     """`volttl search`: the two-stage cut-point search (TTL paper, section 3.2)."""
 
-    strategies: list[str] = field(default_factory=lambda: ["tf", "lwft", "ttl"])
+    strategies: list[str] = field(default_factory=lambda: ["tf", "lwft", "ttl"])  # searched strategies
     block_cuts: list[str] = field(default_factory=list)  # [] = every block cut of the backbone
     radius: int = 3  # stage 2: layer cuts within this many blocks of the stage-1 winner
-    baselines: list[str] = field(default_factory=lambda: ["ftl", "penet"])
+    baselines: list[str] = field(default_factory=lambda: ["ftl", "penet"])  # rows trained once, uncut
     penet_pretrained: str = ""  # PENet's Kinetics checkpoint for the PENet baseline
     backend: Literal["sequential", "gpus", "ray"] = "sequential"
     gpus: int = 0  # gpus backend: how many local GPUs (0 = all visible)
     ray_address: str = ""  # ray backend: "" starts a local Ray; "auto" or host:port joins a cluster
     ray_gpus_per_trial: float = 1.0
     out_dir: str = "search"
-    test_split: Literal["val", "test"] = "test"
+    test_split: Literal["val", "test"] = "test"  # the split the table reports (cuts are chosen on val)
 
 
 @dataclass
@@ -248,7 +258,7 @@ class PretrainConfig:
 
     out: str = ""  # the checkpoint to write, in the 3D-ResNets layout
     depth: str = "layer2"  # train the units up to this block cut; deeper ones keep their init
-    window: tuple[int, int, int] = (16, 48, 48)
+    window: tuple[int, int, int] = (16, 48, 48)  # source-task windows (slices, rows, cols)
     windows: int = 1024  # source windows per epoch
     epochs: int = 3
     batch_size: int = 16
