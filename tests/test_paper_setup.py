@@ -18,8 +18,9 @@ from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
 from volttl.preprocess.run import preprocess
 from volttl.preprocess.store import Store
 from volttl.preprocess.windows import UNKNOWN
-from volttl.train.loop import lr_factors, per_process_batch
+from volttl.train.loop import per_process_batch
 from volttl.train.metrics import summarise
+from volttl.train.schedule import lr_factors
 from volttl.transfer.strategies import build_transfer_model
 
 from .conftest import shared_path

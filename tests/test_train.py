@@ -18,9 +18,10 @@ from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.preprocess.run import preprocess
 from volttl.preprocess.store import Store
 from volttl.runs import model_from_config
-from volttl.train.loop import train_run, warmup_cosine
+from volttl.train.loop import train_run
 from volttl.train.losses import binary_focal_loss
 from volttl.train.metrics import bootstrap_ci, summarise
+from volttl.train.schedule import warmup_cosine
 
 from .conftest import small_config
 
@@ -239,7 +240,7 @@ def test_penet_schedule_per_group_at_chosen_example_counts():
     import torch
 
     from volttl.config import config_from_dict
-    from volttl.train.loop import lr_factors
+    from volttl.train.schedule import lr_factors
 
     cfg = config_from_dict({"train": {"schedule": "penet", "lr_pretrained": 0.01, "lr_new": 0.01,
                                       "dampening": 0.9, "batch_size": 8}})

@@ -57,53 +57,11 @@ from volttl.runs import (
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
+from volttl.train.schedule import lr_factors
 
 log = logging.getLogger("volttl.train")
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the loss back: a sync)
-
-
-def penet_factor(warmup: int, delay: int, total: int):
-    """LR factor at a number of training examples seen, PENet's way: 0 until ``delay``,
-    linear warm-up over ``warmup`` examples, then cosine down to 0 at ``total`` examples
-    (and 0 after)."""
-
-    def factor(examples: float) -> float:
-        e = examples - delay
-        if e < 0:
-            return 0.0
-        if warmup and e < warmup:
-            return e / warmup
-        progress = (e - warmup) / max(1.0, total - delay - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def lr_factors(cfg: Config, group_names: list[str], steps_per_epoch: int, examples_per_step: int) -> list:
-    """One LR factor function of the optimiser step per parameter group."""
-    tc = cfg.train
-    if tc.schedule == "cosine":
-        rule = warmup_cosine(steps_per_epoch * tc.epochs, steps_per_epoch * tc.warmup_epochs)
-        return [rule for _ in group_names]
-    out = []
-    for name in group_names:
-        delay = tc.pretrained_delay_examples if name == "pretrained" else 0
-        rule = penet_factor(tc.warmup_examples, delay, tc.cosine_examples)
-        out.append(lambda step, rule=rule: rule(step * examples_per_step))
-    return out
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR factor per optimiser step: linear warm-up, then cosine down to zero."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def per_process_batch(cfg: Config, world: int) -> int:
