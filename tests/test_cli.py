@@ -121,6 +121,7 @@ def test_device_flag_on_the_commands_that_run_a_model(cohort, tmp_path, capsys):
     _, run = train_tiny_run(Path(cohort), tmp_path)
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
+    capsys.readouterr()  # its progress lines
     missing = "cuda:7" if torch.cuda.is_available() else "cuda"
     for command in (["evaluate", "--run", str(run)],
                     ["cam", "--run", str(run), "--out", str(tmp_path / "c"), "--quiet"]):

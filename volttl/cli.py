@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from volttl.errors import VolttlError
+from volttl.outputs import CamDir, PipelineDir, PredictDir, SearchDir, SvccaDir
 
 
 class CommandError(VolttlError):
@@ -73,7 +74,15 @@ def _resource(name: str) -> str:
 
 
 def demo_config_text() -> str:
-    return _resource("demo.yaml")
+    return _resource(PipelineDir(".").demo_config.name)
+
+
+def _call(record: dict) -> str:
+    """The call at the run's operating point, when it has one."""
+    if record.get("predicted_label") is None:
+        return ""
+    call = "positive" if record["predicted_label"] else "negative"
+    return f", {call} at threshold {record['threshold']:.3f}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -86,20 +95,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     apply_overrides({}, args.set)  # a malformed --set fails here, before any work
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    (work / "demo.yaml").write_text(demo_config_text())
-    spec = yaml.safe_load(_resource("demo_pipeline.yaml"))
+    folder = PipelineDir(work)
+    folder.demo_config.write_text(demo_config_text())
+    spec = yaml.safe_load(_resource(folder.demo_pipeline.name))
     spec["set"] = list(args.set)
     synth = next(step["synth"] for step in spec["steps"] if "synth" in step)
     synth.update(studies=args.studies, matrix=args.matrix, seed=args.seed)
-    pipeline = work / "demo_pipeline.yaml"
+    pipeline = folder.demo_pipeline
     pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.perf_counter()
     run_pipeline(pipeline, progress=not args.quiet)
-    report = json.loads((work / "report.json").read_text())
+    report = json.loads(folder.report_json.read_text())
     ev, cam = report["evaluate"], report["cam"]
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
           f"{ev['study_auroc']:.3f} over {ev['studies']} studies; run dir {report['run']['dir']}; "
-          f"open {cam['out']}/<study>_cam.nii.gz over the CT in 3D Slicer; report {work / 'report.md'}")
+          f"open {CamDir(cam['out']).cam('<study>')} over the CT in 3D Slicer; report {folder.report_md}")
     point = ev.get("operating_point", {})
     if point.get("threshold") is not None:
         from volttl.evaluate import fmt_rate
@@ -188,11 +198,12 @@ def cmd_cam(args: argparse.Namespace) -> int:
     for r in records:
         peak = r["peak_ras_mm"]
         where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else EMPTY_MAP
-        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}, {where}")
-    found = Path(args.out) / "localisation.json"
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}{_call(r)}, {where}")
+    found = CamDir(args.out).localisation
     if found.is_file():
         print(json.loads(found.read_text())["summary"])
-    print(f"{len(records)} overlays in {args.out} (open <study>_cam.nii.gz over the CT in 3D Slicer)")
+    print(f"{len(records)} overlays in {args.out} "
+          f"(open {CamDir.cam_name('<study>')} over the CT in 3D Slicer)")
     return 0
 
 
@@ -206,11 +217,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         where = (f"source slices {slices[0]}-{slices[1]}" if slices else
                  "stored slices {}-{}".format(*r["best_window_stored_slices"]))
         centre = ", ".join(f"{v:g}" for v in r["best_window_centre_ras_mm"])
-        print(f"{r['study_id']}: p(PE) {r['probability']:.3f} (best window: {where}, centre RAS "
+        print(f"{r['study_id']}: p(PE) {r['probability']:.3f}{_call(r)} (best window: {where}, centre RAS "
               f"{centre} mm)")
     for sid, reason in failed.items():
         print(f"volttl predict: failed {sid}: {reason}", file=sys.stderr)
-    print(f"{len(records)} studies scored, {len(failed)} failed; {Path(args.out) / 'predictions.csv'}"
+    print(f"{len(records)} studies scored, {len(failed)} failed; {PredictDir(args.out).csv}"
           + ("" if args.no_cam else " and overlays"))
     return 1 if failed else 0
 
@@ -229,8 +240,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     search_run(cfg, progress=not args.quiet)
-    print((Path(cfg.search.out_dir) / "search_table.md").read_text().strip())
-    print(f"table: {Path(cfg.search.out_dir) / 'search_table.md'} (.csv, .json); every trial: trials.csv")
+    out = SearchDir(cfg.search.out_dir)
+    print(out.table_md.read_text().strip())
+    print(f"table: {out.table_md} (.csv, .json); every trial: {out.trials_csv}")
     return 0
 
 
@@ -239,7 +251,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     report = run_pipeline(args.file, progress=not args.quiet)
     if report is None:  # no report step: each step's outcome was printed as it finished
-        print("no report step in the pipeline; the steps' outcomes are in report.json in its work folder")
+        print("no report step in the pipeline; the steps' outcomes are in "
+              f"{PipelineDir('.').report_json.name} in its work folder")
         return 0
     print(report.read_text().strip())
     print(f"report: {report}")
@@ -255,7 +268,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     for r in rec["cuts"]:
         print(f"{r['cut']:<26} {r['mean']:>10.3f} {r['random_mean']:>8.3f} {r['overlap']:>8.2f}")
     print(f"suggested cut: {rec['suggested_cut'] or 'none (reuse does not stop before the last cut)'}; "
-          f"{Path(args.out) if args.out else Path(args.run) / 'svcca'}/svcca.json")
+          f"{SvccaDir(args.out or Path(args.run) / 'svcca').record}")
     return 0
 
 

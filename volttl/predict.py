@@ -21,6 +21,7 @@ from volttl.errors import VolttlError
 from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
+from volttl.outputs import PredictDir
 from volttl.preprocess.run import PreparedStudy, prepare_study
 from volttl.preprocess.store import StudyMeta
 from volttl.progress import progress_bar
@@ -201,15 +202,17 @@ def csv_row(record: dict) -> dict:
 def _write(records: list[dict], out: Path) -> None:
     """predictions.json and predictions.csv, each replaced whole (written beside, then
     renamed), so an interrupted write never leaves a file cut short."""
-    json_tmp, csv_tmp = out / ".predictions.json.tmp", out / ".predictions.csv.tmp"
+    folder = PredictDir(out)
+    json_tmp = folder.json.with_name(f".{folder.json.name}.tmp")
+    csv_tmp = folder.csv.with_name(f".{folder.csv.name}.tmp")
     try:
         json_tmp.write_text(json.dumps(records, indent=2))
         with csv_tmp.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
             w.writeheader()
             w.writerows(csv_row(r) for r in records)
-        os.replace(json_tmp, out / "predictions.json")
-        os.replace(csv_tmp, out / "predictions.csv")
+        os.replace(json_tmp, folder.json)
+        os.replace(csv_tmp, folder.csv)
     except OSError as exc:
         reason = exc.strerror or exc
         raise PredictError(f"{exc.filename or out}: predictions not written ({reason})") from None

@@ -25,6 +25,7 @@ from volttl.analysis.svcca import feature_points, overlap, random_baseline, sugg
 from volttl.data import WindowDataset
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
+from volttl.outputs import SvccaDir
 from volttl.progress import progress_bar
 from volttl.runs import RunDir, load_run, model_from_config
 
@@ -114,8 +115,8 @@ def svcca_run(run_dir: str | Path, out: str | Path | None = None, split: str = "
               "threshold": threshold, "suggested_cut": suggested, "cuts": rows}
     out = Path(out) if out else run_dir / "svcca"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "svcca.json").write_text(json.dumps(record, indent=2))
-    _plot(rows, suggested, out / "svcca.png", f"{cfg.model.name} {cfg.transfer.strategy.upper()}: "
+    SvccaDir(out).record.write_text(json.dumps(record, indent=2))
+    _plot(rows, suggested, SvccaDir(out).plot, f"{cfg.model.name} {cfg.transfer.strategy.upper()}: "
           "before vs after finetuning, and random features")
     return record
 

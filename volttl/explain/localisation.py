@@ -25,6 +25,7 @@ from scipy.ndimage import distance_transform_edt
 
 from volttl.errors import VolttlError
 from volttl.manifests import read_manifest
+from volttl.outputs import CamDir
 
 
 @dataclass
@@ -101,7 +102,7 @@ def write_localisation(cam_dir: str | Path, manifest: str | Path, records: list[
     found = localisation(cam_dir, manifest, records, margin_mm)
     if not found.studies:
         return None
-    (Path(cam_dir) / "localisation.json").write_text(json.dumps(
+    CamDir(cam_dir).localisation.write_text(json.dumps(
         {"summary": found.line(), "margin_mm": margin_mm, "studies": found.studies, "hits": found.hits,
          "hit_rate": found.hit_rate, "mean_ratio": found.mean_ratio, "per_study": found.per_study},
         indent=2))

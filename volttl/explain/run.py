@@ -29,6 +29,7 @@ from volttl.inference import StudyScore, TrainedRun, evaluation_starts
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
+from volttl.outputs import CamDir
 from volttl.preprocess.store import Store, StudyMeta
 from volttl.progress import progress_bar
 
@@ -95,13 +96,14 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
-    write_unit_map(cam_map, geo, out / f"{sid}_cam.nii.gz", cfg.cam.dtype)
-    files = {"cam": f"{sid}_cam.nii.gz"}
+    folder = CamDir(out)
+    write_unit_map(cam_map, geo, folder.cam(sid), cfg.cam.dtype)
+    files = {"cam": folder.cam_name(sid)}
     wanted = cfg.cam.write_ct == "always" or (cfg.cam.write_ct == "auto" and meta.source_kind != "nifti")
     ct = _read_source_ct(meta) if wanted else None
     if ct is not None:
-        write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, out / f"{sid}_ct.nii.gz")
-        files["ct"] = f"{sid}_ct.nii.gz"
+        write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, folder.ct(sid))
+        files["ct"] = folder.ct_name(sid)
     k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
     peak_ras = (geo.affine_ras() @ np.array([i, j, k, 1.0]))[:3]
     has_peak = bool(cam_map.max() > 0)  # an all-zero map: nothing raised the positive logit
@@ -110,9 +112,9 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         stored_peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(result.stored_map)),
                                                              result.stored_map.shape))
         spacing = tuple(float(v) for v in np.linalg.norm(meta.stored_affine_ras[:3, :3], axis=0))
-        write_preview(hu, result.stored_map, stored_peak, spacing, out / f"{sid}_cam.png",
+        write_preview(hu, result.stored_map, stored_peak, spacing, folder.preview(sid),
                       f"{sid}: p(PE) = {probability:.3f}")
-        files["preview"] = f"{sid}_cam.png"
+        files["preview"] = folder.preview_name(sid)
     record = {
         "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
         "predicted_label": score.predicted_label, "threshold": score.threshold,
@@ -128,7 +130,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
         "files": files,
     }
-    (out / f"{sid}_cam.json").write_text(json.dumps(record, indent=2))
+    folder.record(sid).write_text(json.dumps(record, indent=2))
     return record
 
 
@@ -151,7 +153,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
                 score = run.score_study(hu, on_batch=bar.update)
                 records.append(cam_study(meta, hu, store.window, cam, cfg, out, score, meta.label,
                                          bar.update))
-    (out / "cam_summary.json").write_text(json.dumps(records, indent=2))
+    CamDir(out).summary.write_text(json.dumps(records, indent=2))
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)
     return records

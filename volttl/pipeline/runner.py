@@ -39,6 +39,7 @@ import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
+from volttl.outputs import CamDir, PipelineDir, SearchDir, SvccaDir
 from volttl.records import CHECKSUM_KEY, read_record, write_record
 
 log = logging.getLogger("volttl.pipeline")
@@ -116,7 +117,7 @@ def _one_seed(cfg: Config, run: Path) -> Path:
 
 def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
     """The search table's row ``label`` (e.g. "TTL-2") and its first seed's run dir."""
-    table = Path(cfg.search.out_dir) / "search_table.json"
+    table = SearchDir(cfg.search.out_dir).table_json
     if not table.is_file():
         raise PipelineError(f"{table}: no search table yet (a search step must come first)")
     for row in json.loads(table.read_text()):
@@ -129,7 +130,7 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
     """Run every step; returns the path of the report it wrote (None without a report step)."""
     spec, work, cfg = load_pipeline(path)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "pipeline_config.yaml").write_text(yaml.safe_dump(
+    PipelineDir(work).resolved_config.write_text(yaml.safe_dump(
         {"pipeline": str(Path(path).resolve()), **spec}, sort_keys=False))
     report: dict = {"name": spec.get("name", Path(path).stem), "steps": []}
     t_start = time.perf_counter()
@@ -143,10 +144,10 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
                                 "seconds": round(time.perf_counter() - t0, 1)})
         print(f"   {outcome}", flush=True)
     report["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    PipelineDir(work).report_json.write_text(json.dumps(report, indent=2))
     # report.md only when this pipeline has a report step: one left by an earlier pipeline
     # in the same work folder would be stale
-    return work / "report.md" if any("report" in step for step in spec["steps"]) else None
+    return PipelineDir(work).report_md if any("report" in step for step in spec["steps"]) else None
 
 
 def _inputs_path(output: Path) -> Path:
@@ -290,9 +291,9 @@ def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     from volttl.search import search_run
 
     rows = search_run(cfg, progress=progress)
-    report["table"] = (Path(cfg.search.out_dir) / "search_table.md").read_text()
+    report["table"] = SearchDir(cfg.search.out_dir).table_md.read_text()
     report["table_rows"] = rows
-    return f"{len(rows)} table rows in {cfg.search.out_dir}/search_table.md"
+    return f"{len(rows)} table rows in {SearchDir(cfg.search.out_dir).table_md}"
 
 
 def _checkpoint_stamp(run: Path) -> dict:
@@ -317,12 +318,12 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
     run = _one_seed(cfg, run)
     out = work / "svcca"
     inputs = {"args": args, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
-    rec, outcome = _done(out / "svcca.json", inputs)
+    rec, outcome = _done(SvccaDir(out).record, inputs)
     if rec is None:
         rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
                         max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
                         cuts=args.get("cuts"), progress=progress)
-        _record_inputs(out / "svcca.json", inputs)
+        _record_inputs(SvccaDir(out).record, inputs)
         outcome = f"suggested cut {rec['suggested_cut']}"
     keys = ("cut", "mean", "random_mean", "overlap")
     report["svcca"] = {"run": str(run), "suggested_cut": rec["suggested_cut"],
@@ -338,14 +339,14 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
     out = work / str(args.get("out", "cam"))
     cam = config_to_dict(cfg)["cam"]  # the pipeline's cam settings, not those the run was trained with
     inputs = {"args": args, "cam": cam, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
-    records, outcome = _done(out / "cam_summary.json", inputs)
+    records, outcome = _done(CamDir(out).summary, inputs)
     if records is None:
         records = cam_run(run, out, split=args.get("split", "test"), progress=progress,
                           overrides=[f"cam.{k}={json.dumps(v)}" for k, v in cam.items()])
-        _record_inputs(out / "cam_summary.json", inputs)
+        _record_inputs(CamDir(out).summary, inputs)
         outcome = f"{len(records)} overlays of {name} in {out}"
     report["cam"] = {"row": name, "run": str(run), "out": str(out), "overlays": len(records)}
-    found = out / "localisation.json"  # written by cam when the manifest has lesion masks
+    found = CamDir(out).localisation  # written by cam when the manifest has lesion masks
     if found.is_file():
         report["cam"]["localisation"] = json.loads(found.read_text())["summary"]
         outcome += f"\n   {report['cam']['localisation']}"
@@ -378,8 +379,8 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     steps = report["steps"]
     lines += ["## Steps", "", "| step | outcome | seconds |", "| --- | --- | --- |"]
     lines += [f"| {s['step']} | {s['outcome']} | {s['seconds']} |" for s in steps]
-    (work / "report.md").write_text("\n".join(lines) + "\n")
-    return f"wrote {work / 'report.md'}"
+    PipelineDir(work).report_md.write_text("\n".join(lines) + "\n")
+    return f"wrote {PipelineDir(work).report_md}"
 
 
 _STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "pretrain": _pretrain,

@@ -22,6 +22,7 @@ from volttl.analysis.complexity import convention, profiled_input
 from volttl.config import Config
 from volttl.errors import VolttlError
 from volttl.models import display_name, get_backbone_spec
+from volttl.outputs import SearchDir
 from volttl.search.backends import run_jobs
 from volttl.search.trials import Trial, trial_job
 
@@ -103,7 +104,7 @@ def search_run(cfg: Config, progress: bool = True) -> list[dict]:
         w2 = max(candidates, key=lambda t: _score(done[t]))
         rows.append(_row(display_name(model), f"{st.upper()}-2", done[w2]))
     _write_table(rows, out, cfg)
-    with (out / "trials.csv").open("w", newline="") as fh:
+    with SearchDir(out).trials_csv.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["trial", "stage", "model", "strategy", "cut", "val_auroc_mean", "test_auroc_mean",
                     "test_auroc_std", "params_m", "macs_g", "latency_ms"])
@@ -128,9 +129,10 @@ def _write_table(rows: list[dict], out: Path, cfg: Config) -> None:
         lines.append(f"| {r['model']} | {r['strategy']} | {r['cut']} | {r['auroc_mean']:.3f} +- "
                      f"{r['auroc_std']:.3f} | {r['auprc_mean']:.3f} +- {r['auprc_std']:.3f} | "
                      f"{r['params_m']:.1f} | {r['macs_g']:.2f} | {r['latency_ms']:.1f} |")
-    (out / "search_table.md").write_text("\n".join(lines) + "\n")
-    (out / "search_table.json").write_text(json.dumps(rows, indent=2))
-    with (out / "search_table.csv").open("w", newline="") as fh:
+    folder = SearchDir(out)
+    folder.table_md.write_text("\n".join(lines) + "\n")
+    folder.table_json.write_text(json.dumps(rows, indent=2))
+    with folder.table_csv.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
