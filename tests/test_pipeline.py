@@ -46,6 +46,8 @@ def test_tiny_pipeline_runs_and_reruns_with_every_step_skipped(tmp_path):
     assert (work / "search" / "search_table.csv").is_file() and (work / "svcca" / "svcca.png").is_file()
     assert json.loads((work / "cam" / "cam_summary.json").read_text())  # overlays of the test split
     assert "CAM peak inside the lesion mask" in text  # synthetic masks give localisation figures
+    steps_table = text[text.index("## Steps"):].splitlines()[2:]
+    assert all(line.startswith("| ") and line.endswith(" |") for line in steps_table if line)  # one row each
     run_pipeline(path, progress=False)
     steps = json.loads((work / "report.json").read_text())["steps"]
     outcomes = {s["step"]: s["outcome"] for s in steps}

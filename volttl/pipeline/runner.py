@@ -378,7 +378,8 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
         lines.append("")
     steps = report["steps"]
     lines += ["## Steps", "", "| step | outcome | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {s['step']} | {s['outcome']} | {s['seconds']} |" for s in steps]
+    one_line = lambda text: " ".join(text.split())  # noqa: E731  (a table cell holds one line)
+    lines += [f"| {s['step']} | {one_line(s['outcome'])} | {s['seconds']} |" for s in steps]
     PipelineDir(work).report_md.write_text("\n".join(lines) + "\n")
     return f"wrote {PipelineDir(work).report_md}"
 
