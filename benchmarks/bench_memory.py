@@ -82,7 +82,9 @@ def _gradcam(batch: int, device: str) -> float:
 
 
 def write_study(folder: Path) -> Path:
-    """A 512 x 512 x 300 synthetic CT as NIfTI (made in the parent: its own peak is not counted)."""
+    """A 512 x 512 x 300 synthetic CT as NIfTI. Made in a process of its own: a child
+    starts with its parent's peak resident set (Linux keeps it across fork and exec), so
+    the parent must stay small."""
     import numpy as np
 
     from volttl.io.geometry import Geometry
@@ -142,7 +144,10 @@ def main() -> int:
              "preprocess.workers (one study per worker)")]
     print("| what | batch | peak GB | lowered by |\n| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
-        study = str(write_study(Path(tmp)))
+        maker = mp.get_context("spawn").Process(target=write_study, args=(Path(tmp),))
+        maker.start()
+        maker.join()
+        study = str(Path(tmp) / "study.nii.gz")
         for what, job, batch, setting in rows:
             if job == "prepare" and args.device != "cpu":
                 continue

@@ -151,3 +151,27 @@ def test_a_pipeline_without_a_report_step_ends_cleanly(tmp_path, capsys):
     assert "STALE" not in out and "no report step" in out and "report.json" in out
     steps = json.loads((tmp_path / "work" / "report.json").read_text())["steps"]
     assert [s["step"] for s in steps] == ["synth", "preprocess"]
+
+
+def test_a_pipeline_train_step_makes_the_checks_volttl_train_makes(tmp_path, capsys):
+    """One train step for the CLI and pipelines: a missing pretrained file stops the
+    pipeline's train step before anything is written, as it stops `volttl train`."""
+    from volttl.cli import main
+
+    path = _write(tmp_path, [{"synth": {"studies": 4, "matrix": 48, "workers": 1}}, {"preprocess": {}},
+                             {"train": {"run": "runs/r"}}])
+    spec = yaml.safe_load(path.read_text())
+    spec["set"].append("model.pretrained=missing.pth")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(VolttlError, match=r"missing\.pth: pretrained checkpoint not found"):
+        run_pipeline(path, progress=False)
+    assert not (tmp_path / "work" / "runs" / "r").exists()
+    work = tmp_path / "work"
+    capsys.readouterr()
+    base = tmp_path / "configs" / "base.yaml"
+    assert main(["train", "--config", str(base), "--run-dir", str(tmp_path / "cli_run"),
+                 "--set", f"data.manifest={work / 'synth' / 'manifest.csv'}",
+                 "--set", f"data.store={work / 'store' / 's.h5'}",
+                 "--set", "model.pretrained=missing.pth", "--quiet"]) == 1
+    assert "missing.pth: pretrained checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "cli_run").exists()

@@ -140,33 +140,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from volttl.data import WindowDataset
-    from volttl.preprocess.store import open_store
-    from volttl.runs import default_run_dir, resolve_device
-    from volttl.train.loop import train_run
-    from volttl.train.repeats import train_repeats
+    from volttl.runs import default_run_dir
+    from volttl.train.step import train_step
 
     cfg = _load(args)
-    open_store(cfg.data.store).close()  # fail before any work when the store is missing
-    WindowDataset.from_config(cfg, "train")  # a crop larger than the stored slices fails here
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise CommandError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    resolve_device(cfg.train.device)  # a device that is not there fails before any work
-    if args.resume and not run_dir.is_dir():
-        raise CommandError(f"{run_dir}: no run to resume (drop --resume to start one)")
-    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
-    if cfg.train.repeats > 1:
-        summary = train_repeats(cfg, run_dir, resume=args.resume, progress=not args.quiet)
-        auroc = summary["val_study_auroc"]
-        if main:
-            print(f"runs: {run_dir}/seed*; best validation study AUROC {auroc['mean']:.3f} +- "
-                  f"{auroc['std']:.3f} over {auroc['n']} seeds")
-        return 0
-    best = train_run(cfg, run_dir, resume=args.resume, progress=not args.quiet)
-    if main:
-        print(f"run: {run_dir}; best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
-              f" at epoch {best.get('epoch', -1) + 1}")
+    outcome = train_step(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        where = f"runs: {run_dir}/seed*" if cfg.train.repeats > 1 else f"run: {run_dir}"
+        print(f"{where}; {outcome.summary()}")
     return 0
 
 

@@ -247,23 +247,16 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
-    from volttl.runs import RunDir, check_resumable
-    from volttl.train.loop import train_run
-    from volttl.train.repeats import train_repeats
+    from volttl.runs import RunDir
+    from volttl.train.step import train_step
 
     name = str(args.get("run", "runs/run"))
     run = RunDir(work / name)
     report["run"] = {"name": name, "dir": str(run.path)}
     if cfg.train.repeats > 1:
-        summary = train_repeats(cfg, run.path, resume=True, progress=progress)
-        a = summary["val_study_auroc"]
         report["run"]["first_seed"] = str(run.seed(cfg.train.seed).path)
-        return f"{name}: best validation study AUROC {a['mean']:.3f} +- {a['std']:.3f} over {a['n']} seeds"
-    if run.finished_epochs() >= cfg.train.epochs:  # reused only with these settings and data
-        check_resumable(run.path, cfg)  # (train_run checks a run it continues itself)
-        return f"skipped: {name} has finished {cfg.train.epochs} epochs"
-    best = train_run(cfg, run.path, resume=run.last.exists(), progress=progress)
-    return f"{name}: best validation study AUROC {best.get('study_auroc', float('nan')):.3f}"
+    outcome = train_step(cfg, run.path, resume=run.path.is_dir(), progress=progress)
+    return outcome.summary() if outcome.skipped else f"{name}: {outcome.summary()}"
 
 
 def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
