@@ -343,7 +343,7 @@ def test_a_missing_or_corrupted_study_file_is_named_and_a_rerun_repairs_it(train
     saved = study.read_bytes()
     study.unlink()
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(run), "--split", "train"]) == 1
+    assert main(["evaluate", "--run", str(run), "--split", "train", "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert f"study '{victim}'" in err and f"{victim}.h5" in err and "rerun `volttl preprocess`" in err
     # corrupt one chunk's bytes in place: the rerun notices (checksum) and redoes the study
@@ -354,7 +354,7 @@ def test_a_missing_or_corrupted_study_file_is_named_and_a_rerun_repairs_it(train
     data[offset + 50: offset + 60] = b"\xff" * 10
     study.write_bytes(bytes(data))
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(run), "--split", "train"]) == 1  # read mid-run: named
+    assert main(["evaluate", "--run", str(run), "--split", "train", "--quiet"]) == 1  # read mid-run: named
     err = capsys.readouterr().err.strip()
     assert f"study '{victim}': cannot read" in err and "rerun `volttl preprocess`" in err and "\n" not in err
     assert main(["preprocess", "--config", str(cfg), "--quiet"]) == 0

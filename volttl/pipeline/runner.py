@@ -255,7 +255,7 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
     report["run"] = {"name": name, "dir": str(run.path)}
     if cfg.train.repeats > 1:
         report["run"]["first_seed"] = str(run.seed(cfg.train.seed).path)
-    outcome = train_step(cfg, run.path, resume=run.path.is_dir(), progress=progress)
+    outcome = train_step(cfg, run.path, resume=run.path.is_dir(), progress=progress, reuse_finished=True)
     return outcome.summary() if outcome.skipped else f"{name}: {outcome.summary()}"
 
 

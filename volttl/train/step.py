@@ -55,10 +55,13 @@ def check_before_training(cfg: Config, run_dir: Path, resume: bool) -> None:
         raise TrainStepError(f"{run_dir}: no run to resume (drop --resume to start one)")
 
 
-def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = True) -> TrainOutcome:
+def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = True,
+               reuse_finished: bool = False) -> TrainOutcome:
     """Check, then train ``train.repeats`` seeds into ``run_dir`` (a group of
-    ``seed<S>/`` runs) or one run. With ``resume``, a finished run is reused after the
-    checks of :func:`volttl.runs.check_resumable` and an interrupted one continues."""
+    ``seed<S>/`` runs) or one run; with ``resume`` an interrupted run continues. With
+    ``reuse_finished`` (pipelines) a finished single run is reused as it is after the checks
+    of :func:`volttl.runs.check_resumable`; without it (``volttl train --resume``) it is
+    reopened, which records a changed runtime setting in its log."""
     from volttl.runs import RunDir, check_resumable
     from volttl.train.loop import train_run
     from volttl.train.repeats import train_repeats
@@ -69,7 +72,7 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
         summary = train_repeats(cfg, run.path, resume=resume, progress=progress)
         auroc = summary["val_study_auroc"]
         return TrainOutcome(run.path, auroc["mean"], auroc["std"], auroc["n"])
-    if resume and run.finished_epochs() >= cfg.train.epochs:  # reused only with these settings and data
+    if reuse_finished and run.finished_epochs() >= cfg.train.epochs:  # only with these settings and data
         check_resumable(run.path, cfg)
         return TrainOutcome(run.path, float("nan"), skipped=True)
     best = train_run(cfg, run.path, resume=resume and run.last.exists(), progress=progress)
