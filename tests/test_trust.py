@@ -438,3 +438,57 @@ def test_trial_and_pipeline_records_edited_after_writing_are_refused(tmp_path):
         _made_from(output, {"run": "b", "cuts": ["layer1"]})
     record.write_text(json.dumps({"run": "a", "cuts": ["layer1"]}))  # written before checksums
     assert _made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
+    """Ctrl-C reaches the whole process group, workers included: one line, exit 130, no
+    worker traceback, no temporary file; finished studies stay and the rerun skips them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from volttl.config import config_to_yaml
+    from volttl.synth import synth_cohort
+
+    from .conftest import small_config
+
+    manifest = synth_cohort(tmp_path / "syn", studies=12, seed=1, matrix=128, progress=False)
+    cfg = small_config(manifest, tmp_path / "s.h5", slice_thickness=1.0, size=96, workers=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(config_to_yaml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "volttl", "preprocess", "--config", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    studies = tmp_path / "s.h5.d"
+    while proc.poll() is None and not (studies.is_dir() and any(studies.glob("*.h5"))):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if "left out" not in line]  # the synthetic scout's note
+    assert lines == ["volttl preprocess: interrupted"] and "Traceback" not in err
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name]
+    kept = len(list(studies.glob("*.h5")))
+    assert 1 <= kept < 12
+    done = subprocess.run([sys.executable, "-m", "volttl", "preprocess", "--config", str(path), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"{kept} already stored" in done.stdout
+
+
+def test_a_run_takes_the_stores_preprocess_settings_and_says_so(cohort, tmp_path, caplog):
+    """A config whose preprocess keys differ from the store's (another store given with
+    --set, an edited key) would record windows the run never saw: the store's win."""
+    from volttl.preprocess.run import preprocess
+    from volttl.runs import with_store_preprocessing
+
+    from .conftest import small_config
+
+    cfg = small_config(Path(cohort), tmp_path / "s.h5", size=40)
+    assert not preprocess(cfg, progress=False).failed
+    edited = small_config(Path(cohort), tmp_path / "s.h5", size=40, window=16, slice_thickness=1.0)
+    used = with_store_preprocessing(edited)
+    assert used.preprocess.window == 8 and used.preprocess.slice_thickness == 2.0
+    assert "made with preprocess.window 8, not 16: the run records and uses the store's" in caplog.text
+    assert "preprocess.slice_thickness 2.0, not 1.0" in caplog.text
