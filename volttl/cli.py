@@ -192,8 +192,12 @@ def cmd_cam(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from volttl.predict import predict_run
 
-    records, failed = predict_run(args.run, args.paths, args.out, cam=not args.no_cam, overrides=args.set,
-                                  progress=not args.quiet)
+    if args.model:
+        from volttl.export import verify_package
+
+        verify_package(args.model)  # every file as exported, before anything is scored
+    records, failed = predict_run(args.run or args.model, args.paths, args.out, cam=not args.no_cam,
+                                  overrides=args.set, progress=not args.quiet)
     for r in records:
         slices = r["best_window_source_slices"]
         where = (f"source slices {slices[0]}-{slices[1]}" if slices else
@@ -206,6 +210,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{len(records)} studies scored, {len(failed)} failed; {PredictDir(args.out).csv}"
           + ("" if args.no_cam else " and overlays"))
     return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from volttl.export import CARD_MD, export_run
+
+    out = export_run(args.run, args.out)
+    print(f"model package: {out} (model card: {out / CARD_MD}); "
+          f"run it with `volttl predict --model {out} PATH... --out DIR`")
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -409,13 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "scored as `volttl evaluate` scores a stored study. Writes predictions.csv and "
                        "predictions.json, and the Grad-CAM overlays of `volttl cam` unless --no-cam. A "
                        "failing study is named and the others complete (exit 1 if any failed).")
-    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run dir written by `volttl train`")
+    source.add_argument("--model", help="model package written by `volttl export` (no run folder needed)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="DICOM folder, NIfTI/NRRD file, or a folder of them")
     p.add_argument("--out", required=True, help="folder for predictions and overlays")
     p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
     run_overrides(p, "train.device=cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a model package that runs without its run folder",
+                       description="Writes the run's config, weights (tensors only, checksummed), operating "
+                       "point and calibration, a TorchScript trace for other tools, a model card "
+                       "(model_card.md and .json: training data, metrics with CIs, limits, install) and "
+                       "package.json with every file's SHA-256. `volttl predict --model DIR` runs from it "
+                       "alone and gives the probabilities `--run` gives.")
+    p.add_argument("--run", required=True,
+                   help="run dir written by `volttl train` (evaluated first, for metrics and a threshold)")
+    p.add_argument("--out", required=True, help="a new folder for the package")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("search", help="two-stage cut-point search and the Table-2 style results table",
                        description="Stage 1: each search.strategies at every block cut; stage 2: the "

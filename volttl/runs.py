@@ -226,6 +226,16 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
                            "the run is left as it was")
 
 
+def install_record() -> dict:
+    """The software a run was trained (or a model exported) with."""
+    import platform
+
+    from volttl import __version__
+
+    return {"volttl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "platform": platform.platform()}
+
+
 def default_run_dir(cfg: Config) -> Path:
     """``train.out_dir/<model>_<strategy>[_<cut>]_seed<S>[-<S+N-1>]``."""
     t = cfg.transfer

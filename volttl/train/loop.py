@@ -51,6 +51,7 @@ from volttl.runs import (
     RUNTIME_TRAIN_KEYS,
     RunDir,
     check_resumable,
+    install_record,
     model_from_config,
     with_store_preprocessing,
 )
@@ -217,7 +218,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         run.config.write_text(config_to_yaml(cfg))
         if not (resume and run.last.exists()):  # what the run learns from, checked on resume
             with Store(cfg.data.store) as store:
-                run.training_data.write_text(json.dumps(store.training_data(), indent=1))
+                record = {**store.training_data(), "install": install_record()}  # for the model card
+                run.training_data.write_text(json.dumps(record, indent=1))
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
     numerics = Numerics.of(tc)
