@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from volttl.predict import find_studies, window_location
 from volttl.preprocess.run import prepare_study
 
 from .conftest import shared_path, train_tiny_run
+from .test_scene import check_scene
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,11 @@ def test_predict_equals_evaluate_and_writes_overlays(cohort, trained, tmp_path, 
         cam_record = json.loads((tmp_path / "p" / f"{r['study_id']}_cam.json").read_text())
         assert cam_record["probability"] == r["probability"] and cam_record["label"] is None
         assert cam_record["window_probabilities"] == r["window_probabilities"]
+        # the Slicer scene opens this overlay over this study's CT (written beside it, or the source NIfTI)
+        nodes = check_scene(tmp_path / "p" / r["files"]["scene"])
+        files = {n.get("fileName") for n in nodes.values() if n.tag == "VolumeArchetypeStorage"}
+        ct = r["files"].get("ct") or os.path.relpath(src, tmp_path / "p")
+        assert files == {r["files"]["cam"], ct}
     with open(tmp_path / "p" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(records) and {"best_window_first_source_slice", "probability"} <= set(rows[0])

@@ -52,6 +52,14 @@ class CamDir(_Folder):
     def record(self, study_id: str) -> Path:
         return self.path / f"{study_id}_cam.json"
 
+    def scene(self, study_id: str) -> Path:
+        """The 3D Slicer scene that opens the overlay over its CT."""
+        return self.path / f"{study_id}_scene.mrml"
+
+    def peak(self, study_id: str) -> Path:
+        """The map's peak as a 3D Slicer Markups point."""
+        return self.path / f"{study_id}_peak.mrk.json"
+
 
 class PredictDir(CamDir):
     """`volttl predict --out`: the predictions table, and the overlays of :class:`CamDir`."""

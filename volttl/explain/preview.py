@@ -3,8 +3,8 @@
 Drawn on the stored grid, which is always in the LPS voxel order, so the voxel-index
 views are in the radiological convention (patient's right
 on the viewer's left, anterior up, superior up), with the pixel aspect taken from the
-spacing. CT in grey at a CTPA window (level 100, width 700 HU), CAM in colour where it
-exceeds 0.1 (the perceptual inferno colour table), with orientation letters and a colour bar.
+spacing. CT in grey and the CAM in colour as :mod:`volttl.explain.display` sets them (the
+3D Slicer scene uses the same), with orientation letters and a colour bar.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-CT_WINDOW = (-250.0, 450.0)
-
+from volttl.explain.display import CAM_OPACITY, CAM_THRESHOLD, COLOUR_TABLE, CT_WINDOW
 
 # letters at the (left, right, top, bottom) edges of each view, for the LPS voxel order
 EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
@@ -43,7 +42,8 @@ def write_preview(ct: np.ndarray, cam: np.ndarray, peak_kji: tuple[int, int, int
     for ax, (name, grey, heat, aspect, origin) in zip(axes, views, strict=True):
         ax.imshow(grey, cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect,
                   origin=origin, interpolation="nearest")
-        heat_image = ax.imshow(np.ma.masked_less(heat, 0.1), cmap="inferno", vmin=0, vmax=1, alpha=0.5,
+        heat_image = ax.imshow(np.ma.masked_less(heat, CAM_THRESHOLD), cmap=COLOUR_TABLE, vmin=0, vmax=1,
+                               alpha=CAM_OPACITY,
                                aspect=aspect, origin=origin, interpolation="nearest")
         left, right, top, bottom = EDGES[name]
         style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}

@@ -4,8 +4,9 @@ Per study: ``<study>_cam.nii.gz`` (values in [0, 1], stored as uint8 with scl_sl
 unless ``cam.dtype: float32``; the original CT's exact shape and affine, mm units,
 cal_min/cal_max 0 and 1), ``<study>_ct.nii.gz`` (by default when the source was not
 NIfTI: DICOM, NRRD, HDF5; ``cam.write_ct: always`` for every source), a PNG
-preview through the map's peak, and ``<study>_cam.json`` with the study probability
-and the peak in world (RAS) millimetres; ``cam_summary.json`` for all of them, and
+preview through the map's peak, a 3D Slicer scene ``<study>_scene.mrml`` that opens the
+overlay over its CT (the peak as ``<study>_peak.mrk.json``), and ``<study>_cam.json``
+with the study probability and the peak in world (RAS) millimetres; ``cam_summary.json`` for all of them, and
 ``localisation.json`` when the manifest has lesion masks (the synthetic cohort). Only the
 store's geometry and the source path are used; no DICOM tag is read beyond what the
 reader needs for pixels and geometry.
@@ -25,6 +26,7 @@ from volttl.explain.gradcam import WindowGradCAM, default_stride, sliding_window
 from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
+from volttl.explain.scene import write_scene
 from volttl.inference import StudyScore, TrainedRun, evaluation_starts
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
@@ -115,6 +117,13 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         write_preview(hu, result.stored_map, stored_peak, spacing, folder.preview(sid),
                       f"{sid}: p(PE) = {probability:.3f}")
         files["preview"] = folder.preview_name(sid)
+    source = Path(meta.source) if meta.source_kind == "nifti" else None  # the CT the overlay sits on
+    ct_path = folder.ct(sid) if "ct" in files else source
+    scene = write_scene(out, sid, files["cam"], ct_path if ct_path and ct_path.is_file() else None,
+                        [float(v) for v in peak_ras] if has_peak else None, probability)
+    files["scene"] = scene.name
+    if has_peak:
+        files["peak"] = folder.peak(sid).name
     record = {
         "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
         "predicted_label": score.predicted_label, "threshold": score.threshold,
