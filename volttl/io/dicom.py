@@ -277,9 +277,18 @@ def _check_consistent(slices: list[_Slice], folder: Path) -> None:
 
 
 def _slice_spacing(slices: list[_Slice], along: np.ndarray, folder: Path) -> float:
+    """The series' slice step: the median distance between neighbouring slice positions
+    (after :func:`_check_positions`), or the header's spacing for a single slice."""
     if len(slices) == 1:
         ds = slices[0].ds
         return float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", 1.0))
+    _check_positions(slices, along, folder)
+    return float(np.median(np.diff(along)))
+
+
+def _check_positions(slices: list[_Slice], along: np.ndarray, folder: Path) -> None:
+    """Two slices at one position, or a gap of more than ``GAP_FACTOR`` slice steps
+    (missing slices), refused by name."""
     diffs = np.diff(along)
     dup = np.flatnonzero(diffs < DUPLICATE_TOL_MM)
     if dup.size:
@@ -297,7 +306,6 @@ def _slice_spacing(slices: list[_Slice], along: np.ndarray, folder: Path) -> flo
             f"{folder}: missing slices, gap of {diffs[i]:.2f} mm after position {along[i]:.2f} mm "
             f"(slice step {step:.2f} mm, about {missing} slice(s) missing)"
         )
-    return step
 
 
 def _check_tilt(slices: list[_Slice], normal: np.ndarray, along: np.ndarray, folder: Path) -> None:
