@@ -176,7 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_cam(args: argparse.Namespace) -> int:
     from volttl.explain.run import EMPTY_MAP, cam_run
 
-    records = cam_run(args.run, args.out, args.study or None, args.split, args.set, progress=not args.quiet)
+    overrides = [*args.set, *(["cam.dicom=true"] if args.dicom else [])]
+    records = cam_run(args.run, args.out, args.study or None, args.split, overrides, progress=not args.quiet)
     for r in records:
         peak = r["peak_ras_mm"]
         where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else EMPTY_MAP
@@ -196,8 +197,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from volttl.export import verify_package
 
         verify_package(args.model)  # every file as exported, before anything is scored
+    if args.dicom and args.no_cam:
+        raise CommandError("--dicom writes the Grad-CAM as DICOM objects: drop --no-cam")
+    overrides = [*args.set, *(["cam.dicom=true"] if args.dicom else [])]
     records, failed = predict_run(args.run or args.model, args.paths, args.out, cam=not args.no_cam,
-                                  overrides=args.set, progress=not args.quiet)
+                                  overrides=overrides, progress=not args.quiet)
     for r in records:
         slices = r["best_window_source_slices"]
         where = (f"source slices {slices[0]}-{slices[1]}" if slices else
@@ -304,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         if runs_a_model:
             device(p)
 
+    def dicom_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dicom", action="store_true",
+                       help="for DICOM sources, also write a Parametric Map of the Grad-CAM, a Secondary "
+                       "Capture of the preview and a Structured Report (probability, call, model, best "
+                       "window) for PACS. They are filed with the patient's study, so they carry the patient "
+                       "and study identifiers the DICOM standard requires (name, ID, birth date, sex, study "
+                       "UID, date, time, ID, accession number, referring physician) and nothing else; every "
+                       "other output stays free of them")
+
     def run_overrides(p: argparse.ArgumentParser, example: str) -> None:
         """``--set`` on a command that reads a run, ``--device`` and ``--quiet``."""
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -405,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="folder for the overlays")
     run_overrides(p, "cam.stride=4")
+    dicom_flag(p)
     p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
@@ -429,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM folder, NIfTI/NRRD file, or a folder of them")
     p.add_argument("--out", required=True, help="folder for predictions and overlays")
     p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
+    dicom_flag(p)
     run_overrides(p, "train.device=cpu")
     p.set_defaults(func=cmd_predict)
 
@@ -490,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "device", None):  # --device is --set train.device (and the profiler's)
         args.set = [*getattr(args, "set", []), f"train.device={args.device}", f"profile.device={args.device}"]
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name source instances
     if not args.debug:  # a decoder's own traceback would sit beside volttl's one-line error
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:

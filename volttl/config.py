@@ -233,6 +233,9 @@ class CamConfig:
     write_ct: Literal["auto", "always", "never"] | bool = "auto"
     dtype: Literal["uint8", "float32"] = "uint8"  # uint8 with scl_slope 1/255, or float32
     preview: bool = True  # a PNG through the map's peak
+    # DICOM sources: also a Parametric Map, a Secondary Capture and a Structured Report, which
+    # carry the patient and study identifiers the standard requires (filed with the study)
+    dicom: bool = False
 
 
 @dataclass

@@ -10,9 +10,11 @@ output that reports a study's probability reports the same number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from volttl.data.intensity import AIR_HU, normalise
 from volttl.decision import Decision
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.windows import indexed_window_starts
+
+if TYPE_CHECKING:
+    from volttl.preprocess.store import StudyMeta
 
 AGGREGATES = ("max", "mean")
 
@@ -174,3 +179,27 @@ class TrainedRun:
         return StudyScore(probability, starts, [float(v) for v in p],
                           decided.label(probability) if decided else None,
                           decided.threshold if decided else None)
+
+
+def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_slices: int) -> dict:
+    """Where a scored window lies in the scan the user gave, not on the stored grid: its
+    stored slices and its centre in RAS mm, both of the part inside the scan (the last
+    window runs into air padding beyond it), the share of the window that is padding, and
+    the source file's slices whose centres lie in its slab (numbered as the file numbers
+    them, as pe_slices are; None when the file's third voxel axis is not head-foot, where
+    no slice range describes a window)."""
+    m, n = meta.stored_to_original, meta.original.shape[0]
+    centre_in_plane = (meta.size - crop) // 2 + (crop - 1) / 2  # the centre crop
+    last = min(start + window, stored_slices) - 1  # the window's last slice inside the scan
+    centre = meta.stored_affine_ras @ [centre_in_plane, centre_in_plane, (start + last) / 2, 1.0]
+    source = None
+    if m[2, 2] != 0 and not m[2, 0] and not m[2, 1]:
+        # the source slices whose centres lie in the window's slab (half a stored slice
+        # beyond its first and last centres), a centre on the edge counted in
+        k = sorted(m[2, 2] * s + m[2, 3] for s in (start - 0.5, last + 0.5))
+        lo, hi = max(0, math.ceil(k[0] - 1e-6)), min(n - 1, math.floor(k[1] + 1e-6))
+        source = [lo, hi] if lo <= hi else None  # None: the window lies in the air padding
+    return {"best_window_stored_slices": [start, last],
+            "best_window_centre_ras_mm": [round(float(v), 2) for v in centre[:3]],
+            "best_window_source_slices": source,
+            "best_window_padding": round(1 - (last - start + 1) / window, 4)}

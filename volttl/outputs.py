@@ -56,6 +56,18 @@ class CamDir(_Folder):
         """The 3D Slicer scene that opens the overlay over its CT."""
         return self.path / f"{study_id}_scene.mrml"
 
+    def parametric_map(self, study_id: str) -> Path:
+        """The map as a DICOM Parametric Map (``--dicom``)."""
+        return self.path / f"{study_id}_cam_pm.dcm"
+
+    def secondary_capture(self, study_id: str) -> Path:
+        """The preview as a DICOM Secondary Capture (``--dicom``)."""
+        return self.path / f"{study_id}_cam_sc.dcm"
+
+    def report(self, study_id: str) -> Path:
+        """The study's result as a DICOM Structured Report (``--dicom``)."""
+        return self.path / f"{study_id}_sr.dcm"
+
     def peak(self, study_id: str) -> Path:
         """The map's peak as a 3D Slicer Markups point."""
         return self.path / f"{study_id}_peak.mrk.json"

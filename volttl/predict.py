@@ -13,17 +13,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
 from volttl.errors import VolttlError
-from volttl.inference import TrainedRun
+from volttl.inference import TrainedRun, window_location
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
 from volttl.outputs import PredictDir
 from volttl.preprocess.run import PreparedStudy, prepare_study
-from volttl.preprocess.store import StudyMeta
 from volttl.progress import progress_bar
 
 log = logging.getLogger("volttl.predict")
@@ -89,30 +87,6 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", path))
     return out
-
-
-def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_slices: int) -> dict:
-    """Where a scored window lies in the scan the user gave, not on the stored grid: its
-    stored slices and its centre in RAS mm, both of the part inside the scan (the last
-    window runs into air padding beyond it), the share of the window that is padding, and
-    the source file's slices whose centres lie in its slab (numbered as the file numbers
-    them, as pe_slices are; None when the file's third voxel axis is not head-foot, where
-    no slice range describes a window)."""
-    m, n = meta.stored_to_original, meta.original.shape[0]
-    centre_in_plane = (meta.size - crop) // 2 + (crop - 1) / 2  # the centre crop
-    last = min(start + window, stored_slices) - 1  # the window's last slice inside the scan
-    centre = meta.stored_affine_ras @ [centre_in_plane, centre_in_plane, (start + last) / 2, 1.0]
-    source = None
-    if m[2, 2] != 0 and not m[2, 0] and not m[2, 1]:
-        # the source slices whose centres lie in the window's slab (half a stored slice
-        # beyond its first and last centres), a centre on the edge counted in
-        k = sorted(m[2, 2] * s + m[2, 3] for s in (start - 0.5, last + 0.5))
-        lo, hi = max(0, math.ceil(k[0] - 1e-6)), min(n - 1, math.floor(k[1] + 1e-6))
-        source = [lo, hi] if lo <= hi else None  # None: the window lies in the air padding
-    return {"best_window_stored_slices": [start, last],
-            "best_window_centre_ras_mm": [round(float(v), 2) for v in centre[:3]],
-            "best_window_source_slices": source,
-            "best_window_padding": round(1 - (last - start + 1) / window, 4)}
 
 
 def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, cam: bool = True,

@@ -124,6 +124,8 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     files["scene"] = scene.name
     if has_peak:
         files["peak"] = folder.peak(sid).name
+    if cfg.cam.dicom:
+        files.update(_dicom_objects(meta, cam_map, score, cfg, folder, files, window, hu.shape[0]))
     record = {
         "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
         "predicted_label": score.predicted_label, "threshold": score.threshold,
@@ -141,6 +143,27 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     }
     folder.record(sid).write_text(json.dumps(record, indent=2))
     return record
+
+
+def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg, folder, files: dict,
+                   window: int, stored_slices: int) -> dict:
+    """The DICOM objects of ``cam.dicom`` for a DICOM source; for any other source, a
+    note that there are none."""
+    from volttl.explain.dicom_objects import write_dicom_objects
+    from volttl.inference import window_location
+
+    if meta.source_kind != "dicom":
+        log.warning("%s: no DICOM objects: the source is %s, not DICOM", meta.study_id, meta.source_kind)
+        return {}
+    t = cfg.transfer
+    where = window_location(meta, score.best_window, window, cfg.data.crop, stored_slices)
+    cut = f" cut after {t.cut}" if t.strategy != "ftl" else ""
+    model = f"{cfg.model.name} {t.strategy.upper()}{cut}"
+    record = {"probability": score.probability, "predicted_label": score.predicted_label,
+              "threshold": score.threshold, "model_text": model}
+    preview = folder.path / files["preview"] if "preview" in files else None
+    centre = where["best_window_centre_ras_mm"]
+    return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre)
 
 
 def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = None, split: str = "test",

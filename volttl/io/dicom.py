@@ -461,12 +461,9 @@ def _check_rescale(slices: list[_Slice]) -> list[str]:
             "check that air reads about -1000"]
 
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read the study's axial CT series from ``folder`` as HU, sorted along the slice normal.
-
-    HU come back as int16 when the rescale is exact (slope 1, integer intercept), else float32.
-    """
-    folder = Path(folder)
+def _sorted_series(folder: Path, series_uid: str | None) -> tuple[str, list[_Slice], list[str]]:
+    """The chosen series' slices (headers; pixels still on disk), sorted along the slice
+    normal as the volume's slices are, with the notes of the choice."""
     if not folder.is_dir():
         raise DicomSeriesError(f"{folder}: not a folder")
     files = _candidate_files(folder)
@@ -481,9 +478,25 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
         raise DicomSeriesError(f"{folder}: no DICOM image with a position and orientation")
     chosen_uid, slices, notes = _choose_series(series, folder, series_uid)
     _check_consistent(slices, folder)
-
     normal = _normal(slices[0].orientation)
     slices.sort(key=lambda s: float(s.position @ normal))
+    return chosen_uid, slices, notes
+
+
+def series_headers(folder: str | Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
+    """The headers of the series :func:`read_dicom_series` reads, in its slice order: what
+    DICOM objects derived from the study reference."""
+    return [s.ds for s in _sorted_series(Path(folder), series_uid)[1]]
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
+    """Read the study's axial CT series from ``folder`` as HU, sorted along the slice normal.
+
+    HU come back as int16 when the rescale is exact (slope 1, integer intercept), else float32.
+    """
+    folder = Path(folder)
+    chosen_uid, slices, notes = _sorted_series(folder, series_uid)
+    normal = _normal(slices[0].orientation)
     along = np.asarray([float(s.position @ normal) for s in slices])
     dz = _slice_spacing(slices, along, folder)
 
