@@ -15,18 +15,23 @@ import pytest
 from volttl.cli import main
 from volttl.io.dicom import series_headers
 
-from .conftest import train_tiny_run
+from .conftest import shared_path, train_tiny_run
 
 IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate")
 
 
 @pytest.fixture(scope="module")
-def predicted(cohort, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dicom_objects")
-    run = train_tiny_run(Path(cohort), folder, cut="layer1")[1]
+def tiny_run(cohort, tmp_path_factory):
+    run = train_tiny_run(Path(cohort), tmp_path_factory.mktemp("dicom_objects"), cut="layer1")[1]
     assert main(["evaluate", "--run", str(run), "--split", "val", "--quiet"]) == 0  # an operating point
+    return run
+
+
+@pytest.fixture(scope="module")
+def predicted(cohort, tiny_run):
+    run = tiny_run
     source = Path(cohort).parent / "studies" / "synth000"  # a DICOM series, with a scout beside it
-    out = folder / "p"
+    out = run.parent / "p"
     assert main(["predict", "--run", str(run), str(source), "--out", str(out), "--dicom", "--quiet"]) == 0
     return source, out
 
@@ -102,4 +107,51 @@ def test_a_source_that_is_not_dicom_gets_no_dicom_objects(tmp_path, caplog):
 
     meta = SimpleNamespace(source_kind="nifti", study_id="s1")
     assert _dicom_objects(meta, np.zeros((2, 2, 2)), None, None, None, {}, 8, 2) == {}
-    assert "s1: no DICOM objects: the source is nifti, not DICOM" in caplog.text
+    assert "s1: no DICOM objects: the source is NIfTI, not DICOM" in caplog.text
+
+
+def _as_dicom_series(path: Path, out: Path) -> Path:
+    """The real CT written as a CT series by SimpleITK, as many exporters write one:
+    no SliceThickness (a Type 2 attribute left out)."""
+    import SimpleITK as sitk
+
+    image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkInt16)
+    out.mkdir()
+    d = image.GetDirection()
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    tags = {"0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0020|000d": f"{uid}.1",
+            "0020|000e": f"{uid}.2", "0020|0052": f"{uid}.3", "0010|0010": "Real^Lung1", "0010|0020": "LUNG1",
+            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0028|1052": "0", "0028|1053": "1"}
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0008|0018", f"{uid}.4.{k + 1}")
+        writer.SetFileName(str(out / f"{k:03d}.dcm"))
+        writer.Execute(plane)
+    return out
+
+
+@pytest.mark.slow
+def test_a_real_ct_series_gets_its_objects_on_its_own_grid(tiny_run, tmp_path):
+    series = _as_dicom_series(shared_path("data", "real_ct", "lung1_image.nrrd"), tmp_path / "lung1")
+    out = tmp_path / "p"
+    command = ["predict", "--run", str(tiny_run), str(series), "--out", str(out), "--dicom", "--quiet"]
+    assert main(command) == 0
+    headers = series_headers(series)
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(out / "lung1_cam_pm.dcm"))
+    assert pm.pixel_array.shape == (48, 512, 512) and len(headers) == 48
+    positions = {tuple(round(float(v), 3) for v in h.ImagePositionPatient) for h in headers}
+    frames = {tuple(round(float(v), 3) for v in g.PlanePositionSequence[0].ImagePositionPatient)
+              for g in pm.PerFrameFunctionalGroupsSequence}
+    assert frames == positions
+    referenced = {i.ReferencedSOPInstanceUID for s in pm.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence}
+    assert referenced == {h.SOPInstanceUID for h in headers}
+    assert hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out / "lung1_sr.dcm")).PatientID == "LUNG1"
+    assert (out / "lung1_cam_sc.dcm").is_file()

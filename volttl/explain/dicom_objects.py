@@ -153,10 +153,17 @@ def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png
     if len(headers) != geo.shape[0]:
         raise DicomOutputError(f"{meta.source}: the series now has {len(headers)} slices, the store recorded "
                                f"{geo.shape[0]}; preprocess it again")
+    for h in headers:  # Type 2 in CT images, so sometimes absent: the grid volttl read says it
+        if "SliceThickness" not in h or h.SliceThickness in (None, ""):
+            h.SliceThickness = float(geo.spacing[2])
     folder = CamDir(folder)
     model = f"Grad-CAM of {record['model_text']}"
     files = {}
-    pm = parametric_map(headers, cam, geo, model)
+    try:
+        pm = parametric_map(headers, cam, geo, model)
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:  # highdicom's checks of the source
+        raise DicomOutputError(f"{meta.source}: no Parametric Map could be derived from this series "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     pm.save_as(folder.parametric_map(meta.study_id))
     files["parametric_map"] = folder.parametric_map(meta.study_id).name
     if preview_png is not None and Path(preview_png).is_file():

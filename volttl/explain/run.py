@@ -124,8 +124,11 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
     files["scene"] = scene.name
     if has_peak:
         files["peak"] = folder.peak(sid).name
+    dicom_error = None
     if cfg.cam.dicom:
-        files.update(_dicom_objects(meta, cam_map, score, cfg, folder, files, window, hu.shape[0]))
+        dicom = _dicom_objects(meta, cam_map, score, cfg, folder, files, window, hu.shape[0])
+        dicom_error = dicom.pop("dicom_error", None)
+        files.update(dicom)
     record = {
         "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
         "predicted_label": score.predicted_label, "threshold": score.threshold,
@@ -140,6 +143,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         # calibrated when the run has a temperature
         "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
         "files": files,
+        **({"dicom_error": dicom_error} if dicom_error else {}),
     }
     folder.record(sid).write_text(json.dumps(record, indent=2))
     return record
@@ -149,11 +153,12 @@ def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg,
                    window: int, stored_slices: int) -> dict:
     """The DICOM objects of ``cam.dicom`` for a DICOM source; for any other source, a
     note that there are none."""
-    from volttl.explain.dicom_objects import write_dicom_objects
+    from volttl.explain.dicom_objects import DicomOutputError, write_dicom_objects
     from volttl.inference import window_location
 
     if meta.source_kind != "dicom":
-        log.warning("%s: no DICOM objects: the source is %s, not DICOM", meta.study_id, meta.source_kind)
+        kind = {"nifti": "NIfTI", "itk": "an ITK image (NRRD, MHA)"}.get(meta.source_kind, meta.source_kind)
+        log.warning("%s: no DICOM objects: the source is %s, not DICOM", meta.study_id, kind)
         return {}
     t = cfg.transfer
     where = window_location(meta, score.best_window, window, cfg.data.crop, stored_slices)
@@ -163,7 +168,11 @@ def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg,
               "threshold": score.threshold, "model_text": model}
     preview = folder.path / files["preview"] if "preview" in files else None
     centre = where["best_window_centre_ras_mm"]
-    return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre)
+    try:
+        return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre)
+    except DicomOutputError as exc:  # this study's objects only: its overlay and score stand
+        log.warning("%s: DICOM objects not written: %s", meta.study_id, exc)
+        return {"dicom_error": str(exc)}
 
 
 def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = None, split: str = "test",
