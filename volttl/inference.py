@@ -21,7 +21,7 @@ import torch
 
 from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
 from volttl.data.intensity import AIR_HU, normalise
-from volttl.decision import Decision
+from volttl.decision import Decision, read_decision
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.windows import indexed_window_starts
 
@@ -121,7 +121,6 @@ class TrainedRun:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, path: Path,
                  weights_sha256: str | None = None) -> None:
-        from volttl.decision import read_decision
         from volttl.runs import RunDir
 
         self.cfg, self.device, self.path = cfg, device, path
