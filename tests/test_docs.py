@@ -17,7 +17,7 @@ DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README
 @pytest.mark.parametrize("page", sorted(PAGES))
 def test_generated_reference_pages_match_the_code(page):
     path = ROOT / "docs" / "reference" / page
-    assert path.read_text() == PAGES[page](), (
+    assert path.read_text(encoding="utf-8") == PAGES[page](), (
         f"{path} differs from the code: run `python -m volttl.reference_pages docs/reference`")
 
 
@@ -26,7 +26,7 @@ def test_every_config_key_is_on_the_config_page():
 
     from volttl.config import Config
 
-    text = (ROOT / "docs" / "reference" / "config.md").read_text()
+    text = (ROOT / "docs" / "reference" / "config.md").read_text(encoding="utf-8")
     for section in dataclasses.fields(Config):
         for key in dataclasses.fields(section.type if isinstance(section.type, type)
                                       else type(getattr(Config(), section.name))):
@@ -35,7 +35,7 @@ def test_every_config_key_is_on_the_config_page():
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve_and_users_see_only_their_own_files(doc):
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if "://" in target:
             continue
@@ -46,7 +46,7 @@ def test_links_resolve_and_users_see_only_their_own_files(doc):
 
 def test_every_test_the_docs_name_exists():
     """The reliability catalogue names the test behind each case: none may be missing."""
-    source = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    source = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
     name = r"`(test_[a-z0-9]+_[a-z0-9]+_[a-z0-9_]+)`"  # three words at least: not the key test_split
-    named = {n for doc in DOCS for n in re.findall(name, doc.read_text())}
+    named = {n for doc in DOCS for n in re.findall(name, doc.read_text(encoding="utf-8"))}
     assert named and not [n for n in sorted(named) if f"def {n}(" not in source]
