@@ -299,9 +299,13 @@ def run_isolated(jobs: list, workers: int, finish) -> None:
 
 def _fault_point(where: str, finished: int) -> None:
     """Crash tests: ``VOLTTL_FAULT_KILL=<where>:<n>`` kills this process with SIGKILL at
-    ``where`` once ``n`` studies have finished, so a test kills at a known point."""
+    ``where`` once ``n`` studies have finished; ``VOLTTL_FAULT_INTERRUPT=<where>:<n>``
+    sends SIGINT to its whole process group there, as a terminal's Ctrl-C does, with
+    workers still running. A test then stops it at a known point, whatever the timing."""
     if os.environ.get("VOLTTL_FAULT_KILL") == f"{where}:{finished}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("VOLTTL_FAULT_INTERRUPT") == f"{where}:{finished}":
+        os.killpg(os.getpgrp(), signal.SIGINT)
 
 
 def _init_worker() -> None:
