@@ -445,6 +445,7 @@ def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
     """Ctrl-C reaches the whole process group, workers included: one line, exit 130, no
     worker traceback, no temporary file; finished studies stay and the rerun skips them."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -459,9 +460,11 @@ def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
     path.write_text(config_to_yaml(cfg))
     # Ctrl-C reaches the process group once the first study is stored, a worker still running
     env = {**os.environ, "VOLTTL_FAULT_INTERRUPT": "after-index:1"}
+    # as from a terminal: SIGINT at its default (an earlier test in this process may have left
+    # it ignored, and an ignored signal stays ignored across exec)
     proc = subprocess.Popen([sys.executable, "-m", "volttl", "preprocess", "--config", str(path), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     studies = tmp_path / "s.h5.d"
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
