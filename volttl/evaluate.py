@@ -202,7 +202,9 @@ def _table(split: str, metrics: dict, decision: Decision) -> str:
 
 
 def fmt_rate(point: dict, key: str) -> str:
-    """``0.900 (0.750-1.000)``, or ``n/a`` when the run has no operating point."""
-    if key not in point or point[key] is None or math.isnan(point[key]):
+    """``0.900 (0.750-1.000)``; the value alone without an interval; ``n/a`` when there is
+    no value (no operating point, or a rate with no cases)."""
+    value = point.get(key)
+    if value is None or math.isnan(value):
         return "n/a"
-    return _ci(point, key)
+    return _ci(point, key) if point.get(f"{key}_ci") else f"{value:.3f}"

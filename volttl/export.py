@@ -25,10 +25,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from volttl.errors import VolttlError
+from volttl.evaluate import fmt_rate
 from volttl.records import read_record, write_record
 from volttl.runs import BEST, CONFIG, OPERATING_POINT, RunDir, install_record
 
@@ -172,13 +172,6 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
     }
 
 
-def _fmt_ci(m: dict, key: str) -> str:
-    value, ci = m.get(key), m.get(f"{key}_ci")
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "n/a"
-    return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if ci else f"{value:.3f}"
-
-
 def _point_text(op: dict | None) -> str:
     if not op or op.get("threshold") is None:
         return "None: the run had no operating point at export."
@@ -225,8 +218,8 @@ def card_markdown(card: dict) -> str:
                   "| ECE |", "| --- | --- | --- | --- | --- | --- |"]
         for split, s in card["metrics"].items():
             ece = "n/a" if s.get("ece") is None else f"{s['ece']:.3f}"
-            lines.append(f"| {split} | {s['studies']} | {_fmt_ci(s, 'study_auroc')} | "
-                         f"{_fmt_ci(s, 'sensitivity')} | {_fmt_ci(s, 'specificity')} | {ece} |")
+            lines.append(f"| {split} | {s['studies']} | {fmt_rate(s, 'study_auroc')} | "
+                         f"{fmt_rate(s, 'sensitivity')} | {fmt_rate(s, 'specificity')} | {ece} |")
     else:
         lines.append("Not evaluated before export (`volttl evaluate` writes the metrics).")
     lines += ["", "## Operating point", "", _point_text(card["operating_point"]), "", "## Limitations", ""]

@@ -11,9 +11,9 @@ beside. One failing study is named and the others complete.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 from pathlib import Path
 
 from volttl.errors import VolttlError
@@ -23,6 +23,7 @@ from volttl.manifests.schema import StudyRow
 from volttl.outputs import PredictDir
 from volttl.preprocess.run import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
+from volttl.records import write_text_atomically
 
 log = logging.getLogger("volttl.predict")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
@@ -174,22 +175,16 @@ def csv_row(record: dict) -> dict:
 
 
 def _write(records: list[dict], out: Path) -> None:
-    """predictions.json and predictions.csv, each replaced whole (written beside, then
-    renamed), so an interrupted write never leaves a file cut short."""
+    """predictions.json and predictions.csv, each replaced whole, so an interrupted write
+    never leaves a file cut short."""
     folder = PredictDir(out)
-    json_tmp = folder.json.with_name(f".{folder.json.name}.tmp")
-    csv_tmp = folder.csv.with_name(f".{folder.csv.name}.tmp")
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
+    w.writeheader()
+    w.writerows(csv_row(r) for r in records)
     try:
-        json_tmp.write_text(json.dumps(records, indent=2))
-        with csv_tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
-            w.writeheader()
-            w.writerows(csv_row(r) for r in records)
-        os.replace(json_tmp, folder.json)
-        os.replace(csv_tmp, folder.csv)
+        write_text_atomically(folder.json, json.dumps(records, indent=2))
+        write_text_atomically(folder.csv, table.getvalue())
     except OSError as exc:
         reason = exc.strerror or exc
         raise PredictError(f"{exc.filename or out}: predictions not written ({reason})") from None
-    finally:
-        json_tmp.unlink(missing_ok=True)
-        csv_tmp.unlink(missing_ok=True)

@@ -29,16 +29,22 @@ def record_digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
-def write_record(path: str | Path, record: dict) -> dict:
-    """``record`` with its checksum, written atomically to ``path``; returns what was written."""
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file beside it, renamed into place: a kill
+    or a full disk never leaves the file cut short, and no temporary file stays."""
     path = Path(path)
-    stamped = {**{k: v for k, v in record.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: record_digest(record)}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(stamped, indent=2))
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_record(path: str | Path, record: dict) -> dict:
+    """``record`` with its checksum, written atomically to ``path``; returns what was written."""
+    stamped = {**{k: v for k, v in record.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: record_digest(record)}
+    write_text_atomically(path, json.dumps(stamped, indent=2))
     return stamped
 
 
