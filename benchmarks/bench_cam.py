@@ -4,7 +4,16 @@ layer3, split into Grad-CAM (batched windows) and the rest (mapping back to the 
 grid, writing NIfTI, CT and preview). The model is untrained: its weights do not change
 the cost. CPU in float32, or CUDA when present.
 
-    python benchmarks/bench_cam.py [--device cpu|cuda] [--batch N] [--matrix PX]
+Then `volttl predict` of the same study in each way of computing it, as ratios to the
+Grad-CAM of the previous version (a backward pass through the whole network, every
+parameter asking for a gradient), with the probability and the map compared to it:
+the backward pass from the target layer (now), the same in NCDHW instead of
+channels-last (`--set train.channels_last=false`), the same under bf16 autocast
+(`--set train.precision=bf16`), and predict without the map (`--no-cam`). With
+``--onnx`` and onnxruntime importable, the model's forward pass exported to ONNX and run
+by ONNX Runtime is timed against torch's on the same windows.
+
+    python benchmarks/bench_cam.py [--device cpu|cuda] [--batch N] [--matrix PX] [--onnx]
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import yaml
@@ -43,14 +53,86 @@ def make_study(folder: Path, matrix: int, slices: int) -> Path:
     return manifest
 
 
+def full_backward_call(self: gradcam.WindowGradCAM, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The previous version's Grad-CAM of a batch: pytorch-grad-cam's hooks, every parameter
+    asking for a gradient, a backward pass through the whole network (fp32, channels-last)."""
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    hooks = ActivationsAndGradients(self.model, [self.model.get_submodule(self.target_layer)], None)
+    for p in self.model.parameters():
+        p.requires_grad_(True)
+    try:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
+        targets = [BinaryClassifierOutputTarget(1)] * len(x)
+        outputs = hooks(x)
+        self.model.zero_grad()
+        sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward()
+        acts, grads = hooks.activations[0].numpy(), hooks.gradients[0].numpy()
+    finally:
+        hooks.release()
+        self.model.zero_grad(set_to_none=True)
+    raw = self._cam.get_cam_image(x, self._cam.target_layers[0], targets, acts, grads, False)
+    raw = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))
+    maps = gradcam.upsample_to_window(raw, tuple(x.shape[2:]), self.stride)
+    return maps.numpy(), torch.sigmoid(outputs.detach().float()[:, 0]).numpy()
+
+
+def timed_predict(run_dir: Path, study: Path, out: Path, overrides: list[str], cam: bool = True
+                  ) -> tuple[float, float, np.ndarray | None]:
+    """Seconds, the study's probability and its map on the source grid (None without CAM)."""
+    t0 = time.perf_counter()
+    records, _ = predict_run(run_dir, [study], out, cam=cam, overrides=overrides, progress=False)
+    seconds = time.perf_counter() - t0
+    cam_map = np.asarray(nib.load(out / records[0]["files"]["cam"]).dataobj) if cam else None
+    return seconds, records[0]["probability"], cam_map
+
+
+def onnx_forward(model: torch.nn.Module, x: torch.Tensor, folder: Path) -> str:
+    """ONNX Runtime's forward pass of ``model`` against torch's (fp32, 2 threads on a CPU)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "ONNX Runtime: not installed (pip install onnx onnxruntime)"
+    torch.onnx.export(model, (x,), folder / "model.onnx", input_names=["x"], output_names=["logit"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+
+    def best_of(f, n: int = 3) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    rows = []
+    ort_s = best_of(lambda: session.run(None, {"x": x.numpy()}))
+    for name, fmt in (("channels-last", torch.channels_last_3d), ("NCDHW", torch.contiguous_format)):
+        m, xx = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            torch_s = best_of(lambda: m(xx))  # noqa: B023
+            gap = float(np.abs(session.run(None, {"x": x.numpy()})[0] - m(xx).numpy()).max())
+        rows.append(f"torch {name} {torch_s / len(x):.3f} s/window, ONNX Runtime {ort_s / len(x):.3f} "
+                    f"s/window ({torch_s / ort_s:.2f}x faster; largest logit difference {gap:.1e})")
+    return "forward only: " + "; ".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=4, help="windows per Grad-CAM batch (cam.batch_size)")
     ap.add_argument("--matrix", type=int, default=512, help="in-plane pixels of the study")
     ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--onnx", action="store_true", help="also time ONNX Runtime's forward pass")
     args = ap.parse_args()
     logging.getLogger("volttl.transfer").setLevel(logging.ERROR)
+    logging.getLogger("volttl.predict").setLevel(logging.ERROR)  # no operating point: one warning each
+    logging.getLogger("volttl.numerics").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = make_study(tmp, args.matrix, args.slices)
@@ -84,18 +166,35 @@ def main() -> None:
         run.cam_run(run_dir, tmp / "cam", progress=False)
         total = time.perf_counter() - t0
         cam_grad, windows = spent["gradcam"], spent["windows"]
-        spent.update(gradcam=0.0, windows=0)
-        t0 = time.perf_counter()
-        predict_run(run_dir, [tmp / "study.nii.gz"], tmp / "predict", progress=False)
-        predict_total = time.perf_counter() - t0
-    print(f"device: {device_name(torch.device(args.device))}; {args.slices} slices of "
-          f"{args.matrix} x {args.matrix}; {windows} windows of 24 x 192 x 192, batch {args.batch}")
-    print(f"cam per study: {total:.1f} s; Grad-CAM {cam_grad:.1f} s "
-          f"({cam_grad / max(windows, 1):.2f} s/window), the rest "
-          f"(mapping back, NIfTI, CT, preview) {total - cam_grad:.1f} s (target <= 3 s on 2 cores)")
-    print(f"predict of the same study (read, prepare in memory, score, cam): {predict_total:.1f} s = "
-          f"{predict_total / spent['gradcam']:.2f}x its Grad-CAM time {spent['gradcam']:.1f} s "
-          "(target <= 1.5x)")
+        gradcam.WindowGradCAM.__call__ = original_call
+        print(f"device: {device_name(torch.device(args.device))}; {args.slices} slices of "
+              f"{args.matrix} x {args.matrix}; {windows} windows of 24 x 192 x 192, batch {args.batch}")
+        print(f"cam per study: {total:.1f} s; Grad-CAM {cam_grad:.1f} s "
+              f"({cam_grad / max(windows, 1):.2f} s/window), the rest "
+              f"(mapping back, NIfTI, CT, preview) {total - cam_grad:.1f} s (target <= 3 s on 2 cores)",
+              flush=True)
+
+        study = tmp / "study.nii.gz"
+        gradcam.WindowGradCAM.__call__ = full_backward_call
+        before = timed_predict(run_dir, study, tmp / "before", [])
+        gradcam.WindowGradCAM.__call__ = original_call
+        print(f"predict with CAM, the previous version (backward through the whole network): "
+              f"{before[0]:.1f} s", flush=True)
+        ways = [("predict with CAM, backward from the target layer (now)", [], True),
+                ("the same in NCDHW (train.channels_last=false)", ["train.channels_last=false"], True),
+                ("the same under bf16 autocast (train.precision=bf16)", ["train.precision=bf16"], True),
+                ("predict without CAM (--no-cam)", [], False)]
+        for k, (name, overrides, cam) in enumerate(ways):
+            seconds, probability, cam_map = timed_predict(run_dir, study, tmp / f"way{k}", overrides, cam)
+            gap = abs(probability - before[1])
+            compared = f"probability {probability:.6f} ({gap:.1e} from before)"
+            if cam_map is not None:
+                steps = int(np.abs(cam_map.astype(int) - before[2].astype(int)).max())
+                compared += f", map within {steps}/255 of before"
+            print(f"{name}: {seconds:.1f} s = {before[0] / seconds:.2f}x faster; {compared}", flush=True)
+        if args.onnx:
+            x = torch.randn(args.batch, 1, 24, 192, 192)
+            print(onnx_forward(model_from_config(cfg).model.eval(), x, tmp), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from volttl.config import config_from_dict
-from volttl.explain.gradcam import WindowGradCAM, default_target_layer, sliding_window_starts, stitch_study
+from volttl.explain.gradcam import (
+    WindowGradCAM,
+    default_target_layer,
+    feature_stride,
+    sliding_window_starts,
+    stitch_study,
+)
 from volttl.explain.regrid import to_original_grid
 from volttl.explain.run import cam_run, overlay_on_original
 from volttl.io import read_study
@@ -170,6 +176,45 @@ def test_window_maps_are_grad_cam_without_per_window_rescaling():
     np.testing.assert_allclose(probs, torch.sigmoid(logits[:, 0]).detach().numpy(), rtol=1e-5)
     peaks = maps.reshape(3, -1).max(1)
     assert peaks.max() > 0 and not np.allclose(peaks, peaks.max())  # windows keep their own scale
+
+
+def test_backward_pass_starts_at_the_target_layer():
+    """Grad-CAM needs the gradient at the target layer only: no parameter receives a
+    gradient, every layer below the target runs without a graph (its hooks see no tensor
+    that asks for one), the model's own requires_grad flags are left as they were, and a
+    target whose output the next layer changes in place (bn1, then an inplace ReLU) gives
+    the same map as the full backward pass through plain hooks."""
+    from volttl.transfer import build_transfer_model
+
+    torch.manual_seed(0)
+    model = build_transfer_model("resnext3d_50", "lwft", "layer1").model.eval()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(list(model.parameters()))  # LWFT freezes the bottom only
+    below = []
+    hook = model.get_submodule("layer1.0").register_forward_hook(
+        lambda m, i, o: below.append(o.requires_grad))
+    x = torch.randn(2, 1, 8, 32, 32)
+    maps, _ = WindowGradCAM(model, "layer1.1.bn1")(x)
+    hook.remove()
+    assert below == [False]
+    assert all(p.grad is None for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+    for m in model.modules():  # the reference: plain hooks on the same model, nothing in place
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    for p in model.parameters():
+        p.requires_grad_(True)
+    store = {}
+    h = model.get_submodule("layer1.1.bn1").register_forward_hook(lambda m, i, o: store.update(act=o))
+    logits = model(x)
+    h.remove()
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), store["act"])
+    weights = grad.mean(dim=(2, 3, 4), keepdim=True)
+    expected = torch.relu((weights * store["act"]).sum(1)).detach()
+    assert feature_stride(model, "layer1.1.bn1") == (2, 4, 4)  # bn1 is inside unit layer1.1
+    centres = maps[:, ::2, ::4, ::4]
+    np.testing.assert_allclose(centres, expected.numpy(), rtol=1e-3, atol=1e-5 * float(expected.max()))
 
 
 def test_feature_cells_land_on_their_true_centres():

@@ -105,7 +105,9 @@ def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, c
     studies = find_studies(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    grad_cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method) if cam else None
+    grad_cam = None
+    if cam:
+        grad_cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method, run.numerics)
     p = cfg.preprocess
     records, failed = [], {}
     for sid, path in progress_bar(studies, desc="predict", unit="study", disable=not progress):

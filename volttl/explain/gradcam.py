@@ -29,6 +29,7 @@ import torch
 from volttl.errors import VolttlError
 from volttl.inference import window_batch
 from volttl.models.base import Backbone3D
+from volttl.numerics import DEFAULT_NUMERICS, Numerics
 
 
 def default_target_layer(model: Backbone3D) -> str:
@@ -113,10 +114,19 @@ class StudyCAM:
 
 
 class WindowGradCAM:
-    """Grad-CAM of a trained model's positive logit at one layer, for batches of windows."""
+    """Grad-CAM of a trained model's positive logit at one layer, for batches of windows.
+
+    Only the gradient at the target layer is needed, so the backward pass starts and stops
+    there: the layer's output is detached into a new leaf that the rest of the network
+    runs on, and no parameter asks for a gradient. The layers below the target then run
+    as in inference (no graph kept), and the backward pass covers only the layers above
+    it; at the default target (the last unit) that is the head alone, and a window costs
+    about one forward pass instead of a forward and a full backward (see
+    benchmarks/README.md). The gradient at the target is the same either way.
+    """
 
     def __init__(self, model: Backbone3D, target_layer: str = "", device: torch.device | None = None,
-                 method: str = "gradcam"):
+                 method: str = "gradcam", numerics: Numerics = DEFAULT_NUMERICS):
         import pytorch_grad_cam as pgc
 
         methods = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
@@ -125,9 +135,8 @@ class WindowGradCAM:
             raise VolttlError(f"cam.method '{method}' is not one of {', '.join(methods)}")
 
         self.device = device or torch.device("cpu")
-        self.model = model.to(self.device, memory_format=torch.channels_last_3d).eval()
-        for p in self.model.parameters():  # gradients must reach the target layer (LWFT freezes)
-            p.requires_grad_(True)
+        self.numerics = numerics
+        self.model = model.to(self.device, memory_format=numerics.memory_format).eval()
         self.target_layer = target_layer or default_target_layer(model)
         try:
             layer = self.model.get_submodule(self.target_layer)
@@ -137,26 +146,52 @@ class WindowGradCAM:
         self.method = method
         self.stride = feature_stride(self.model, self.target_layer)
         self._cam = methods[method](model=self.model, target_layers=[layer])
+        self._cam.activations_and_grads.release()  # the library's CAM rule only; the hooks are ours
+        self._capturing = False
+        self._captured: list[torch.Tensor] = []
+        layer.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        """During :meth:`__call__`: the target layer's output as a new leaf the layers above
+        run on (the start of the backward pass); otherwise (inference) nothing changes."""
+        if not self._capturing:
+            return None
+        leaf = output.detach().requires_grad_(True)
+        self._captured.append(leaf)
+        return leaf.clone()  # a layer above may work in place (an inplace ReLU); a leaf may not be
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Maps ``(N, D, H, W)`` (>= 0, not rescaled per window) and probabilities ``(N,)``
-        for windows ``(N, 1, D, H, W)``: the library's forward and backward hooks and its
-        CAM rule, without its per-map [0, 1] rescaling and its end-to-end zoom (see
-        :func:`upsample_to_window`)."""
+        for windows ``(N, 1, D, H, W)``: the library's CAM rule on the target layer's
+        activations and the gradients of the positive logits, without its per-map [0, 1]
+        rescaling and its end-to-end zoom (see :func:`upsample_to_window`). The windows
+        run in the run's precision and memory format (``numerics``)."""
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-        x = x.to(self.device).to(memory_format=torch.channels_last_3d)
+        x = self.numerics.prepare(x.to(self.device))
         targets = [BinaryClassifierOutputTarget(1)] * len(x)
-        hooks = self._cam.activations_and_grads
-        outputs = hooks(x)
-        self.model.zero_grad()
-        sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward()
-        if not hooks.activations or not hooks.gradients:
+        self._captured.clear()
+        asked = [p for p in self.model.parameters() if p.requires_grad]
+        for p in asked:  # for this pass only: the backward pass starts at the target layer
+            p.requires_grad_(False)
+        self._capturing = True
+        try:
+            with torch.enable_grad(), self.numerics.autocast(self.device):
+                outputs = self.model(x)
+        finally:
+            self._capturing = False
+            for p in asked:
+                p.requires_grad_(True)
+        if not self._captured:
             block = default_target_layer(self.model)
             raise VolttlError(f"cam.target_layer '{self.target_layer}' is not called by the model's "
-                             f"forward pass (name one of its blocks, e.g. '{block}')")
-        acts = hooks.activations[0].cpu().numpy()
-        grads = hooks.gradients[0].cpu().numpy()
+                              f"forward pass (name one of its blocks, e.g. '{block}')")
+        leaf = self._captured[0]
+        score = sum(t(o) for t, o in zip(targets, outputs.float(), strict=True))
+        (grads,) = torch.autograd.grad(score, leaf)
+        self._captured.clear()
+        acts = leaf.detach().float().cpu().numpy()
+        grads = grads.float().cpu().numpy()
         raw = self._cam.get_cam_image(x, self._cam.target_layers[0], targets, acts, grads, False)
         raw = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))
         maps = upsample_to_window(raw, tuple(x.shape[2:]), self.stride)

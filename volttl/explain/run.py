@@ -186,7 +186,7 @@ def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = No
     with Store(cfg.data.store) as store:
         ids = select_studies(store, studies, split)
         out.mkdir(parents=True, exist_ok=True)
-        cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method)
+        cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method, run.numerics)
         for sid in progress_bar(ids, desc="cam", unit="study", disable=not progress):
             meta, hu = store.meta(sid), store.hu(sid)[...]
             with progress_bar(total=windows_per_study(hu.shape[0], cfg), desc=f"  {sid}", unit="window",
