@@ -36,6 +36,18 @@ def test_autocast_on_a_cpu_is_warned_of(caplog):
     assert "train.precision fp16 on a cpu: autocast there is slow" in caplog.text
 
 
+def test_bf16_on_a_cpu_is_warned_of_only_without_bf16_instructions(caplog, monkeypatch):
+    from volttl import numerics
+
+    cpu = torch.device("cpu")
+    for has_bf16 in (True, False):
+        caplog.clear()
+        monkeypatch.setattr(numerics, "cpu_has_bf16", lambda device, answer=has_bf16: answer)
+        Numerics("bf16").configure(cpu)
+        assert ("autocast there is slow" in caplog.text) is not has_bf16
+    assert not numerics.cpu_has_bf16(torch.device("meta"))  # not a CPU
+
+
 def test_memory_format_follows_channels_last():
     x = torch.randn(2, 1, 4, 6, 6)
     assert Numerics(channels_last=True).prepare(x).is_contiguous(memory_format=torch.channels_last_3d)
