@@ -41,6 +41,12 @@ def test_pooling_is_max_or_log_mean_exp():
     lse = pool_bags(logits, 3, "lse")
     assert lse[1] == pytest.approx(1.0)  # equal windows: the window's own logit
     assert 1 / 3 < lse[0] < 2.0 and lse[0] == pytest.approx(math.log((1 + math.e ** 2 + math.e ** -1) / 3))
+    # the sharpness r moves the pool from the mean (small r) to the max (large r)
+    sharp = [float(pool_bags(logits, 3, "lse", r)[0]) for r in (1e-4, 1.0, 5.0, 1e3)]
+    assert sharp[0] == pytest.approx(1 / 3, abs=1e-3) and sharp[-1] == pytest.approx(2.0, abs=2e-3)
+    assert sharp == sorted(sharp)
+    assert sharp[2] == pytest.approx(math.log((1 + math.e ** 10 + math.e ** -5) / 3) / 5)
+    assert float(pool_bags(logits, 3, "lse", 5.0)[1]) == pytest.approx(1.0)  # equal windows: unchanged
 
 
 def _study_label_manifest(cohort: Path, tmp_path: Path) -> Path:

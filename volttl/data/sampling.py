@@ -48,15 +48,16 @@ class PECentredSampler:
         return study, int(min(max(start, 0), last_window_start(num_slices[study], window)))
 
 
-def pool_bags(logits: torch.Tensor, bag: int, how: str) -> torch.Tensor:
+def pool_bags(logits: torch.Tensor, bag: int, how: str, sharpness: float = 1.0) -> torch.Tensor:
     """Window logits ``(studies * bag,)`` -> one logit per study: the max, or the
-    log-mean-exp (``lse``: a smooth maximum between the mean and the max, so every window
-    of a bag gets some gradient)."""
+    log-mean-exp ``(1/r) log mean exp(r * logits)`` with sharpness ``r`` (``lse``: a smooth
+    maximum, the mean as ``r`` falls to 0 and the max as it grows, so every window of a
+    bag gets some gradient, most of it the windows that score highest)."""
     per_study = logits.view(-1, bag)
     if how == "max":
         return per_study.max(dim=1).values
     if how == "lse":
-        return torch.logsumexp(per_study, dim=1) - math.log(bag)
+        return (torch.logsumexp(sharpness * per_study, dim=1) - math.log(bag)) / sharpness
     raise ValueError(f"data.bag_pool '{how}' is not one of max, lse")
 
 

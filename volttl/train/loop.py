@@ -292,7 +292,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
                     logits = replica(x)[:, 0]
                 if bags:  # the loss sees one pooled logit per study, against the study label
                     k = cfg.data.bag_windows
-                    logits, y = pool_bags(logits.float(), k, cfg.data.bag_pool), y.view(-1, k)[:, 0]
+                    logits = pool_bags(logits.float(), k, cfg.data.bag_pool, cfg.data.bag_sharpness)
+                    y = y.view(-1, k)[:, 0]
                 loss = loss_fn(logits.float(), y) / tc.grad_accum
                 scaler.scale(loss).backward()
             if stepping:
