@@ -70,6 +70,24 @@ def test_training_augmentation_is_keyed_on_epoch_and_index(store):
     assert not torch.equal(_model_input(ds, 1), a)
 
 
+def test_training_augmentation_is_the_configs(store, cohort):
+    """augment.transforms and its settings reach the training items: with the crop alone a
+    training window is exactly its drawn crop of the stored slices."""
+    from volttl.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"store": str(store), "crop": 32},
+                            "augment": {"transforms": ["crop"], "pe_prob": 0.0}})
+    ds = WindowDataset.from_config(cfg, "train", train=True, seed=3)
+    hu, _, study, params = ds[2]
+    assert params.shape == (2,)  # the crop's offsets only
+    y0, x0 = (int(v) for v in params)
+    assert torch.equal(ds.model_input(hu[None], params[None], torch.device("cpu"))[0],
+                       normalise(hu[..., y0: y0 + 32, x0: x0 + 32].float(), ds.hu_clip, ds.shift))
+    assert ds.sampler.prob == 0.0
+    assert WindowDataset.from_config(config_from_dict({"data": {"store": str(store), "crop": 32}}),
+                                     "train", train=True)[2][3].shape == (4,)  # crop, flip, rotation
+
+
 def test_pe_centred_sampling_hits_pe_windows(store):
     ds = WindowDataset(str(store), "train", True, crop=32, seed=0)
     if not ds.positive_studies:

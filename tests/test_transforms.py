@@ -2,17 +2,20 @@
 the batched on-device augmentation against the per-window MONAI transforms it replaced."""
 
 import numpy as np
+import pytest
 import torch
 from monai.transforms import Flip, Rotate
 
 from volttl.data.intensity import AIR_HU
 from volttl.data.transforms import (
+    TRAINING_TRANSFORMS,
     CentreCrop,
+    Compose,
     RandomCrop,
     RandomFlip,
     RandomRotation,
+    WindowTransform,
     augment_batch,
-    training_params,
     training_transform,
 )
 
@@ -34,7 +37,7 @@ def test_batched_augmentation_matches_the_per_window_monai_transforms():
     rows = [(0, 0, 0, 0.0), (8, 3, 1, 0.0), (2, 7, 0, np.deg2rad(14.5)), (5, 5, 1, np.deg2rad(-15.0)),
             (8, 8, 1, np.deg2rad(3.0)), (1, 6, 0, np.deg2rad(-7.25))]
     params = torch.tensor(rows, dtype=torch.float32)
-    got = augment_batch(hu, params, 32)
+    got = augment_batch(hu, params, training_transform(32))
     assert got.shape == (6, 1, 4, 32, 32) and got.dtype == torch.float32
     for i, (y0, x0, flip, angle) in enumerate(rows):
         want = _monai_window(hu[i], y0, x0, bool(flip), float(np.float32(angle)), 32)
@@ -48,7 +51,7 @@ def test_batched_augmentation_keeps_the_drawn_distribution():
     rotation fills exactly with air where the window left the plane."""
     t = training_transform(32, flip_prob=0.5, max_degrees=15)
     rng = np.random.default_rng(7)
-    params = torch.stack([training_params(t.sample(rng, (1, 4, 40, 40))) for _ in range(4000)])
+    params = torch.tensor([t.encode(t.sample(rng, (1, 4, 40, 40))) for _ in range(4000)])
     assert params[:, :2].min() == 0 and params[:, :2].max() == 8
     assert abs(float(params[:, 2].mean()) - 0.5) < 0.03
     degrees = np.rad2deg(params[:, 3].numpy().astype(np.float64))
@@ -57,7 +60,7 @@ def test_batched_augmentation_keeps_the_drawn_distribution():
     counts = np.bincount((whole + 15).astype(int), minlength=31)
     assert len(counts) == 31 and counts.min() > 0.6 * counts.mean()  # every angle in -15..15, uniform
     flat = torch.full((len(params[:64]), 1, 2, 40, 40), 40, dtype=torch.int16)
-    out = augment_batch(flat, params[:64], 32)
+    out = augment_batch(flat, params[:64], t)
     tilted = params[:64, 3].abs() > np.deg2rad(5)
     corners = out[:, 0, :, 0, 0]
     assert torch.all(corners[tilted] == AIR_HU)
@@ -99,3 +102,53 @@ def test_rotation_fills_the_corners_with_air_and_flip_mirrors():
     ramp = torch.arange(16.0).expand(1, 2, 16, 16)
     assert torch.equal(RandomFlip().apply(ramp, True), ramp.flip(-1))
     assert RandomFlip().apply(ramp, False) is ramp
+
+
+class _Negate(WindowTransform):
+    """A fourth transform for the test: negates the window's HU with probability 1/2."""
+
+    width = 1
+
+    def sample(self, rng, shape):
+        return bool(rng.random() < 0.5)
+
+    def apply(self, x, params):
+        return -x if params else x
+
+    def encode(self, params):
+        return [float(params)]
+
+    def apply_batch(self, x, host, device):
+        return torch.where(device[:, 0].bool().view(-1, 1, 1, 1, 1), -x.float(), x.float())
+
+
+def test_a_new_transform_is_one_class_and_the_batch_path_follows_the_window_path():
+    """Any composition, a fourth transform included: the batched path applies exactly what
+    the per-window path applies to each window with the same draws."""
+    t = Compose((RandomCrop(24), RandomFlip(0.5), _Negate(), RandomRotation(10)))
+    assert t.width == 5
+    rng = np.random.default_rng(1)
+    hu = (torch.rand(8, 1, 3, 30, 30, generator=torch.Generator().manual_seed(1)) * 1400 - 1000)
+    draws = [t.sample(rng, (1, 3, 30, 30)) for _ in range(8)]
+    params = torch.tensor([t.encode(d) for d in draws])
+    got = augment_batch(hu.round().to(torch.int16), params, t)
+    for i, d in enumerate(draws):
+        want = t.apply(hu[i].round(), d)
+        assert float((got[i] - want).abs().max()) < 0.05, i
+    assert {bool(d[2]) for d in draws} == {True, False}  # both branches of the new transform ran
+
+
+def test_config_chooses_the_training_transforms(tmp_path):
+    from volttl.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"augment": {"transforms": ["crop", "rotation"], "max_rotation_deg": 5}})
+    t = training_transform(16, tuple(cfg.augment.transforms), max_degrees=cfg.augment.max_rotation_deg)
+    assert [type(x) for x in t.transforms] == [RandomCrop, RandomRotation] and t.width == 3
+    assert t.transforms[1].max_degrees == 5
+    assert set(config_from_dict({}).augment.transforms) == set(TRAINING_TRANSFORMS)
+    for bad, message in ((["flip", "crop"], "crop first"), (["crop", "flip", "flip"], "each transform once"),
+                         (["crop", "elastic"], "'elastic' is not one of crop, flip, rotation")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"augment": {"transforms": bad}})
+    with pytest.raises(ConfigError, match=r"augment.flip_prob must be in \[0, 1\]"):
+        config_from_dict({"augment": {"flip_prob": 1.5}})

@@ -72,6 +72,8 @@ class DataConfig:
     labels: Literal["slices", "study"] = "slices"
     bag_windows: int = 4  # study labels: windows drawn per study per bag
     bag_pool: Literal["max", "lse"] = "lse"  # study labels: window logits -> the study logit
+    # lse: r in (1/r) log mean exp(r * window logits); near 0 the mean, large the max
+    bag_sharpness: float = 1.0
 
 
 @dataclass
@@ -183,6 +185,22 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation: each window's parameters drawn in the loader (keyed on the
+    seed, epoch and window), then applied to the whole batch on the training device."""
+
+    # in order; crop (random in-plane, to data.crop) first. flip: left-right; rotation:
+    # in-plane, whole degrees in +-max_rotation_deg (PENet's three)
+    transforms: tuple[Literal["crop", "flip", "rotation"], ...] = ("crop", "flip", "rotation")
+    flip_prob: float = 0.5
+    max_rotation_deg: float = 15.0
+    # slice labels: a training window is centred on a positive study's PE slices with
+    # probability pe_prob (PENet), then shifted by up to pe_jitter slices (empty: half a window)
+    pe_prob: float = 0.3
+    pe_jitter: int | None = None
+
+
+@dataclass
 class EvalConfig:
     """`volttl evaluate`: study scores, intervals, the operating point and calibration."""
 
@@ -276,6 +294,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     cam: CamConfig = field(default_factory=CamConfig)
@@ -416,7 +435,7 @@ def check_ranges(cfg: Config) -> None:
             v = getattr(getattr(cfg, section), key)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{section}.{key}", ">= 0", v)
 
-    positive("data", "crop", "bag_windows")
+    positive("data", "crop", "bag_windows", "bag_sharpness")
     positive("preprocess", "slice_thickness", "size", "window", "train_stride", "min_pe_slices")
     non_negative("preprocess", "workers")
     positive("model", "num_outputs")
@@ -427,6 +446,14 @@ def check_ranges(cfg: Config) -> None:
                  "pretrained_delay_examples")
     positive("train", "cosine_examples")
     need(cfg.train.dampening < 1, "train.dampening", "< 1", cfg.train.dampening)
+    a = cfg.augment
+    need(bool(a.transforms) and a.transforms[0] == "crop" and len(set(a.transforms)) == len(a.transforms),
+         "augment.transforms", "crop first, each transform once", list(a.transforms))
+    need(0 <= a.flip_prob <= 1, "augment.flip_prob", "in [0, 1]", a.flip_prob)
+    need(0 <= a.pe_prob <= 1, "augment.pe_prob", "in [0, 1]", a.pe_prob)
+    non_negative("augment", "max_rotation_deg")
+    if a.pe_jitter is not None:
+        non_negative("augment", "pe_jitter")
     non_negative("eval", "bootstrap")
     positive("eval", "calibration_bins")
     need(0 < cfg.eval.target <= 1, "eval.target", "in (0, 1]", cfg.eval.target)

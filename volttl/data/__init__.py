@@ -5,7 +5,7 @@ scaling (Grad-CAM, prediction) do not pull in the dataset and its transforms."""
 
 from __future__ import annotations
 
-__all__ = ["Augment", "WindowDataset"]
+__all__ = ["WindowDataset"]
 
 
 def __getattr__(name: str):

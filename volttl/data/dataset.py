@@ -1,10 +1,11 @@
 """A torch Dataset of slice windows read from the HDF5 store, PENet's way.
 
-Training: PE-centred sampling (:mod:`volttl.data.sampling`), then random crop,
-horizontal flip (p=0.5) and in-plane rotation in [-15, 15] degrees with air fill
-(:mod:`volttl.data.transforms`). A training item is the raw int16 window (whole stored
-slices) and its drawn parameters; :meth:`WindowDataset.model_input` augments and
-normalises the whole batch on the training device, so loader workers only read.
+Training: PE-centred sampling (:mod:`volttl.data.sampling`), then the config's
+``augment.transforms`` (by default PENet's random crop, horizontal flip (p=0.5) and
+in-plane rotation in [-15, 15] degrees with air fill; :mod:`volttl.data.transforms`). A
+training item is the raw int16 window (whole stored slices) and its drawn parameters;
+:meth:`WindowDataset.model_input` augments and normalises the whole batch on the
+training device, so loader workers only read.
 Evaluation: the store's non-overlapping windows, centre crop, normalised in the worker.
 Intensities: :func:`volttl.data.intensity.normalise`.
 
@@ -15,51 +16,35 @@ exactly what an uninterrupted one would. The store is opened lazily in each work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from volttl.config import AugmentConfig
 from volttl.data.intensity import normalise
 from volttl.data.sampling import PECentredSampler
-from volttl.data.transforms import (
-    Compose,
-    augment_batch,
-    training_params,
-    training_transform,
-)
+from volttl.data.transforms import Compose, augment_batch, training_transform
 from volttl.errors import VolttlError
 from volttl.inference import cut_window, model_window
 from volttl.preprocess.store import Store
 
 
-@dataclass(frozen=True)
-class Augment:
-    """PENet's training augmentation settings."""
-
-    pe_prob: float = 0.3
-    pe_jitter: int | None = None  # slices; None: half the window (PENet: num_slices // 2)
-    flip_prob: float = 0.5
-    max_rotation_deg: float = 15.0
-
-
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of one split. Evaluation items are ``(window (1, D, crop, crop), label,
     study index)``, normalised; training items are ``(int16 HU (1, D, size, size), label,
-    study index, augmentation parameters (4,))`` for :meth:`model_input`."""
+    study index, encoded augmentation parameters (transform.width,))`` for :meth:`model_input`."""
 
     def __init__(self, store: str, split: str, train: bool, crop: int,
                  hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
-                 augment: Augment | None = None, seed: int = 0, study_labels: bool = False):
+                 augment: AugmentConfig | None = None, seed: int = 0, study_labels: bool = False):
         self.store, self.split, self.train, self.crop = store, split, train, crop
         self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
         self.study_labels_only = study_labels  # items carry their study's label (bags)
-        aug = (augment or Augment()) if train else None
+        aug = (augment or AugmentConfig()) if train else None
         self.sampler: PECentredSampler | None = None  # set once the window is known
         # training draws its augmentation here; evaluation windows are centre-cropped by
         # the inference path (volttl.inference.model_window)
-        self.transform: Compose | None = (training_transform(crop, aug.flip_prob, aug.max_rotation_deg)
-                                          if aug else None)
+        self.transform: Compose | None = (training_transform(crop, tuple(aug.transforms), aug.flip_prob,
+                                                             aug.max_rotation_deg) if aug else None)
         with Store(store) as s:
             self.window = s.window
             self.min_pe = s.min_pe_slices
@@ -86,8 +71,8 @@ class WindowDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg, split: str, train: bool = False, seed: int = 0) -> WindowDataset:
         """The split's windows as the config's ``data`` section describes them."""
         d = cfg.data
-        return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, seed=seed,
-                   study_labels=train and d.labels == "study")
+        return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, cfg.augment,
+                   seed=seed, study_labels=train and d.labels == "study")
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -131,15 +116,16 @@ class WindowDataset(torch.utils.data.Dataset):
             label = int(rec["label"])
         if self.train:  # the batch is augmented on the training device (model_input)
             hu = torch.from_numpy(self.read_window(study, start, np.int16))[None]
-            params = training_params(self.transform.sample(rng, tuple(hu.shape)))
+            drawn = self.transform.sample(rng, tuple(hu.shape))
+            params = torch.tensor(self.transform.encode(drawn), dtype=torch.float32)
             return hu, torch.tensor(float(label)), study, params
         x = model_window(self.read_window(study, start), self.crop, self.hu_clip, self.shift)
         return torch.from_numpy(x), torch.tensor(float(label)), study  # (1, D, crop, crop)
 
     def model_input(self, hu: torch.Tensor, params: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of training items as the model takes it: the int16 windows moved to
-        ``device`` (half the bytes of float32), cropped, flipped and rotated there as one
-        batch, normalised, in channels_last_3d."""
-        x = augment_batch(hu.to(device, non_blocking=True), params, self.crop)
+        ``device`` (half the bytes of float32), augmented there as one batch (cropped,
+        flipped and rotated by default), normalised, in channels_last_3d."""
+        x = augment_batch(hu.to(device, non_blocking=True), params, self.transform)
         x = normalise(x, self.hu_clip, self.shift)
         return x.contiguous(memory_format=torch.channels_last_3d)
