@@ -8,8 +8,8 @@ Then `volttl predict` of the same study in each way of computing it, as ratios t
 Grad-CAM of the previous version (a backward pass through the whole network, every
 parameter asking for a gradient), with the probability and the map compared to it:
 the backward pass from the target layer (now), the same in NCDHW instead of
-channels-last (`--set train.channels_last=false`), the same under bf16 autocast
-(`--set train.precision=bf16`), and predict without the map (`--no-cam`). With
+channels-last (`--set runtime.channels_last=false`), the same under bf16 autocast
+(`--set runtime.precision=bf16`), and predict without the map (`--no-cam`). With
 ``--onnx`` and onnxruntime importable, the model's forward pass exported to ONNX and run
 by ONNX Runtime is timed against torch's on the same windows.
 
@@ -192,8 +192,8 @@ def main() -> None:
         print(f"predict with CAM, the previous version (backward through the whole network): "
               f"{before[0]:.1f} s", flush=True)
         ways = [("predict with CAM, backward from the target layer (now)", [], True),
-                ("the same in NCDHW (train.channels_last=false)", ["train.channels_last=false"], True),
-                ("the same under bf16 autocast (train.precision=bf16)", ["train.precision=bf16"], True),
+                ("the same in NCDHW (runtime.channels_last=false)", ["runtime.channels_last=false"], True),
+                ("the same under bf16 autocast (runtime.precision=bf16)", ["runtime.precision=bf16"], True),
                 ("predict without CAM (--no-cam)", [], False)]
         for k, (name, overrides, cam) in enumerate(ways):
             seconds, probability, cam_map = timed_predict(run_dir, study, tmp / f"way{k}", overrides, cam)

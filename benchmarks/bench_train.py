@@ -2,7 +2,7 @@
 peak) and whether the data loader keeps up with it. Ratios are taken within one run.
 
 Default: FTL, TTL@layer1 and TTL@layer3 at batch 8 of 24 x 192 x 192 in the numerics
-`volttl train` uses by default (train.precision etc.), then the loader in parts: one worker
+`volttl train` uses by default (runtime.precision etc.), then the loader in parts: one worker
 reading int16 windows (all a worker does now), one worker doing what workers did before
 (read, crop, MONAI flip and rotation, normalise, per window), the batched augmentation on
 the device, and the DataLoader with --workers. Loader target: at least 2x the fastest
@@ -410,7 +410,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 2 on CPU)")
-    ap.add_argument("--workers", type=int, default=2, help="loader processes (train.workers)")
+    ap.add_argument("--workers", type=int, default=2, help="loader processes (runtime.workers)")
     ap.add_argument("--store", type=Path, default=None)
     ap.add_argument("--window", type=int, nargs=3, default=(24, 192, 192))
     ap.add_argument("--matrix", action="store_true", help="precision, format, cudnn, compile, batch")

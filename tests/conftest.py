@@ -42,7 +42,7 @@ def train_tiny_run(manifest: Path, folder: Path, cut: str = "stem") -> tuple[Pat
 
     cfg = small_config(manifest, folder / "s.h5")
     cfg.data.crop = 32
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
     cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", cut
     path = folder / "t.yaml"
     path.write_text(config_to_yaml(cfg))

@@ -186,7 +186,7 @@ def test_an_excel_bom_manifest_reads(cohort, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("runtime.device=gpu", "runtime.device must be auto, cpu, cuda or cuda:N"),
     ("train.batch_size=0", "train.batch_size must be > 0"),
     ("train.grad_accum=0", "train.grad_accum must be > 0"),
     ("train.epochs=0", "train.epochs must be > 0"),
@@ -224,10 +224,10 @@ def test_a_cuda_device_on_a_machine_without_one_is_named(cohort, tmp_path, capsy
     store_cfg = _config(tmp_path, Path(cohort))
     assert main(["preprocess", "--config", str(store_cfg), "--quiet"]) == 0
     capsys.readouterr()
-    rc = main(["train", "--config", str(store_cfg), "--set", "train.device=cuda", "--set", "data.crop=32"])
+    rc = main(["train", "--config", str(store_cfg), "--set", "runtime.device=cuda", "--set", "data.crop=32"])
     assert rc == 1
     err = capsys.readouterr().err.strip()
-    assert "train.device 'cuda': no CUDA GPU is available" in err and "\n" not in err
+    assert "runtime.device 'cuda': no CUDA GPU is available" in err and "\n" not in err
 
 
 def test_a_pipeline_with_a_python_tag_is_refused(tmp_path, capsys):
@@ -271,9 +271,9 @@ def test_resume_with_other_training_settings_is_refused_and_runtime_ones_are_not
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "trained with other settings (train.lr_new 0.1 -> 0.5)" in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    runtime = ["--set", "train.workers=0", "--set", "train.precision=bf16", "--set", "train.device=cpu"]
+    runtime = ["--set", "train.workers=0", "--set", "train.precision=bf16", "--set", "runtime.device=cpu"]
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--resume", "--quiet", *runtime]) == 0
-    assert "resumed with train.precision 'bf16' (was 'tf32')" in (run / "train.log").read_text()
+    assert "resumed with runtime.precision 'bf16' (was 'tf32')" in (run / "train.log").read_text()
 
 
 def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):

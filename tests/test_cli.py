@@ -127,7 +127,7 @@ def test_device_flag_on_the_commands_that_run_a_model(cohort, tmp_path, capsys):
                     ["cam", "--run", str(run), "--out", str(tmp_path / "c"), "--quiet"]):
         assert main([*command, "--device", missing]) == 1
         err = capsys.readouterr().err.strip()
-        assert f"train.device '{missing}'" in err and "\n" not in err
+        assert f"runtime.device '{missing}'" in err and "\n" not in err
     for name in ("train", "predict", "demo", "profile", "search", "pretrain"):
         assert "--device" in subprocess.run([sys.executable, "-m", "volttl", name, "--help"],
                                             capture_output=True, text=True).stdout

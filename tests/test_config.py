@@ -50,3 +50,23 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(p)
     again = load_config(write(tmp_path, config_to_yaml(cfg)))
     assert again == cfg
+
+
+def test_runtime_keys_have_their_own_section_and_the_older_spelling_still_reads():
+    """device, workers, precision, channels_last, cudnn_benchmark and compile live under
+    `runtime`; `train.<key>` (run folders and configs from before, `--set` on a saved
+    config) is read as `runtime.<key>` and wins over the section's value."""
+    from volttl.config import RUNTIME_KEYS, apply_overrides, config_from_dict, config_to_dict
+
+    assert set(RUNTIME_KEYS) == {"device", "workers", "precision", "channels_last", "cudnn_benchmark",
+                                 "compile"}
+    d = config_to_dict(config_from_dict({}))
+    assert not set(RUNTIME_KEYS) & set(d["train"]) and set(d["runtime"]) == set(RUNTIME_KEYS)
+    old = config_from_dict({"train": {"device": "cpu", "workers": 0, "precision": "bf16", "epochs": 3}})
+    r = old.runtime
+    assert (r.device, r.workers, r.precision, old.train.epochs) == ("cpu", 0, "bf16", 3)
+    saved = config_to_dict(config_from_dict({"runtime": {"device": "cpu"}}))
+    again = config_from_dict(apply_overrides(saved, ["train.device=auto", "runtime.workers=1"]))
+    assert again.runtime.device == "auto" and again.runtime.workers == 1
+    with pytest.raises(ConfigError, match="train.epoch.*did you mean 'epochs'"):
+        config_from_dict({"train": {"epoch": 3, "device": "cpu"}})  # other train keys still checked

@@ -1,4 +1,4 @@
-"""train.precision / channels_last / compile: what each does to a step, a resumed fp16 run,
+"""runtime.precision / channels_last / compile: what each does to a step, a resumed fp16 run,
 a compiled run against an eager one, and a loop that does not wait on the device per step."""
 
 import json
@@ -21,7 +21,7 @@ from .test_train import run_cfg, store  # noqa: F401  (the module's preprocessed
                                               ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_precision_sets_the_forward_dtype_and_loss_scaling(precision, dtype):
     cpu = torch.device("cpu")
-    numerics = Numerics.of(config_from_dict({"train": {"precision": precision}}).train)
+    numerics = Numerics.of(config_from_dict({"runtime": {"precision": precision}}).runtime)
     conv = torch.nn.Conv3d(1, 2, 3)
     with numerics.autocast(cpu):
         assert conv(torch.randn(1, 1, 4, 4, 4)).dtype == dtype
@@ -33,7 +33,7 @@ def test_autocast_on_a_cpu_is_warned_of(caplog):
     Numerics("tf32").configure(cpu)
     assert not caplog.records
     Numerics("fp16").configure(cpu)
-    assert "train.precision fp16 on a cpu: autocast there is slow" in caplog.text
+    assert "runtime.precision fp16 on a cpu: autocast there is slow" in caplog.text
 
 
 def test_bf16_on_a_cpu_is_warned_of_only_without_bf16_instructions(caplog, monkeypatch):
@@ -55,7 +55,7 @@ def test_memory_format_follows_channels_last():
 
 
 def test_unknown_precision_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match="runtime.precision"):
         config_from_dict({"train": {"precision": "fp8"}})
 
 
@@ -68,7 +68,7 @@ def test_fp16_run_resumes_with_its_loss_scale(store, tmp_path):  # noqa: F811
     """The GradScaler state is in last.pt and restored: a resumed fp16 run ends with the
     weights and the scaler state of an uninterrupted one."""
     cfg = run_cfg(store, tmp_path)
-    cfg.train.precision = "fp16"
+    cfg.runtime.precision = "fp16"
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_run(cfg, straight, progress=False)
     train_run(cfg, broken, progress=False, stop_after_epoch=0)
@@ -91,7 +91,7 @@ def test_compiled_training_matches_eager_and_saves_the_plain_model(store, tmp_pa
     cfg = run_cfg(store, tmp_path)
     cfg.train.epochs, cfg.transfer.head.dropout = 1, 0.0  # compiled dropout draws other masks
     train_run(cfg, tmp_path / "eager", progress=False)
-    cfg.train.compile = True
+    cfg.runtime.compile = True
     train_run(cfg, tmp_path / "compiled", progress=False)
     eager, compiled = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()  # no "_orig_mod." prefix: evaluate and predict load it
@@ -140,5 +140,5 @@ def test_out_of_memory_names_the_batch_and_the_way_out(store, tmp_path, monkeypa
     cfg = run_cfg(store, tmp_path)
     with pytest.raises(VolttlError, match=r"out of cpu memory at train.batch_size 4 in tf32: start a new "
                                           r"run with a smaller train.batch_size .* --resume it with "
-                                          r"train.precision=bf16"):
+                                          r"runtime.precision=bf16"):
         train_run(cfg, tmp_path / "run", progress=False)

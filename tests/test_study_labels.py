@@ -78,7 +78,7 @@ def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_
     cfg = small_config(manifest, tmp_path / "s.h5")
     cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
     cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
     assert not preprocess(cfg, progress=False).failed
     import volttl.train.loop as loop
 

@@ -183,11 +183,11 @@ def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, compiled):
     """torchrun, gloo backend: both replicas train on their shards and agree exactly; also
-    with train.compile (compiled, then wrapped) and gradient accumulation (DDP's no_sync)."""
+    with runtime.compile (compiled, then wrapped) and gradient accumulation (DDP's no_sync)."""
     cfg = run_cfg(store, tmp_path)
-    cfg.train.epochs, cfg.train.device = 2, "cpu"
+    cfg.train.epochs, cfg.runtime.device = 2, "cpu"
     if compiled:
-        cfg.train.compile, cfg.train.grad_accum = True, 2
+        cfg.runtime.compile, cfg.train.grad_accum = True, 2
     (tmp_path / "ddp.yaml").write_text(config_to_yaml(cfg))
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -295,6 +295,6 @@ def test_more_workers_than_cores_is_said_once_and_capped(caplog):
     usable_workers.cache_clear()
     many = available_cores() + 3
     assert usable_workers(many) == available_cores() and usable_workers(many) == available_cores()
-    said = [r for r in caplog.records if "train.workers" in r.getMessage()]
-    assert len(said) == 1 and f"train.workers {many} is more than" in said[0].getMessage()
+    said = [r for r in caplog.records if "runtime.workers" in r.getMessage()]
+    assert len(said) == 1 and f"runtime.workers {many} is more than" in said[0].getMessage()
     assert usable_workers(0) == 0

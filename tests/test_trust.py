@@ -80,7 +80,7 @@ def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
     try:
         with caplog.at_level("INFO", logger="volttl.runs"):
             cfg, _ = load_run(tiny_run)
-        assert cfg.train.workers == 3 and "train.workers 3 (the run trained with 0)" in caplog.text
+        assert cfg.runtime.workers == 3 and "runtime.workers 3 (the run trained with 0)" in caplog.text
     finally:
         (tiny_run / "config.yaml").write_text(original)
 
@@ -393,7 +393,7 @@ def test_a_write_cut_short_names_the_file_and_leaves_no_temp_files(cohort, tmp_p
     cfg = small_config(Path(cohort), tmp_path / "s.h5")
     cfg.data.crop = 32
     cfg.model.name, cfg.transfer.cut = "resnext3d_50", "layer1"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
     path = tmp_path / "c.yaml"
     path.write_text(config_to_yaml(cfg))
     done = _limited(["preprocess", "--config", str(path), "--quiet"], 30_000, tmp_path)

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     def device(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", metavar="DEVICE",
                        help="where the model runs: auto, cpu, cuda or cuda:N (default: the config's "
-                       "train.device, auto); the same as --set train.device=DEVICE")
+                       "runtime.device, auto); the same as --set runtime.device=DEVICE")
 
     def with_config(p: argparse.ArgumentParser, runs_a_model: bool = True) -> None:
         p.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default train.out_dir/<model>_<strategy>_<cut>_seed<S>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir after a kill, with its own training settings "
-                        "(train.device, workers, precision, channels_last, cudnn_benchmark, compile "
+                        "(runtime.device, workers, precision, channels_last, cudnn_benchmark, compile "
                         "may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for predictions and overlays")
     p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
     dicom_flag(p)
-    run_overrides(p, "train.device=cpu")
+    run_overrides(p, "runtime.device=cpu")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="a model package that runs without its run folder",
@@ -503,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "device", None):  # --device is --set train.device (and the profiler's)
-        args.set = [*getattr(args, "set", []), f"train.device={args.device}", f"profile.device={args.device}"]
+    if getattr(args, "device", None):  # --device is --set runtime.device (and the profiler's)
+        args.set = [*getattr(args, "set", []), f"runtime.device={args.device}",
+                    f"profile.device={args.device}"]
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name source instances
     if not args.debug:  # a decoder's own traceback would sit beside volttl's one-line error
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)

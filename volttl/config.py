@@ -152,7 +152,6 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 8  # the global batch, split evenly across torchrun's processes
     grad_accum: int = 1  # micro-batches per optimiser step
-    workers: int = 2  # loader processes (at most the available cores are used)
     lr_pretrained: float = 0.01  # parameters loaded from model.pretrained
     lr_new: float = 0.1  # every other parameter (all of them from scratch)
     momentum: float = 0.9
@@ -173,7 +172,16 @@ class TrainConfig:
     seed: int = 0  # every random draw is keyed on it (and the epoch): a resumed run ends the same
     repeats: int = 1  # train seeds seed .. seed + repeats - 1 into one group, reported as mean +- std
     out_dir: str = "runs"  # where run folders are made when --run-dir is not given
-    device: str = "auto"  # auto (cuda when there is one), cpu, cuda, cuda:N or mps
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the work computes, not what it computes: every key here may change
+    when a run is resumed or reused (the older spelling ``train.<key>`` is read as
+    ``runtime.<key>``)."""
+
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda or cuda:N
+    workers: int = 2  # training and evaluation loader processes (at most the available cores)
     # how a step computes (volttl/numerics.py): tf32 | fp32 | bf16 | fp16. tf32 and
     # channels_last were the fastest on an H100 (torch 2.11, measured before the current
     # training loop; FTL 149 windows/s against 121-124 for
@@ -182,6 +190,9 @@ class TrainConfig:
     channels_last: bool = True  # channels_last_3d memory format for model and batches
     cudnn_benchmark: bool = True  # let cuDNN time its algorithms for the fixed window shape
     compile: bool = False  # torch.compile the training forward (minutes of compiling first)
+
+
+RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
 
 
 @dataclass
@@ -294,6 +305,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -346,6 +358,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(out) if origin is tuple else out
     if tp is Any:
         return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected nothing (empty), got {show(value)}")
+        return None
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {show(value)}")
@@ -441,7 +457,8 @@ def check_ranges(cfg: Config) -> None:
     positive("model", "num_outputs")
     positive("transfer", "width", "recalibrate_windows")
     positive("train", "epochs", "batch_size", "grad_accum", "lr_new", "repeats")
-    non_negative("train", "workers", "lr_pretrained", "momentum", "weight_decay", "warmup_epochs",
+    non_negative("runtime", "workers")
+    non_negative("train", "lr_pretrained", "momentum", "weight_decay", "warmup_epochs",
                  "clip_grad_norm", "focal_gamma", "dampening", "warmup_examples",
                  "pretrained_delay_examples")
     positive("train", "cosine_examples")
@@ -481,16 +498,29 @@ def check_ranges(cfg: Config) -> None:
          f"<= train.epochs ({cfg.train.epochs})", cfg.train.warmup_epochs)
     need(all(v > 0 for v in cfg.profile.input_size), "profile.input_size", "positive sizes",
          list(cfg.profile.input_size))
-    for section in ("train", "profile"):
+    for section in ("runtime", "profile"):
         device = getattr(cfg, section).device
         need(bool(_DEVICE.match(device)), f"{section}.device", "auto, cpu, cuda or cuda:N", device)
     if problems:
         raise ConfigError("; ".join(problems))
 
 
+def _move_runtime_keys(raw: dict) -> dict:
+    """The runtime keys under their older spelling ``train.<key>`` (run folders, configs and
+    ``--set`` from before the runtime section) moved to ``runtime.<key>``; given under
+    ``train`` (a ``--set`` on a saved config), they win."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not any(k in train for k in RUNTIME_KEYS):
+        return raw
+    runtime = raw.get("runtime") if isinstance(raw.get("runtime"), dict) else {}
+    moved = {k: v for k, v in train.items() if k in RUNTIME_KEYS}
+    return {**raw, "train": {k: v for k, v in train.items() if k not in RUNTIME_KEYS},
+            "runtime": {**runtime, **moved}}
+
+
 def config_from_dict(raw: dict | None, base: Path | None = None) -> Config:
     """Validate a raw mapping into a Config; paths resolved against ``base``."""
-    cfg = _build(Config, raw or {}, "")
+    cfg = _build(Config, _move_runtime_keys(raw or {}), "")
     if isinstance(cfg.cam.write_ct, bool):  # configs and run folders written before "always"
         cfg.cam.write_ct = "auto" if cfg.cam.write_ct else "never"
     check_ranges(cfg)

@@ -50,7 +50,7 @@ def score_split(trained: TrainedRun, split: str, progress: bool = False) -> Spli
     cfg = trained.cfg
     ds = WindowDataset.from_config(cfg, split, train=False)
     probs, labels, studies = predict(trained.model, ds, trained.device, cfg.train.batch_size,
-                                     cfg.train.workers, numerics=trained.numerics, progress=progress,
+                                     cfg.runtime.workers, numerics=trained.numerics, progress=progress,
                                      desc=f"evaluate {split}")
     index, raw = study_scores(probs, studies, cfg.eval.aggregate)
     return SplitScores(split, probs, labels, studies, index, [ds.study_ids[i] for i in index],

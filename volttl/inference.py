@@ -84,7 +84,7 @@ def study_scores(window_probs: np.ndarray, window_studies: np.ndarray, how: str 
 def device_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
                          numerics: Numerics = DEFAULT_NUMERICS) -> torch.Tensor:
     """The positive-class probability of each window ``(N, 1, D, H, W)`` in the run's
-    precision and memory format (``Numerics.of(cfg.train)``), the logit cast to float32
+    precision and memory format (``Numerics.of(cfg.runtime)``), the logit cast to float32
     before the sigmoid; left on the device, so a loop over batches reads them back once."""
     x = numerics.prepare(x.to(device, non_blocking=True))
     with numerics.autocast(device):
@@ -127,7 +127,7 @@ class TrainedRun:
         self.weights_sha256 = weights_sha256
         # the calibration and operating point evaluate chose on validation for these weights
         self.decision: Decision | None = read_decision(RunDir(path).operating_point, weights_sha256)
-        self.numerics = Numerics.of(cfg.train)  # the precision and memory format the run trained in
+        self.numerics = Numerics.of(cfg.runtime)  # the precision and memory format the run trained in
         self.numerics.configure(device)
         self.model = model.to(device, memory_format=self.numerics.memory_format).eval()
 
@@ -139,7 +139,7 @@ class TrainedRun:
         cfg, model, digest = load_run_weights(run_dir)
         if overrides:
             cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
-        return cls(cfg, model, resolve_device(cfg.train.device), Path(run_dir), digest)
+        return cls(cfg, model, resolve_device(cfg.runtime.device), Path(run_dir), digest)
 
     def note_missing_decision(self, log) -> None:
         """One warning when outputs will carry probabilities but no call."""

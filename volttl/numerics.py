@@ -1,8 +1,8 @@
 """How a step computes: precision, memory format and the cuDNN settings.
 
 One place decides these so that training, validation, evaluation and prediction agree.
-The choices and their defaults come from `train.precision`, `train.channels_last` and
-`train.cudnn_benchmark`:
+The choices and their defaults come from `runtime.precision`, `runtime.channels_last` and
+`runtime.cudnn_benchmark`:
 
 - ``tf32``: float32 tensors, TensorFloat-32 tensor-core math in convolutions and matrix
   products on a GPU (10-bit mantissa inputs, float32 accumulation). On a CPU: float32.
@@ -14,7 +14,7 @@ The choices and their defaults come from `train.precision`, `train.channels_last
 
 On a CPU every precision is honoured as written; the default tf32 is plain float32 there.
 fp16 autocast is slow on CPUs, and so is bf16 unless the CPU has bf16 instructions
-(AVX512-BF16 or AMX): there ``--set train.precision=bf16`` ran `predict` with CAM 1.36x
+(AVX512-BF16 or AMX): there ``--set runtime.precision=bf16`` ran `predict` with CAM 1.36x
 faster than float32 on 2 cores, its probabilities within about 5e-3 of float32's.
 """
 
@@ -33,7 +33,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Numerics:
-    """The numeric settings of a step; ``Numerics.of(cfg.train)`` reads a config's."""
+    """The numeric settings of a step; ``Numerics.of(cfg.runtime)`` reads a config's."""
 
     precision: str = "tf32"
     channels_last: bool = True
@@ -60,7 +60,7 @@ class Numerics:
         """Set the process-wide cuDNN and TF32 switches this step needs on ``device``."""
         if device.type != "cuda":
             if self.precision in _AUTOCAST and not (self.precision == "bf16" and cpu_has_bf16(device)):
-                log.warning("train.precision %s on a %s: autocast there is slow on this processor "
+                log.warning("runtime.precision %s on a %s: autocast there is slow on this processor "
                             "(tf32, the default, is plain float32 there)", self.precision, device.type)
             return
         torch.backends.cudnn.benchmark = self.cudnn_benchmark

@@ -113,7 +113,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         data.set_epoch(epoch)
         model.train()
         loader = torch.utils.data.DataLoader(data, batch_size=p.batch_size, shuffle=False,
-                                             num_workers=cfg.train.workers)
+                                             num_workers=cfg.runtime.workers)
         losses, correct, seen = [], 0, 0
         batches = progress_bar(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", unit="batch",
                                disable=not progress)

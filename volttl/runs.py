@@ -151,20 +151,31 @@ def model_keys(cfg: Config) -> dict:
     return keys
 
 
-# train.* keys that decide how a run computes, not what: a resumed run may change them
-RUNTIME_TRAIN_KEYS = ("device", "workers", "precision", "channels_last", "cudnn_benchmark", "compile",
-                      "out_dir", "repeats")
+# train.* keys that a resumed run may change beside the runtime section: where run
+# folders go and how many seeds a group trains
+RESUMABLE_TRAIN_KEYS = ("out_dir", "repeats")
 
 
 def training_keys(cfg: Config) -> dict:
     """The config keys beside the model's that decide a run's weights and its best epoch:
     the window feed (``data.*`` but its paths), the optimisation (``train.*`` but
-    :data:`RUNTIME_TRAIN_KEYS`) and the validation aggregate that picks ``best.pt``."""
+    :data:`RESUMABLE_TRAIN_KEYS`), the augmentation and the validation aggregate that picks
+    ``best.pt``. The ``runtime`` section (device, workers, precision...) is not among them."""
     d = config_to_dict(cfg)
     keys = {f"data.{k}": v for k, v in d["data"].items() if k not in ("manifest", "store")}
-    keys.update({f"train.{k}": v for k, v in d["train"].items() if k not in RUNTIME_TRAIN_KEYS})
+    keys.update({f"train.{k}": v for k, v in d["train"].items() if k not in RESUMABLE_TRAIN_KEYS})
+    keys.update({f"augment.{k}": v for k, v in d["augment"].items()})
     keys["eval.aggregate"] = d["eval"]["aggregate"]
     return keys
+
+
+def resumable_changes(before: Config, now: Config) -> dict[str, tuple]:
+    """``key: (before, now)`` for every key that may change on resume and did: the runtime
+    section and :data:`RESUMABLE_TRAIN_KEYS`."""
+    old, new = config_to_dict(before), config_to_dict(now)
+    pairs = {f"runtime.{k}": (old["runtime"].get(k), v) for k, v in new["runtime"].items()}
+    pairs.update({f"train.{k}": (old["train"].get(k), new["train"][k]) for k in RESUMABLE_TRAIN_KEYS})
+    return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
 
 
 def _differences(before: dict, now: dict) -> list[str]:
@@ -210,7 +221,8 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     if differ:
         raise RunError(f"{run.path}: the run there was trained with other settings ({'; '.join(differ)}); "
                        "continuing or reusing it would match neither config: keep the run's own settings "
-                       f"(only train.{', train.'.join(RUNTIME_TRAIN_KEYS)} may change) or use another run "
+                       f"(only the runtime section and train.{', train.'.join(RESUMABLE_TRAIN_KEYS)} may "
+                       "change) or use another run "
                        "dir; the run is left as it was")
     if run.training_data.is_file():  # runs from before this record was kept are not checked
         from volttl.preprocess.store import Store
@@ -253,15 +265,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"runtime.device '{name}' is not a device (use auto, cpu, cuda or cuda:N)"
+                          ) from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
+        raise ConfigError(f"runtime.device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device '{name}': no CUDA GPU is available on this machine "
+            raise ConfigError(f"runtime.device '{name}': no CUDA GPU is available on this machine "
                               "(use auto or cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"runtime.device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -306,7 +319,7 @@ def check_config_against_checkpoint(path: Path, cfg: Config, saved: dict | None)
         shown = "; ".join(differ[:5]) + (f"; ... {len(differ) - 5} more" if len(differ) > 5 else "")
         raise RunError(f"{path}: edited after training ({shown}); the weights were made with the "
                        "checkpoint's values: restore them, or train a new run with the new ones")
-    for section in ("train", "eval", "cam", "data", "profile", "search"):
+    for section in ("train", "runtime", "eval", "cam", "data", "profile", "search"):
         for key, value in d_now[section].items():
             if d_before[section].get(key) != value:
                 log.info("%s: %s.%s %r (the run trained with %r)", path, section, key, value,

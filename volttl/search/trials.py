@@ -48,7 +48,10 @@ def trial_config(base: Config, trial: Trial, penet_pretrained: str = "") -> Conf
 
 
 def _fingerprint(cfg_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
+    """What a trial's result depends on: its config without the runtime section (a trial
+    finished on one device is not trained again on another)."""
+    what = {k: v for k, v in cfg_dict.items() if k != "runtime"}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_trained_on(cfg: Config, trial_dir: Path) -> None:

@@ -3,7 +3,7 @@
 SGD (momentum, weight decay) over two parameter groups (pretrained at ``lr_pretrained``,
 new at ``lr_new``), linear warm-up then cosine annealing per optimiser step, focal loss
 or BCE, gradient accumulation, optional gradient-norm clipping; the precision, memory
-format and cuDNN settings of ``train.precision`` etc. (:mod:`volttl.numerics`),
+format and cuDNN settings of ``runtime.precision`` etc. (:mod:`volttl.numerics`),
 optionally ``torch.compile``. The progress bar reads the loss back from the device only
 every few steps, so the host never waits on the device in between. After every epoch:
 validation study-level AUROC, ``last.pt`` (always) and ``best.pt`` (when the AUROC
@@ -48,11 +48,11 @@ from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.store import Store
 from volttl.progress import progress_bar
 from volttl.runs import (
-    RUNTIME_TRAIN_KEYS,
     RunDir,
     check_resumable,
     install_record,
     model_from_config,
+    resumable_changes,
     with_store_preprocessing,
 )
 from volttl.train.distributed import DistContext, init_distributed
@@ -94,11 +94,11 @@ def available_cores() -> int:
 
 @functools.cache
 def usable_workers(requested: int) -> int:
-    """``train.workers``, at most the cores this process may use; said once (torch would
+    """``runtime.workers``, at most the cores this process may use; said once (torch would
     warn twice per loader, every epoch)."""
     cores = available_cores()
     if requested > cores:
-        log.warning("train.workers %d is more than the %d core(s) available: using %d loader workers",
+        log.warning("runtime.workers %d is more than the %d core(s) available: using %d loader workers",
                     requested, cores, cores)
         return cores
     return requested
@@ -175,12 +175,12 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     """:func:`train_run`, also returning the trained model (this process's replica)."""
     run_dir = Path(run_dir)
     cfg = with_store_preprocessing(cfg)
-    tc = cfg.train
+    tc, rt = cfg.train, cfg.runtime
     if RunDir(run_dir).last.exists() and not resume:
         raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
     if resume:
         check_resumable(run_dir, cfg)
-    dist = init_distributed(tc.device)
+    dist = init_distributed(rt.device)
     root, handler = logging.getLogger("volttl"), None
     level = root.level
     if dist.is_main:  # everything volttl logs during the run also goes to <run>/train.log
@@ -192,10 +192,10 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
     try:
         return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
     except torch.OutOfMemoryError:
-        resume_hint = ("" if tc.precision == "bf16" else
-                       "; or --resume it with train.precision=bf16 (half the activation memory)")
+        resume_hint = ("" if rt.precision == "bf16" else
+                       "; or --resume it with runtime.precision=bf16 (half the activation memory)")
         raise VolttlError(f"{run_dir}: out of {dist.device} memory at train.batch_size {tc.batch_size} in "
-                          f"{tc.precision}: start a new run with a smaller train.batch_size "
+                          f"{rt.precision}: start a new run with a smaller train.batch_size "
                           f"(train.grad_accum keeps the effective batch){resume_hint}") from None
     finally:
         if handler is not None:
@@ -207,14 +207,12 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_epoch: int | None,
            dist: DistContext) -> tuple[dict, torch.nn.Module]:
-    tc, device, run = cfg.train, dist.device, RunDir(run_dir)
+    tc, rt, device, run = cfg.train, cfg.runtime, dist.device, RunDir(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume and run.config.is_file():  # what may change on resume is logged when it does
-            before = config_to_dict(run.read_config())["train"]
-            for key in RUNTIME_TRAIN_KEYS:
-                if before.get(key) != getattr(tc, key):
-                    log.info("resumed with train.%s %r (was %r)", key, getattr(tc, key), before.get(key))
+            for key, (before, now) in resumable_changes(run.read_config(), cfg).items():
+                log.info("resumed with %s %r (was %r)", key, now, before)
         run.config.write_text(config_to_yaml(cfg))
         if not (resume and run.last.exists()):  # what the run learns from, checked on resume
             with Store(cfg.data.store) as store:
@@ -222,7 +220,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
                 run.training_data.write_text(json.dumps(record, indent=1))
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
-    numerics = Numerics.of(tc)
+    numerics = Numerics.of(rt)
     numerics.configure(device)
     model = setup.model.to(device, memory_format=numerics.memory_format)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
@@ -261,11 +259,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
     if start_epoch == 0 and model.frozen_units and model.frozen_norm == "recalibrate":
         seen = model.recalibrate_frozen_norms(_recalibration_batches(
-            train_ds, cfg.transfer.recalibrate_windows, batch, tc.workers, device, numerics))
+            train_ds, cfg.transfer.recalibrate_windows, batch, rt.workers, device, numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
     # compiled first, then wrapped (DDP's gradient hooks stay outside the compiled graph);
     # the compiled module shares the model's parameters, and checkpoints save `model` itself
-    replica = torch.compile(model) if tc.compile else model
+    replica = torch.compile(model) if rt.compile else model
     if dist.active:
         replica = torch.nn.parallel.DistributedDataParallel(
             replica, device_ids=[device.index] if device.type == "cuda" else None)
@@ -277,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         replica.train()
         optimizer.zero_grad(set_to_none=True)
         seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
-        loader = _loader(train_ds, 0 if bags else batch, sampler, tc.workers, device, drop_last)
+        loader = _loader(train_ds, 0 if bags else batch, sampler, rt.workers, device, drop_last)
         bar = progress_bar(loader,
                    disable=not progress,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
@@ -313,7 +311,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         train_loss = torch.stack(losses).double().mean().item()  # waits for the epoch's last step
         elapsed = time.perf_counter() - t0
         dist.sync_buffers(model)
-        probs, labels, studies = predict(model, val_ds, device, batch, tc.workers, dist, numerics)
+        probs, labels, studies = predict(model, val_ds, device, batch, rt.workers, dist, numerics)
         val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
         record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
                   "lr": [g["lr"] for g in optimizer.param_groups],

@@ -50,7 +50,7 @@ def check_before_training(cfg: Config, run_dir: Path, resume: bool) -> None:
     WindowDataset.from_config(cfg, "train")  # a crop larger than the stored slices
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise TrainStepError(f"{cfg.model.pretrained}: pretrained checkpoint not found")
-    resolve_device(cfg.train.device)  # a device that is not there
+    resolve_device(cfg.runtime.device)  # a device that is not there
     if resume and not run_dir.is_dir():
         raise TrainStepError(f"{run_dir}: no run to resume (drop --resume to start one)")
 
