@@ -153,23 +153,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from volttl.evaluate import evaluate_run
+    from volttl.evaluate import evaluate_step
     from volttl.runs import RunDir
-    from volttl.train.repeats import evaluate_repeats
 
     run = RunDir(args.run)
     chosen = {"operating_point": args.operating_point, "target": args.target, "calibration": args.calibration}
     overrides = list(getattr(args, "set", None) or []) + [f"eval.{k}={v}" for k, v in chosen.items()
                                                            if v is not None]
-    if run.is_repeat_group():
-        evaluate_repeats(run.path, args.split, progress=not args.quiet, overrides=overrides)
-        print(run.metrics_md(args.split).read_text().strip())
-        return 0
-    metrics = evaluate_run(run.path, args.split, overrides=overrides, progress=not args.quiet)
+    metrics = evaluate_step(run.path, args.split, overrides, progress=not args.quiet)
     print(run.metrics_md(args.split).read_text().strip())
-    print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, predictions_{args.split}.csv, "
-          f"curves_{args.split}.png, reliability_{args.split}.png and operating_point.json in {args.run}"
-          if metrics["studies"] else "")
+    if not run.is_repeat_group() and metrics["studies"]:
+        print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, predictions_{args.split}.csv, "
+              f"curves_{args.split}.png, reliability_{args.split}.png and operating_point.json in {args.run}")
     return 0
 
 

@@ -208,3 +208,14 @@ def fmt_rate(point: dict, key: str) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     return _ci(point, key) if point.get(f"{key}_ci") else f"{value:.3f}"
+
+
+def evaluate_step(run_dir: str | Path, split: str = "test", overrides: list[str] | None = None,
+                  progress: bool = False) -> dict:
+    """The evaluate step, as `volttl evaluate` and a pipeline's ``evaluate`` step both run
+    it: a repeat group seed by seed (with its mean +- std), or one run."""
+    from volttl.train.repeats import evaluate_repeats
+
+    if RunDir(run_dir).is_repeat_group():
+        return evaluate_repeats(run_dir, split, progress=progress, overrides=overrides)
+    return evaluate_run(run_dir, split, overrides=overrides, progress=progress)

@@ -261,14 +261,13 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 
 def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Metrics of the run on ``split`` (default test), rewritten every time."""
-    from volttl.evaluate import evaluate_run
+    from volttl.evaluate import evaluate_step
     from volttl.runs import RunDir
-    from volttl.train.repeats import evaluate_repeats
 
     name, path = _step_run(cfg, work, args, report, "FTL")
     split = args.get("split", "test")
     run = RunDir(path)
-    metrics = evaluate_repeats(path, split) if run.is_repeat_group() else evaluate_run(path, split)
+    metrics = evaluate_step(path, split)
     table = run.metrics_md(split).read_text().strip()
     report["evaluate"] = {"run": name, "split": split, "table": table,
                           "study_auroc": metrics["study_auroc"], "studies": metrics.get("studies")}
