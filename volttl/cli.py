@@ -163,8 +163,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_step(run.path, args.split, overrides, progress=not args.quiet)
     print(run.metrics_md(args.split).read_text().strip())
     if not run.is_repeat_group() and metrics["studies"]:
-        print(f"written: metrics_{args.split}.json, metrics_{args.split}.md, predictions_{args.split}.csv, "
-              f"curves_{args.split}.png, reliability_{args.split}.png and operating_point.json in {args.run}")
+        split = args.split
+        names = [f.name for f in (run.metrics_json(split), run.metrics_md(split), run.predictions_csv(split),
+                                  run.curves_png(split), run.reliability_png(split))]
+        print(f"written: {', '.join(names)} and {run.operating_point.name} in {args.run}")
     return 0
 
 

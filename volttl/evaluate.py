@@ -168,7 +168,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
             called = decision.label(float(p))
             fh.write(f"{sid},{label},{p:.6f},{'' if called is None else called},"
                      f"{'' if decision.threshold is None else f'{decision.threshold:.6f}'}\n")
-    run.metrics_md(split).write_text(_table(split, metrics, decision))
+    run.metrics_md(split).write_text(_table(split, metrics, decision, run.reliability_png(split).name))
     if len(np.unique(labels)) == 2:
         _plot_curves(labels, probs, run.curves_png(split), f"{split} studies")
     if len(labels):
@@ -177,7 +177,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     return metrics
 
 
-def _table(split: str, metrics: dict, decision: Decision) -> str:
+def _table(split: str, metrics: dict, decision: Decision, plot: str) -> str:
     ci = metrics.get("study_auroc_ci", (float("nan"),) * 2)
     ci_p = metrics.get("study_auprc_ci", (float("nan"),) * 2)
     table = ("| split | studies | study AUROC (95% CI) | study AUPRC (95% CI) | window AUROC |\n"
@@ -191,7 +191,7 @@ def _table(split: str, metrics: dict, decision: Decision) -> str:
         how = (f"after temperature scaling (T = {cal['temperature']:.3f}, fitted on {decision.chosen_on})"
                if cal["temperature"] is not None else "uncalibrated (eval.calibration: none)")
         table += (f"\nCalibration {how}: expected calibration error {cal['ece']:.3f} over "
-                  f"{cal['bins']} equal-width bins (reliability_{split}.png).\n")
+                  f"{cal['bins']} equal-width bins ({plot}).\n")
     for warning in metrics["warnings"]:
         table += f"\nWarning: {warning}.\n"
     if metrics["window_metrics_studies_left_out"]:
