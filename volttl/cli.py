@@ -20,6 +20,52 @@ class CommandError(VolttlError):
     """A failure of a command's own arguments, reported in one line."""
 
 
+_COMMANDS: dict[str, tuple] = {}
+# the order `volttl --help` lists the commands in
+COMMAND_ORDER = ("synth", "preprocess", "manifest", "demo", "cuts", "profile", "train", "evaluate", "cam",
+                 "pretrain", "predict", "export", "search", "pipeline", "svcca")
+
+
+def _command(name: str, help: str, **kwargs):  # noqa: A002  (argparse's own keyword)
+    """Register the decorated function as the declaration of command ``name``'s arguments."""
+    def register(declare):
+        _COMMANDS[name] = (declare, {"help": help, **kwargs})
+        return declare
+    return register
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="DEVICE",
+                   help="where the model runs: auto, cpu, cuda or cuda:N (default: the config's "
+                   "runtime.device, auto); the same as --set runtime.device=DEVICE")
+
+
+def _with_config(p: argparse.ArgumentParser, runs_a_model: bool = True) -> None:
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key; repeatable")
+    if runs_a_model:
+        _device(p)
+
+
+def _dicom_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dicom", action="store_true",
+                   help="for DICOM sources, also write a Parametric Map of the Grad-CAM, a Secondary "
+                   "Capture of the preview and a Structured Report (probability, call, model, best "
+                   "window) for PACS. They are filed with the patient's study, so they carry the patient "
+                   "and study identifiers the DICOM standard requires (name, ID, birth date, sex, study "
+                   "UID, date, time, ID, accession number, referring physician) and nothing else; every "
+                   "other output stays free of them")
+
+
+def _run_overrides(p: argparse.ArgumentParser, example: str) -> None:
+    """``--set`` on a command that reads a run, ``--device`` and ``--quiet``."""
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override a key of the run's config, e.g. {example}; repeatable")
+    _device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from volttl.synth import synth_cohort
 
@@ -29,6 +75,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
                             workers=args.workers)
     print(f"wrote {args.studies} synthetic studies; manifest: {manifest}")
     return 0
+
+
+@_command("synth", help="write a synthetic CTPA cohort (DICOM + NIfTI + manifest)")
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--studies", type=int, default=40, help="number of studies (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--matrix", type=int, default=160, help="in-plane pixels (default 160)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.set_defaults(func=cmd_synth)
 
 
 def _load(args: argparse.Namespace):
@@ -58,6 +114,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+@_command("preprocess", help="manifest -> HDF5 window store")
+def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p, runs_a_model=False)
+    p.add_argument("--workers", type=int, help="parallel processes (overrides preprocess.workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_preprocess)
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from volttl.manifests import import_manifest, split_counts, write_manifest
 
@@ -67,6 +131,28 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     write_manifest(rows, args.out)
     print(f"wrote {len(rows)} studies to {args.out}: {split_counts(rows)}")
     return 0
+
+
+@_command("manifest", help="import a dataset's labels as a manifest CSV")
+def _manifest_arguments(p: argparse.ArgumentParser) -> None:
+    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = fmt.add_parser("penet", help="Stanford CTPA (PENet): series_list.pkl + data.hdf5")
+    q.add_argument("--series-list", required=True, help="PENet's series_list.pkl")
+    q.add_argument("--hdf5", required=True, help="PENet's data.hdf5")
+    q.add_argument("--all-types", action="store_true",
+                   help="keep subsegmental positives (PENet's default drops them)")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q = fmt.add_parser("rsna", help="RSNA STR PE: <root>/train/<study>/<series>/*.dcm + train.csv")
+    q.add_argument("--root", required=True, help="dataset root (holds train/)")
+    q.add_argument("--csv", help="train.csv (default <root>/train.csv)")
+    q.add_argument("--val", type=float, default=0.15, help="validation fraction")
+    q.add_argument("--test", type=float, default=0.15, help="test fraction")
+    q.add_argument("--seed", type=int, default=0, help="split seed")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q = fmt.add_parser("csv", help="validate a generic manifest CSV and write it with absolute paths")
+    q.add_argument("input", help="manifest CSV to check")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    p.set_defaults(func=cmd_manifest)
 
 
 def _resource(name: str) -> str:
@@ -120,6 +206,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("demo", help="synth -> preprocess -> train -> evaluate -> cam on a synthetic cohort")
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="demo_work", help="folder for everything (default demo_work)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the demo config; repeatable")
+    p.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
+    p.add_argument("--matrix", type=int, default=96, help="their in-plane pixels (default 96)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
 def cmd_cuts(args: argparse.Namespace) -> int:
     from volttl.models import get_backbone_spec
 
@@ -130,6 +229,14 @@ def cmd_cuts(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("cuts", help="list a backbone's declared cut points")
+def _cuts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a registered backbone: resnext3d_50, resnext3d_101, resnext3d_152, penet, or one "
+                   "you registered (an unknown name is answered with the list)")
+    p.set_defaults(func=cmd_cuts)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from volttl.analysis.complexity import profile_variants
 
@@ -137,6 +244,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     table = profile_variants(cfg)
     print(table)
     return 0
+
+
+@_command("profile", help="parameters, MACs and latency per strategy and cut")
+def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.set_defaults(func=cmd_profile)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,6 +263,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = f"runs: {run_dir}/seed*" if cfg.train.repeats > 1 else f"run: {run_dir}"
         print(f"{where}; {outcome.summary()}")
     return 0
+
+
+@_command("train", help="finetune a model -> run dir")
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--run-dir", help="run folder (default train.out_dir/<model>_<strategy>_<cut>_seed<S>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir after a kill, with its own training settings "
+                        "(runtime.device, workers, precision, channels_last, cudnn_benchmark, compile "
+                        "may change)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -170,6 +295,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("evaluate", help="metrics, operating point, calibration and plots for a run",
+          description="Study- and window-level AUROC/AUPRC with bootstrap CIs, and "
+          "sensitivity, specificity, PPV and NPV at the run's operating point. The "
+          "operating point (eval.operating_point, eval.target) and, with "
+          "eval.calibration: temperature, the calibration are chosen on the val split "
+          "and stored in the run (operating_point.json), where predict and cam use them.")
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--operating-point", choices=["sensitivity", "youden", "specificity"],
+                   help="how the threshold is chosen on val (default: the run's eval.operating_point)")
+    p.add_argument("--target", type=float, metavar="RATE",
+                   help="the sensitivity or specificity it must reach on val (default: eval.target)")
+    p.add_argument("--calibration", choices=["none", "temperature"],
+                   help="temperature: fit one temperature on val and report calibrated probabilities "
+                        "here and in predict and cam (default: the run's eval.calibration)")
+    _device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def cmd_cam(args: argparse.Namespace) -> int:
     from volttl.explain.run import EMPTY_MAP, cam_run
 
@@ -185,6 +331,21 @@ def cmd_cam(args: argparse.Namespace) -> int:
     print(f"{len(records)} overlays in {args.out} "
           f"(open {CamDir.cam_name('<study>')} over the CT in 3D Slicer)")
     return 0
+
+
+@_command("cam", help="3D Grad-CAM overlays as NIfTI on the original CT grid",
+          description="Grad-CAM of a run's best model over each study's windows, "
+          "written as <study>_cam.nii.gz on the original CT grid (plus the CT as "
+          "NIfTI for DICOM sources, a PNG preview and a JSON with the peak).")
+def _cam_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    p.add_argument("--study", action="append", default=[], metavar="ID",
+                   help="study id; repeatable (default: every study of --split)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="folder for the overlays")
+    _run_overrides(p, "cam.stride=4")
+    _dicom_flag(p)
+    p.set_defaults(func=cmd_cam)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -213,6 +374,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@_command("predict", help="score new scans with a run (no manifest or store) + overlays",
+          description="Each study (a DICOM series folder, a NIfTI or NRRD file, or every "
+          "such study inside a folder) is preprocessed in memory with the run's settings and "
+          "scored as `volttl evaluate` scores a stored study. Writes predictions.csv and "
+          "predictions.json, and the Grad-CAM overlays of `volttl cam` unless --no-cam. A "
+          "failing study is named and the others complete (exit 1 if any failed).")
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run dir written by `volttl train`")
+    source.add_argument("--model", help="model package written by `volttl export` (no run folder needed)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="DICOM folder, NIfTI/NRRD file, or a folder of them")
+    p.add_argument("--out", required=True, help="folder for predictions and overlays")
+    p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
+    _dicom_flag(p)
+    _run_overrides(p, "runtime.device=cpu")
+    p.set_defaults(func=cmd_predict)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from volttl.export import CARD_MD, export_run
 
@@ -220,6 +400,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"model package: {out} (model card: {out / CARD_MD}); "
           f"run it with `volttl predict --model {out} PATH... --out DIR`")
     return 0
+
+
+@_command("export", help="a model package that runs without its run folder",
+          description="Writes the run's config, weights (tensors only, checksummed), operating "
+          "point and calibration, a TorchScript trace for other tools, a model card "
+          "(model_card.md and .json: training data, metrics with CIs, limits, install) and "
+          "package.json with every file's SHA-256. `volttl predict --model DIR` runs from it "
+          "alone and gives the probabilities `--run` gives.")
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True,
+                   help="run dir written by `volttl train` (evaluated first, for metrics and a threshold)")
+    p.add_argument("--out", required=True, help="a new folder for the package")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -231,6 +424,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
+          "3D-ResNets checkpoint", description="Trains model.name on synthetic 3D windows "
+          "(a ball, a tube, a plate or nothing in noisy tissue) up to pretrain.depth and "
+          "writes pretrain.out in the published 3D-ResNets layout, for model.pretrained: a "
+          "source task for demonstrating transfer without Kinetics weights.")
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pretrain)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from volttl.search import search_run
 
@@ -240,6 +444,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(out.table_md.read_text().strip())
     print(f"table: {out.table_md} (.csv, .json); every trial: {out.trials_csv}")
     return 0
+
+
+@_command("search", help="two-stage cut-point search and the Table-2 style results table",
+          description="Stage 1: each search.strategies at every block cut; stage 2: the "
+          "layer cuts within search.radius of each stage-1 winner (by validation study "
+          "AUROC, mean over train.repeats); FTL and PENet baselines. Writes "
+          "search_table.{md,csv,json} and trials.csv to search.out_dir; finished trials "
+          "are skipped on a rerun, if trained with the same settings on the same training "
+          "and validation data (else it stops with one line).")
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -255,6 +472,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("pipeline", help="run a multi-step study from a YAML file (pipelines/)",
+          description="Run the steps of a pipeline file (synth, manifest, preprocess, "
+          "pretrain, train, evaluate, search, svcca, cam, report) in order; steps whose "
+          "outputs exist are skipped (evaluate and report are rewritten), so a killed "
+          "pipeline is rerun with the same command.")
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="pipeline YAML, e.g. pipelines/demo_table.yaml")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pipeline)
+
+
 def cmd_svcca(args: argparse.Namespace) -> int:
     from volttl.analysis.svcca_run import svcca_run
 
@@ -266,6 +494,27 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     print(f"suggested cut: {rec['suggested_cut'] or 'none (reuse does not stop before the last cut)'}; "
           f"{SvccaDir(args.out or Path(args.run) / 'svcca').record}")
     return 0
+
+
+@_command("svcca", help="SVCCA feature reuse per cut point, and the suggested cut",
+          description="SVCCA between the features before and after finetuning at each "
+          "cut point of a run (validation windows), against two random feature sets; "
+          "writes svcca.json and svcca.png and suggests the cut where reuse stops "
+          "(TTL paper, Appendix C.1).")
+def _svcca_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run dir written by `volttl train` (FTL for the paper's use)")
+    p.add_argument("--out", help="output folder (default RUN/svcca)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--windows", type=int, default=64, help="windows to take features from (default 64)")
+    p.add_argument("--max-points", type=int, default=8192, help="positions per cut point (default 8192)")
+    p.add_argument("--level", default="block", choices=["block", "layer", "all"],
+                   help="which cut points (default block)")
+    p.add_argument("--cut", action="append", default=[], metavar="NAME",
+                   help="only these cut points; repeatable (see `volttl cuts`)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="overlap with the random baseline that marks the cut (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_svcca)
 
 
 def _version() -> str:
@@ -280,7 +529,8 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Nothing heavy is imported here (torch, the models): ``--help`` and
-    ``--version`` answer at once, and each command imports what it needs when it runs."""
+    ``--version`` answer at once, and each command imports what it needs when it runs. Each
+    command declares its arguments beside its ``cmd_*`` function (``@_command``)."""
     parser = argparse.ArgumentParser(
         prog="volttl",
         epilog="A failure the user can fix is printed as one line on stderr (exit 1); add --debug "
@@ -292,207 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     parser.add_argument("--version", action="version", version=f"volttl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def device(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", metavar="DEVICE",
-                       help="where the model runs: auto, cpu, cuda or cuda:N (default: the config's "
-                       "runtime.device, auto); the same as --set runtime.device=DEVICE")
-
-    def with_config(p: argparse.ArgumentParser, runs_a_model: bool = True) -> None:
-        p.add_argument("--config", required=True, help="YAML config (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config key; repeatable")
-        if runs_a_model:
-            device(p)
-
-    def dicom_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dicom", action="store_true",
-                       help="for DICOM sources, also write a Parametric Map of the Grad-CAM, a Secondary "
-                       "Capture of the preview and a Structured Report (probability, call, model, best "
-                       "window) for PACS. They are filed with the patient's study, so they carry the patient "
-                       "and study identifiers the DICOM standard requires (name, ID, birth date, sex, study "
-                       "UID, date, time, ID, accession number, referring physician) and nothing else; every "
-                       "other output stays free of them")
-
-    def run_overrides(p: argparse.ArgumentParser, example: str) -> None:
-        """``--set`` on a command that reads a run, ``--device`` and ``--quiet``."""
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help=f"override a key of the run's config, e.g. {example}; repeatable")
-        device(p)
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    p = sub.add_parser("synth", help="write a synthetic CTPA cohort (DICOM + NIfTI + manifest)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--studies", type=int, default=40, help="number of studies (default 40)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--matrix", type=int, default=160, help="in-plane pixels (default 160)")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("preprocess", help="manifest -> HDF5 window store")
-    with_config(p, runs_a_model=False)
-    p.add_argument("--workers", type=int, help="parallel processes (overrides preprocess.workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser("manifest", help="import a dataset's labels as a manifest CSV")
-    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    q = fmt.add_parser("penet", help="Stanford CTPA (PENet): series_list.pkl + data.hdf5")
-    q.add_argument("--series-list", required=True, help="PENet's series_list.pkl")
-    q.add_argument("--hdf5", required=True, help="PENet's data.hdf5")
-    q.add_argument("--all-types", action="store_true",
-                   help="keep subsegmental positives (PENet's default drops them)")
-    q.add_argument("--out", required=True, help="manifest CSV to write")
-    q = fmt.add_parser("rsna", help="RSNA STR PE: <root>/train/<study>/<series>/*.dcm + train.csv")
-    q.add_argument("--root", required=True, help="dataset root (holds train/)")
-    q.add_argument("--csv", help="train.csv (default <root>/train.csv)")
-    q.add_argument("--val", type=float, default=0.15, help="validation fraction")
-    q.add_argument("--test", type=float, default=0.15, help="test fraction")
-    q.add_argument("--seed", type=int, default=0, help="split seed")
-    q.add_argument("--out", required=True, help="manifest CSV to write")
-    q = fmt.add_parser("csv", help="validate a generic manifest CSV and write it with absolute paths")
-    q.add_argument("input", help="manifest CSV to check")
-    q.add_argument("--out", required=True, help="manifest CSV to write")
-    p.set_defaults(func=cmd_manifest)
-
-    p = sub.add_parser("demo", help="synth -> preprocess -> train -> evaluate -> cam on a synthetic cohort")
-    p.add_argument("--workdir", default="demo_work", help="folder for everything (default demo_work)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key of the demo config; repeatable")
-    p.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
-    p.add_argument("--matrix", type=int, default=96, help="their in-plane pixels (default 96)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    device(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("cuts", help="list a backbone's declared cut points")
-    p.add_argument("--model", required=True,
-                   help="a registered backbone: resnext3d_50, resnext3d_101, resnext3d_152, penet, or one "
-                   "you registered (an unknown name is answered with the list)")
-    p.set_defaults(func=cmd_cuts)
-
-    p = sub.add_parser("profile", help="parameters, MACs and latency per strategy and cut")
-    with_config(p)
-    p.set_defaults(func=cmd_profile)
-
-    p = sub.add_parser("train", help="finetune a model -> run dir")
-    with_config(p)
-    p.add_argument("--run-dir", help="run folder (default train.out_dir/<model>_<strategy>_<cut>_seed<S>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir after a kill, with its own training settings "
-                        "(runtime.device, workers, precision, channels_last, cudnn_benchmark, compile "
-                        "may change)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="metrics, operating point, calibration and plots for a run",
-                       description="Study- and window-level AUROC/AUPRC with bootstrap CIs, and "
-                       "sensitivity, specificity, PPV and NPV at the run's operating point. The "
-                       "operating point (eval.operating_point, eval.target) and, with "
-                       "eval.calibration: temperature, the calibration are chosen on the val split "
-                       "and stored in the run (operating_point.json), where predict and cam use them.")
-    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--operating-point", choices=["sensitivity", "youden", "specificity"],
-                   help="how the threshold is chosen on val (default: the run's eval.operating_point)")
-    p.add_argument("--target", type=float, metavar="RATE",
-                   help="the sensitivity or specificity it must reach on val (default: eval.target)")
-    p.add_argument("--calibration", choices=["none", "temperature"],
-                   help="temperature: fit one temperature on val and report calibrated probabilities "
-                        "here and in predict and cam (default: the run's eval.calibration)")
-    device(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("cam", help="3D Grad-CAM overlays as NIfTI on the original CT grid",
-                       description="Grad-CAM of a run's best model over each study's windows, "
-                       "written as <study>_cam.nii.gz on the original CT grid (plus the CT as "
-                       "NIfTI for DICOM sources, a PNG preview and a JSON with the peak).")
-    p.add_argument("--run", required=True, help="run dir written by `volttl train`")
-    p.add_argument("--study", action="append", default=[], metavar="ID",
-                   help="study id; repeatable (default: every study of --split)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", required=True, help="folder for the overlays")
-    run_overrides(p, "cam.stride=4")
-    dicom_flag(p)
-    p.set_defaults(func=cmd_cam)
-
-    p = sub.add_parser("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
-                       "3D-ResNets checkpoint", description="Trains model.name on synthetic 3D windows "
-                       "(a ball, a tube, a plate or nothing in noisy tissue) up to pretrain.depth and "
-                       "writes pretrain.out in the published 3D-ResNets layout, for model.pretrained: a "
-                       "source task for demonstrating transfer without Kinetics weights.")
-    with_config(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("predict", help="score new scans with a run (no manifest or store) + overlays",
-                       description="Each study (a DICOM series folder, a NIfTI or NRRD file, or every "
-                       "such study inside a folder) is preprocessed in memory with the run's settings and "
-                       "scored as `volttl evaluate` scores a stored study. Writes predictions.csv and "
-                       "predictions.json, and the Grad-CAM overlays of `volttl cam` unless --no-cam. A "
-                       "failing study is named and the others complete (exit 1 if any failed).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run dir written by `volttl train`")
-    source.add_argument("--model", help="model package written by `volttl export` (no run folder needed)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="DICOM folder, NIfTI/NRRD file, or a folder of them")
-    p.add_argument("--out", required=True, help="folder for predictions and overlays")
-    p.add_argument("--no-cam", action="store_true", help="scores only, no Grad-CAM overlays")
-    dicom_flag(p)
-    run_overrides(p, "runtime.device=cpu")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("export", help="a model package that runs without its run folder",
-                       description="Writes the run's config, weights (tensors only, checksummed), operating "
-                       "point and calibration, a TorchScript trace for other tools, a model card "
-                       "(model_card.md and .json: training data, metrics with CIs, limits, install) and "
-                       "package.json with every file's SHA-256. `volttl predict --model DIR` runs from it "
-                       "alone and gives the probabilities `--run` gives.")
-    p.add_argument("--run", required=True,
-                   help="run dir written by `volttl train` (evaluated first, for metrics and a threshold)")
-    p.add_argument("--out", required=True, help="a new folder for the package")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("search", help="two-stage cut-point search and the Table-2 style results table",
-                       description="Stage 1: each search.strategies at every block cut; stage 2: the "
-                       "layer cuts within search.radius of each stage-1 winner (by validation study "
-                       "AUROC, mean over train.repeats); FTL and PENet baselines. Writes "
-                       "search_table.{md,csv,json} and trials.csv to search.out_dir; finished trials "
-                       "are skipped on a rerun, if trained with the same settings on the same training "
-                       "and validation data (else it stops with one line).")
-    with_config(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_search)
-
-    p = sub.add_parser("pipeline", help="run a multi-step study from a YAML file (pipelines/)",
-                       description="Run the steps of a pipeline file (synth, manifest, preprocess, "
-                       "pretrain, train, evaluate, search, svcca, cam, report) in order; steps whose "
-                       "outputs exist are skipped (evaluate and report are rewritten), so a killed "
-                       "pipeline is rerun with the same command.")
-    p.add_argument("file", help="pipeline YAML, e.g. pipelines/demo_table.yaml")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser("svcca", help="SVCCA feature reuse per cut point, and the suggested cut",
-                       description="SVCCA between the features before and after finetuning at each "
-                       "cut point of a run (validation windows), against two random feature sets; "
-                       "writes svcca.json and svcca.png and suggests the cut where reuse stops "
-                       "(TTL paper, Appendix C.1).")
-    p.add_argument("--run", required=True, help="run dir written by `volttl train` (FTL for the paper's use)")
-    p.add_argument("--out", help="output folder (default RUN/svcca)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--windows", type=int, default=64, help="windows to take features from (default 64)")
-    p.add_argument("--max-points", type=int, default=8192, help="positions per cut point (default 8192)")
-    p.add_argument("--level", default="block", choices=["block", "layer", "all"],
-                   help="which cut points (default block)")
-    p.add_argument("--cut", action="append", default=[], metavar="NAME",
-                   help="only these cut points; repeatable (see `volttl cuts`)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="overlap with the random baseline that marks the cut (default 0.5)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_svcca)
+    for name in COMMAND_ORDER:
+        declare, kwargs = _COMMANDS[name]
+        declare(sub.add_parser(name, **kwargs))
     return parser
 
 
