@@ -432,7 +432,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 def check_ranges(cfg: Config) -> None:
     """Values the types allow but the work cannot use, each named in one line: sizes,
-    strides, counts and rates that must be positive, an increasing HU window, finite
+    strides, counts and rates that must be positive, an increasing HU clip range, finite
     numbers, a device name torch knows. (``data.crop`` against the stored size is checked
     where a store is opened for training.)"""
     problems: list[str] = []

@@ -1,11 +1,11 @@
 """How an overlay is shown, in one place: the PNG previews and the 3D Slicer scene use
-the same CT window, colour table, opacity and threshold, so the picture in a report is
+the same CT display range, colour table, opacity and threshold, so the picture in a report is
 what the scene opens to."""
 
 from __future__ import annotations
 
-CT_LEVEL, CT_WIDTH = 100.0, 700.0  # HU: a CT-angiography window (contrast-filled arteries, clots)
-CT_WINDOW = (CT_LEVEL - CT_WIDTH / 2, CT_LEVEL + CT_WIDTH / 2)
+CT_LEVEL, CT_WIDTH = 100.0, 700.0  # HU: CT-angiography display level and width (arteries, clots)
+CT_DISPLAY_RANGE = (CT_LEVEL - CT_WIDTH / 2, CT_LEVEL + CT_WIDTH / 2)
 COLOUR_TABLE = "inferno"  # perceptually uniform, readable in greyscale print
 CAM_OPACITY = 0.5
 CAM_THRESHOLD = 0.1  # map values below this are not drawn (the near-zero haze of every window)

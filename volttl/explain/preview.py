@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volttl.explain.display import CAM_OPACITY, CAM_THRESHOLD, COLOUR_TABLE, CT_WINDOW
+from volttl.explain.display import CAM_OPACITY, CAM_THRESHOLD, COLOUR_TABLE, CT_DISPLAY_RANGE
 
 # letters at the (left, right, top, bottom) edges of each view, for the LPS voxel order
 EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
@@ -40,7 +40,7 @@ def write_preview(ct: np.ndarray, cam: np.ndarray, peak_kji: tuple[int, int, int
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.4))
     heat_image = None
     for ax, (name, grey, heat, aspect, origin) in zip(axes, views, strict=True):
-        ax.imshow(grey, cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect,
+        ax.imshow(grey, cmap="gray", vmin=CT_DISPLAY_RANGE[0], vmax=CT_DISPLAY_RANGE[1], aspect=aspect,
                   origin=origin, interpolation="nearest")
         heat_image = ax.imshow(np.ma.masked_less(heat, CAM_THRESHOLD), cmap=COLOUR_TABLE, vmin=0, vmax=1,
                                alpha=CAM_OPACITY,
