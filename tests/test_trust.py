@@ -414,7 +414,7 @@ def test_a_write_cut_short_names_the_file_and_leaves_no_temp_files(cohort, tmp_p
 def test_trial_and_pipeline_records_edited_after_writing_are_refused(tmp_path):
     import json
 
-    from volttl.pipeline.runner import _made_from, _record_inputs
+    from volttl.provenance import made_from, record_inputs
     from volttl.records import RecordError, write_record
     from volttl.search.trials import read_trial
 
@@ -427,17 +427,17 @@ def test_trial_and_pipeline_records_edited_after_writing_are_refused(tmp_path):
         read_trial(trial)
     output = tmp_path / "svcca.json"
     output.write_text("{}")
-    _record_inputs(output, {"run": "a", "cuts": ["layer1"]})
-    assert _made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
-    assert _made_from(output, {"run": "b", "cuts": ["layer1"]}) is False
+    record_inputs(output, {"run": "a", "cuts": ["layer1"]})
+    assert made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
+    assert made_from(output, {"run": "b", "cuts": ["layer1"]}) is False
     record = tmp_path / ".svcca.json.inputs.json"
     edited = json.loads(record.read_text())
     edited["inputs"]["run"] = "b"
     record.write_text(json.dumps(edited))
     with pytest.raises(RecordError, match=r"inputs\.json: damaged"):
-        _made_from(output, {"run": "b", "cuts": ["layer1"]})
+        made_from(output, {"run": "b", "cuts": ["layer1"]})
     record.write_text(json.dumps({"run": "a", "cuts": ["layer1"]}))  # written before checksums
-    assert _made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
+    assert made_from(output, {"run": "a", "cuts": ["layer1"]}) is True
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from volttl.errors import VolttlError
 from volttl.models import input_norms
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
+from volttl.provenance import differences
 from volttl.transfer import TransferSetup, build_transfer_model
 
 log = logging.getLogger("volttl.runs")
@@ -178,10 +179,6 @@ def resumable_changes(before: Config, now: Config) -> dict[str, tuple]:
     return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
 
 
-def _differences(before: dict, now: dict) -> list[str]:
-    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
-
-
 STORE_KEYS = ("slice_thickness", "size", "window", "train_stride", "min_pe_slices", "penet_rules")
 
 
@@ -213,11 +210,11 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
         raise RunError(f"{run.path}: nothing to resume (no {LAST}); drop --resume to start a new run")
     cfg = with_store_preprocessing(cfg, warn=False)  # the run recorded its store's settings
     saved = run.read_config()
-    differ = _differences(model_keys(saved), model_keys(cfg))
+    differ = differences(model_keys(saved), model_keys(cfg))
     if differ:
         raise RunError(f"{run.path}: --resume with a different model ({'; '.join(differ)}); "
                        "the run is left as it was")
-    differ = _differences(training_keys(saved), training_keys(cfg))
+    differ = differences(training_keys(saved), training_keys(cfg))
     if differ:
         raise RunError(f"{run.path}: the run there was trained with other settings ({'; '.join(differ)}); "
                        "continuing or reusing it would match neither config: keep the run's own settings "
@@ -314,7 +311,7 @@ def check_config_against_checkpoint(path: Path, cfg: Config, saved: dict | None)
              **{f"preprocess.{k}": v for k, v in d_before["preprocess"].items() if k != "workers"}}
     now = {**model_keys(cfg), **training_keys(cfg),
            **{f"preprocess.{k}": v for k, v in d_now["preprocess"].items() if k != "workers"}}
-    differ = _differences(fixed, now)
+    differ = differences(fixed, now)
     if differ:
         shown = "; ".join(differ[:5]) + (f"; ... {len(differ) - 5} more" if len(differ) > 5 else "")
         raise RunError(f"{path}: edited after training ({shown}); the weights were made with the "

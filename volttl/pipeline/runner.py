@@ -40,7 +40,7 @@ import yaml
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
 from volttl.outputs import CamDir, PipelineDir, SearchDir, SvccaDir
-from volttl.records import CHECKSUM_KEY, read_record, write_record
+from volttl.provenance import differences, made_from, record_inputs, recorded_inputs
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "svcca", "cam",
@@ -150,39 +150,14 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
     return PipelineDir(work).report_md if any("report" in step for step in spec["steps"]) else None
 
 
-def _inputs_path(output: Path) -> Path:
-    return output.with_name(f".{output.name}.inputs.json")
-
-
-def _made_from(output: Path, inputs: dict) -> bool | None:
-    """Whether ``output`` was made from ``inputs``: True, False, or None when it does not
-    say (made before outputs recorded their inputs, or by hand)."""
-    before = _recorded_inputs(output)
-    return None if before is None else before == json.loads(json.dumps(inputs))
-
-
-def _recorded_inputs(output: Path) -> dict | None:
-    """The inputs ``output`` was made from (checksummed; a damaged record is refused)."""
-    path = _inputs_path(output)
-    if not path.is_file():
-        return None
-    record = read_record(path, f"delete it and {output.name} to make them again")
-    return record["inputs"] if CHECKSUM_KEY in record else record  # older records: the inputs alone
-
-
-def _record_inputs(output: Path, inputs: dict) -> None:
-    write_record(_inputs_path(output), {"inputs": inputs})
-
-
 def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
     """The 'skipped' outcome when an output that later steps build on (a manifest, a
     pretrained checkpoint) exists from these inputs. From others: a one-line stop, since
     making it again would not remake what was built on the old one."""
     if not output.is_file():
         return None
-    if _made_from(output, inputs) is False:
-        before = _recorded_inputs(output) or {}
-        differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in inputs.items() if before.get(k) != v]
+    if made_from(output, inputs) is False:
+        differ = differences(recorded_inputs(output) or {}, inputs)
         raise PipelineError(f"{output}: made by the {step} step with other options ({'; '.join(differ)}); "
                             "use another workdir, or empty this one (what later steps made came from the "
                             "old one)")
@@ -200,7 +175,7 @@ def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
         return skipped
     synth_cohort(manifest.parent, **inputs, progress=progress,
                  workers=int(args.get("workers", cfg.preprocess.workers)))
-    _record_inputs(manifest, inputs)
+    record_inputs(manifest, inputs)
     return f"wrote {inputs['studies']} synthetic studies"
 
 
@@ -215,7 +190,7 @@ def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     options = dict(args)
     rows = import_manifest(options.pop("format", "penet"), **options)
     write_manifest(rows, manifest)
-    _record_inputs(manifest, dict(args))
+    record_inputs(manifest, dict(args))
     return f"wrote {len(rows)} studies to {manifest}: {split_counts(rows)}"
 
 
@@ -240,7 +215,7 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     if skipped:
         return skipped
     result = pretrain(cfg, progress=progress)
-    _record_inputs(out, inputs)
+    record_inputs(out, inputs)
     report["pretrain"] = result
     return f"source-task accuracy {result['accuracy']:.3f}; {out}"
 
@@ -298,7 +273,7 @@ def _checkpoint_stamp(run: Path) -> dict:
 def _done(output: Path, inputs: dict):
     """A step's earlier JSON output and the 'skipped' outcome when it was made from
     ``inputs``; else (None, "") to run it (again)."""
-    if output.is_file() and _made_from(output, inputs):
+    if output.is_file() and made_from(output, inputs):
         return json.loads(output.read_text()), f"skipped: {output.name} exists"
     return None, ""
 
@@ -315,7 +290,7 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
         rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
                         max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
                         cuts=args.get("cuts"), progress=progress)
-        _record_inputs(SvccaDir(out).record, inputs)
+        record_inputs(SvccaDir(out).record, inputs)
         outcome = f"suggested cut {rec['suggested_cut']}"
     keys = ("cut", "mean", "random_mean", "overlap")
     report["svcca"] = {"run": str(run), "suggested_cut": rec["suggested_cut"],
@@ -335,7 +310,7 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
     if records is None:
         records = cam_run(run, out, split=args.get("split", "test"), progress=progress,
                           overrides=[f"cam.{k}={json.dumps(v)}" for k, v in cam.items()])
-        _record_inputs(CamDir(out).summary, inputs)
+        record_inputs(CamDir(out).summary, inputs)
         outcome = f"{len(records)} overlays of {name} in {out}"
     report["cam"] = {"row": name, "run": str(run), "out": str(out), "overlays": len(records)}
     found = CamDir(out).localisation  # written by cam when the manifest has lesion masks

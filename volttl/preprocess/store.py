@@ -31,7 +31,6 @@ a key of the store.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ import numpy as np
 from volttl.errors import VolttlError
 from volttl.io.geometry import Geometry
 from volttl.preprocess.windows import WINDOW_DTYPE, study_windows
+from volttl.provenance import fingerprint
 
 FORMAT = "volttl-store"
 VERSION = 2  # 2: canonical LPS voxel order, float HU that are whole numbers stored via int16
@@ -60,8 +60,7 @@ def study_file(store: str | Path, study_id: str) -> Path:
 
 def settings_hash(payload: dict) -> str:
     """Hash of everything that determines a study's stored volume and labels."""
-    text = json.dumps({"version": VERSION, **payload}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint({"version": VERSION, **payload})
 
 
 CHECKSUM = "hu_chunks_crc32"

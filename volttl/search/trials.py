@@ -12,7 +12,6 @@ it: ``python -m volttl.search.trials CONFIG.json TRIAL_DIR`` runs one from a she
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from volttl.config import Config, config_from_dict, config_to_dict
+from volttl.provenance import fingerprint
 from volttl.records import read_record, write_record
 
 RESULT = "trial.json"
@@ -50,8 +50,7 @@ def trial_config(base: Config, trial: Trial, penet_pretrained: str = "") -> Conf
 def _fingerprint(cfg_dict: dict) -> str:
     """What a trial's result depends on: its config without the runtime section (a trial
     finished on one device is not trained again on another)."""
-    what = {k: v for k, v in cfg_dict.items() if k != "runtime"}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint({k: v for k, v in cfg_dict.items() if k != "runtime"})
 
 
 def check_trained_on(cfg: Config, trial_dir: Path) -> None:

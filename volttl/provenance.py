@@ -1,0 +1,53 @@
+"""'Was this made from these inputs?', answered one way for every step.
+
+Each check keeps what an output was made from and compares it with what it would be made
+from now: a training run its config keys (:func:`volttl.runs.check_resumable`), a stored
+study its settings hash and source stamp (preprocess), a search trial its fingerprint,
+a pipeline step's output a checksummed record of its inputs beside it. They share the
+helpers here: one canonical hash (:func:`fingerprint`), one way of naming what changed
+(:func:`differences`), and one inputs record (:func:`record_inputs`, :func:`made_from`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from volttl.records import CHECKSUM_KEY, read_record, write_record
+
+
+def fingerprint(what: dict, length: int = 16) -> str:
+    """A short SHA-256 of ``what`` as canonical JSON (sorted keys): equal inputs, equal hash."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def differences(before: dict, now: dict) -> list[str]:
+    """``key before -> now`` for every key of ``now`` whose value is not ``before``'s."""
+    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+
+
+def inputs_record(output: Path) -> Path:
+    """Where the inputs ``output`` was made from are kept: a hidden file beside it."""
+    return output.with_name(f".{output.name}.inputs.json")
+
+
+def record_inputs(output: Path, inputs: dict) -> None:
+    """Keep ``inputs`` (checksummed) as what ``output`` was made from."""
+    write_record(inputs_record(output), {"inputs": inputs})
+
+
+def recorded_inputs(output: Path) -> dict | None:
+    """The inputs ``output`` was made from (a damaged record is refused by name), or None
+    when it does not say (made before outputs recorded their inputs, or by hand)."""
+    path = inputs_record(output)
+    if not path.is_file():
+        return None
+    record = read_record(path, f"delete it and {output.name} to make them again")
+    return record["inputs"] if CHECKSUM_KEY in record else record  # older records: the inputs alone
+
+
+def made_from(output: Path, inputs: dict) -> bool | None:
+    """Whether ``output`` was made from ``inputs``: True, False, or None when it does not say."""
+    before = recorded_inputs(output)
+    return None if before is None else before == json.loads(json.dumps(inputs))
