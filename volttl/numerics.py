@@ -14,7 +14,7 @@ The choices and their defaults come from `runtime.precision`, `runtime.channels_
 
 On a CPU every precision is honoured as written; the default tf32 is plain float32 there.
 fp16 autocast is slow on CPUs, and so is bf16 unless the CPU has bf16 instructions
-(AVX512-BF16 or AMX): there ``--set runtime.precision=bf16`` ran `predict` with CAM 1.36x
+(AVX512-BF16 or AMX): there ``--set runtime.precision=bf16`` ran `predict` with CAM 1.3x
 faster than float32 on 2 cores, its probabilities within about 5e-3 of float32's.
 """
 
