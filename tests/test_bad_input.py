@@ -433,3 +433,17 @@ def test_a_store_pair_moved_together_still_reads(trained, tmp_path):
     shutil.move(f"{store}.d", moved / f"{store.name}.d")
     ds = WindowDataset(str(moved / store.name), "train", False, crop=32)
     assert ds[0][0].shape[-1] == 32
+
+
+def test_preprocess_without_manifest_or_store_names_the_key(tmp_path):
+    """The same check from the command and from a pipeline's preprocess step (both run
+    volttl.preprocess.run.preprocess): an unset path is named before anything is read."""
+    from volttl.config import config_from_dict
+    from volttl.manifests.schema import ManifestError
+    from volttl.preprocess.run import preprocess
+
+    with pytest.raises(ManifestError, match="data.store is not set"):
+        preprocess(config_from_dict({"data": {"manifest": str(tmp_path / "m.csv")}}), progress=False)
+    with pytest.raises(ManifestError, match="data.manifest is not set"):
+        preprocess(config_from_dict({"data": {"store": str(tmp_path / "s.h5")}}), progress=False)
+    assert not (tmp_path / "s.h5").exists()

@@ -99,10 +99,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.workers is not None:
         cfg.preprocess.workers = args.workers
-    if not cfg.data.manifest:
-        raise CommandError(f"{args.config}: data.manifest is not set")
-    if not cfg.data.store:
-        raise CommandError(f"{args.config}: data.store is not set")
     summary = preprocess(cfg, progress=not args.quiet)
     for line in summary.warnings:
         print(f"volttl preprocess: warning: {line}", file=sys.stderr)

@@ -316,7 +316,11 @@ def _init_worker() -> None:
 
 
 def preprocess(cfg: Config, progress: bool = True) -> PreprocessSummary:
-    """Preprocess every study of ``cfg.data.manifest`` into ``cfg.data.store``."""
+    """Preprocess every study of ``cfg.data.manifest`` into ``cfg.data.store``: the step
+    `volttl preprocess` and a pipeline's ``preprocess`` step both run."""
+    for key, what in (("manifest", "the manifest CSV to read"), ("store", "the HDF5 store to write")):
+        if not getattr(cfg.data, key):
+            raise ManifestError(f"data.{key} is not set: give {what} in the config or with --set")
     p = cfg.preprocess
     rows = read_manifest(cfg.data.manifest, check_paths=False)  # a missing study fails alone
     # window labels are learnt from the training positives' slices only; validation and test
