@@ -85,6 +85,22 @@ def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
         (tiny_run / "config.yaml").write_text(original)
 
 
+def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path):
+    """pe.yaml trains 3 seeds into one folder; cam, predict and export take one model and
+    say which folders hold one, instead of "no config.yaml"."""
+    import shutil
+
+    from volttl.runs import RunError, load_run
+
+    group = tmp_path / "group"
+    for seed in ("seed0", "seed1"):
+        shutil.copytree(tiny_run, group / seed)
+    with pytest.raises(RunError, match=r"a repeat group of 2 runs \(seed0, seed1\), not one run: give one "
+                                       r"seed's folder, e.g. .*seed0"):
+        load_run(group)
+    load_run(group / "seed1")
+
+
 def test_a_run_config_that_is_a_yaml_list_is_one_line(tiny_run):
     original = (tiny_run / "config.yaml").read_text()
     (tiny_run / "config.yaml").write_text("- a\n- b\n")

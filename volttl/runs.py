@@ -130,6 +130,10 @@ class RunDir:
         if not self.path.exists():
             raise RunError(f"{self.path}: no such run folder")
         if not self.config.is_file():
+            seeds = sorted(p.name for p in self.path.glob("seed*") if (p / CONFIG).is_file())
+            if seeds:  # train.repeats > 1 (pe.yaml trains 3): cam, predict, export take one model
+                raise RunError(f"{self.path}: a repeat group of {len(seeds)} runs ({', '.join(seeds)}), "
+                               f"not one run: give one seed's folder, e.g. {self.path / seeds[0]}")
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
             raw = load_yaml(self.config.read_text())
