@@ -98,3 +98,88 @@ def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_
     best = loop.train_run(cfg, tmp_path / "run", progress=False)
     assert seen and all(shape == (2,) for shape, _ in seen)  # 4 windows per batch -> 2 studies
     assert "study_auroc" in best
+
+
+def _pseudo_config(cohort, tmp_path):
+    manifest = _study_label_manifest(Path(cohort), tmp_path)
+    cfg = small_config(manifest, tmp_path / "s.h5")
+    cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
+    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
+    cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
+    assert not preprocess(cfg, progress=False).failed
+    return cfg
+
+
+def test_pseudo_slices_are_each_training_positives_best_window(cohort, tmp_path):
+    """The window taken as a study's PE slices is the one the first model scores highest
+    (the last one cut at the study's end), for training positives only; the training
+    dataset then samples and labels windows from them, as with slice labels."""
+    from volttl.data import WindowDataset
+    from volttl.inference import StudyScore
+    from volttl.preprocess.store import Store
+    from volttl.train.pseudo import pseudo_slices
+
+    cfg = _pseudo_config(cohort, tmp_path)
+
+    class Scorer:  # the first model, scoring the last evaluation window highest
+        def __init__(self):
+            self.cfg, self.seen = cfg, []
+
+        def score_study(self, hu):
+            self.seen.append(hu.shape[0])
+            starts = list(range(0, hu.shape[0], cfg.preprocess.window))
+            probs = [0.1] * (len(starts) - 1) + [0.9]
+            return StudyScore(0.9, starts, probs)
+
+    scorer = Scorer()
+    with Store(cfg.data.store) as store:
+        slices = pseudo_slices(scorer, store)
+        positives = [store.study_ids[i] for i in store.studies_in("train") if store.labels[i] == 1]
+        n = {sid: store.hu(sid).shape[0] for sid in positives}
+    assert sorted(slices) == sorted(positives) and len(scorer.seen) == len(positives)
+    window = cfg.preprocess.window
+    for sid, (first, last) in slices.items():
+        assert first == (n[sid] - 1) // window * window and last == n[sid] - 1
+    ds = WindowDataset.from_config(cfg, "train", train=True, pe_slices=slices)
+    assert not ds.study_labels_only and ds.sampler is not None  # slice-label training
+    i = ds.study_ids.index(positives[0])
+    first, last = slices[positives[0]]
+    np.testing.assert_array_equal(ds.pe_slices[i], np.arange(first, last + 1))
+    assert ds.window_label(i, first) == 1 and i in ds.positive_studies
+    assert WindowDataset.from_config(cfg, "train", train=True).study_labels_only  # without: bags
+
+
+@pytest.mark.slow
+def test_pseudo_slices_train_bags_then_the_run_from_their_windows(cohort, tmp_path):
+    """data.pseudo_slices: round 1 from bags in <run>/bags, the windows it chose recorded
+    (checksummed, naming its weights), round 2 the run's own model; a resumed finished run
+    trains neither round again."""
+    import json
+
+    from volttl.models.checkpoints import read_checkpoint
+    from volttl.train.loop import train_run
+    from volttl.train.pseudo import PSEUDO_SLICES
+
+    cfg = _pseudo_config(cohort, tmp_path)
+    cfg.data.pseudo_slices = True
+    run = tmp_path / "run"
+    best = train_run(cfg, run, progress=False)
+    assert "study_auroc" in best
+    for folder in (run, run / "bags"):
+        assert (folder / "best.pt").is_file() and (folder / "metrics.jsonl").is_file()
+    record = json.loads((run / PSEUDO_SLICES).read_text())
+    assert record["from_weights_sha256"] == read_checkpoint(run / "bags" / "best.pt")[2]["state_sha256"]
+    assert record["studies"] and all(len(v) == 2 and v[0] <= v[1] for v in record["studies"].values())
+    assert "pseudo_slices: true" in (run / "config.yaml").read_text()
+    assert "pseudo_slices: false" in (run / "bags" / "config.yaml").read_text()
+    stamp = (run / "bags" / "best.pt").stat().st_mtime_ns, (run / "best.pt").stat().st_mtime_ns
+    train_run(cfg, run, resume=True, progress=False)  # finished: round 1 is not trained again
+    assert (run / "bags" / "best.pt").stat().st_mtime_ns == stamp[0]
+
+
+def test_pseudo_slices_need_study_labels():
+    from volttl.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="data.pseudo_slices must be false unless data.labels is study"):
+        config_from_dict({"data": {"pseudo_slices": True}})
+    assert config_from_dict({"data": {"labels": "study", "pseudo_slices": True}}).data.pseudo_slices

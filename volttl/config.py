@@ -74,6 +74,10 @@ class DataConfig:
     bag_pool: Literal["max", "lse"] = "lse"  # study labels: window logits -> the study logit
     # lse: r in (1/r) log mean exp(r * window logits); near 0 the mean, large the max
     bag_sharpness: float = 1.0
+    # study labels: train from bags first (the run's bags/ folder), take each training
+    # positive's highest-scoring window as its PE slices, then train the run's model from
+    # those as from slice labels. Twice the training time; maps that find the embolus
+    pseudo_slices: bool = False
 
 
 @dataclass
@@ -466,6 +470,8 @@ def check_ranges(cfg: Config) -> None:
     a = cfg.augment
     need(bool(a.transforms) and a.transforms[0] == "crop" and len(set(a.transforms)) == len(a.transforms),
          "augment.transforms", "crop first, each transform once", list(a.transforms))
+    need(not cfg.data.pseudo_slices or cfg.data.labels == "study", "data.pseudo_slices",
+         "false unless data.labels is study", cfg.data.pseudo_slices)
     need(0 <= a.flip_prob <= 1, "augment.flip_prob", "in [0, 1]", a.flip_prob)
     need(0 <= a.pe_prob <= 1, "augment.pe_prob", "in [0, 1]", a.pe_prob)
     non_negative("augment", "max_rotation_deg")

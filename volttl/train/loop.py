@@ -65,15 +65,18 @@ log = logging.getLogger("volttl.train")
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the loss back: a sync)
 
 
-def per_process_batch(cfg: Config, world: int) -> int:
+def per_process_batch(cfg: Config, world: int, bags: bool | None = None) -> int:
     """The windows each of ``world`` processes takes per micro-batch: ``train.batch_size``
-    is the global batch (PENet's batch of 8 is the total over its GPUs)."""
+    is the global batch (PENet's batch of 8 is the total over its GPUs). ``bags``: whether
+    batches are whole bags (by default, with study labels)."""
     total = cfg.train.batch_size
     if total % world:
         raise VolttlError(f"train.batch_size {total} does not divide over {world} processes: give a "
                           f"multiple of {world} (it is the global batch, split across the processes)")
     per = total // world
-    if cfg.data.labels == "study":  # whole bags only: (per // bag) studies of bag windows each
+    if bags is None:
+        bags = cfg.data.labels == "study"
+    if bags:  # whole bags only: (per // bag) studies of bag windows each
         bag = cfg.data.bag_windows
         if per < bag:
             raise VolttlError(f"train.batch_size {total} over {world} process(es) gives {per} window(s) "
@@ -82,9 +85,10 @@ def per_process_batch(cfg: Config, world: int) -> int:
     return per
 
 
-def datasets(cfg: Config, seed: int) -> tuple[WindowDataset, WindowDataset]:
-    """The augmented training windows and the validation windows of the config's store."""
-    return (WindowDataset.from_config(cfg, "train", train=True, seed=seed),
+def datasets(cfg: Config, seed: int, pe_slices: dict | None = None) -> tuple[WindowDataset, WindowDataset]:
+    """The augmented training windows (with ``pe_slices``: pseudo slice labels) and the
+    validation windows of the config's store."""
+    return (WindowDataset.from_config(cfg, "train", train=True, seed=seed, pe_slices=pe_slices),
             WindowDataset.from_config(cfg, "val", train=False))
 
 
@@ -171,9 +175,16 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: 
 
 
 def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
-                stop_after_epoch: int | None = None) -> tuple[dict, torch.nn.Module]:
-    """:func:`train_run`, also returning the trained model (this process's replica)."""
+                stop_after_epoch: int | None = None, pe_slices: dict | None = None
+                ) -> tuple[dict, torch.nn.Module]:
+    """:func:`train_run`, also returning the trained model (this process's replica).
+    ``pe_slices``: pseudo slice labels of the training positives (study id -> first and
+    last stored slice), given by :mod:`volttl.train.pseudo` for ``data.pseudo_slices``."""
     run_dir = Path(run_dir)
+    if cfg.data.pseudo_slices and pe_slices is None:  # two rounds: bags, then pseudo slice labels
+        from volttl.train.pseudo import train_with_pseudo_slices
+
+        return train_with_pseudo_slices(cfg, run_dir, resume, progress, stop_after_epoch)
     cfg = with_store_preprocessing(cfg)
     tc, rt = cfg.train, cfg.runtime
     if RunDir(run_dir).last.exists() and not resume:
@@ -190,7 +201,7 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
         root.addHandler(handler)
         root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
     try:
-        return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist)
+        return _train(cfg, run_dir, resume, progress and dist.is_main, stop_after_epoch, dist, pe_slices)
     except torch.OutOfMemoryError:
         resume_hint = ("" if rt.precision == "bf16" else
                        "; or --resume it with runtime.precision=bf16 (half the activation memory)")
@@ -206,7 +217,7 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_epoch: int | None,
-           dist: DistContext) -> tuple[dict, torch.nn.Module]:
+           dist: DistContext, pe_slices: dict | None = None) -> tuple[dict, torch.nn.Module]:
     tc, rt, device, run = cfg.train, cfg.runtime, dist.device, RunDir(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,9 +236,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     model = setup.model.to(device, memory_format=numerics.memory_format)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
                                 momentum=tc.momentum, weight_decay=tc.weight_decay, dampening=tc.dampening)
-    train_ds, val_ds = datasets(cfg, tc.seed)
-    batch = per_process_batch(cfg, dist.world)
-    bags = cfg.data.labels == "study"
+    train_ds, val_ds = datasets(cfg, tc.seed, pe_slices)
+    bags = cfg.data.labels == "study" and pe_slices is None
+    batch = per_process_batch(cfg, dist.world, bags)
     if bags:  # study labels: each batch is whole bags of windows, one study logit per bag
         sampler = StudyBagSampler(train_ds.studies(), cfg.data.bag_windows,
                                   batch // cfg.data.bag_windows, tc.seed, dist.rank, dist.world)

@@ -1,0 +1,88 @@
+"""Study labels, then pseudo slice labels (``data.pseudo_slices``): maps that find the embolus.
+
+Trained from whole-study labels alone (bags of a study's windows, one label per bag), a
+model ranks studies well, but its Grad-CAM maps do not point at the embolus: nothing
+tells it that a positive study's windows without an embolus are negative, and with an
+average-pooled head "less bright artery" scores as well as "clot here". Self-training
+gives it that: a first model is trained from bags (the run's ``bags/`` folder); each
+training positive's highest-scoring evaluation window is taken as its PE slices
+(``pseudo_slices.json``, checksummed, naming the first model's weights); and the run's
+own model is trained from those as from slice labels (PE-centred sampling, window
+labels). Validation and test studies keep their study labels. On the demo's cohort the
+first model's window overlapped the true PE slices in every training positive.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from volttl.config import Config
+from volttl.inference import TrainedRun
+from volttl.preprocess.store import Store
+from volttl.records import read_record, write_record
+from volttl.runs import RunDir
+
+log = logging.getLogger("volttl.train")
+
+BAGS = "bags"  # the first round's run folder, inside the run
+PSEUDO_SLICES = "pseudo_slices.json"
+
+
+def bags_config(cfg: Config) -> Config:
+    """The first round's config: study labels from bags, no pseudo slices."""
+    first = copy.deepcopy(cfg)
+    first.data.pseudo_slices = False
+    return first
+
+
+def pseudo_slices(trained: TrainedRun, store: Store) -> dict[str, tuple[int, int]]:
+    """Each training positive's highest-scoring evaluation window of ``trained``, as its
+    first and last stored slice (the part inside the study)."""
+    window = trained.cfg.preprocess.window
+    out = {}
+    for i in store.studies_in("train"):
+        if store.labels[i] != 1:
+            continue
+        sid = store.study_ids[i]
+        hu = store.hu(sid)[...]
+        start = trained.score_study(hu).best_window
+        out[sid] = (int(start), int(min(start + window, hu.shape[0]) - 1))
+    return out
+
+
+def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress: bool,
+                             stop_after_epoch: int | None) -> tuple[dict, torch.nn.Module]:
+    """The two rounds into ``run_dir``: bags into ``run_dir/bags``, then the run's model
+    from the pseudo slice labels the first model gives. A resumed run continues the
+    round a kill interrupted; a finished first round is not trained again."""
+    from volttl.train.loop import train_model
+
+    run, first = RunDir(run_dir), RunDir(Path(run_dir) / BAGS)
+    if first.finished_epochs() < cfg.train.epochs or not first.best.is_file():
+        log.info("data.pseudo_slices: round 1 of 2, from study labels (bags) into %s", first.path)
+        done = train_model(bags_config(cfg), first.path, resume=resume and first.last.exists(),
+                           progress=progress, stop_after_epoch=stop_after_epoch)
+        if first.finished_epochs() < cfg.train.epochs:  # stopped inside round 1 (stop_after_epoch)
+            return done
+    trained = TrainedRun.open(first.path)
+    record = Path(run_dir) / PSEUDO_SLICES
+    if record.is_file() and resume:  # the slices round 2 started from, if made by these weights
+        kept = read_record(record, f"delete it and resume to take the windows again from {first.best}")
+        slices = ({k: tuple(v) for k, v in kept["studies"].items()}
+                  if kept.get("from_weights_sha256") == trained.weights_sha256 else None)
+    else:
+        slices = None
+    if slices is None:
+        with Store(cfg.data.store) as store:
+            slices = pseudo_slices(trained, store)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_record(record, {"from": str(first.best), "from_weights_sha256": trained.weights_sha256,
+                              "studies": {k: list(v) for k, v in slices.items()}})
+    log.info("data.pseudo_slices: round 2 of 2, from the highest-scoring window of %d training positive(s) "
+             "(%s) into %s", len(slices), record.name, run.path)
+    return train_model(cfg, run.path, resume=resume and run.last.exists(), progress=progress,
+                       stop_after_epoch=stop_after_epoch, pe_slices=slices)
