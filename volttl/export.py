@@ -148,7 +148,11 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
         "Grad-CAM maps show where the model's evidence lies, not where an embolus is; they are not "
         "segmentations.",
     ]
-    if cfg.data.labels == "study":
+    if cfg.data.labels == "study" and cfg.data.pseudo_slices:
+        limits.append("Trained from study-level labels through pseudo slice labels (each training positive's "
+                      "highest-scoring window of a first model): its maps localised on the synthetic demo "
+                      "cohort, not yet on real CT.")
+    elif cfg.data.labels == "study":
         limits.append("Trained from study-level labels: its Grad-CAM maps were not found to localise emboli.")
     if not pretrained:
         limits.append("Trained from scratch (no pretrained weights).")

@@ -7,11 +7,14 @@ and the pipelines cannot drift apart (they had: the pipeline skipped the pre-che
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from volttl.config import Config
 from volttl.errors import VolttlError
+
+log = logging.getLogger("volttl.train")
 
 
 class TrainStepError(VolttlError):
@@ -68,6 +71,10 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
 
     run = RunDir(run_dir)
     check_before_training(cfg, run.path, resume)
+    if cfg.data.labels == "study" and not cfg.data.pseudo_slices:
+        log.warning("data.labels: study: the Grad-CAM maps of a model trained from bags alone do not point "
+                    "at the embolus; data.pseudo_slices: true trains a second round from each training "
+                    "positive's best window that does (twice the training time)")
     if cfg.train.repeats > 1:
         summary = train_repeats(cfg, run.path, resume=resume, progress=progress)
         auroc = summary["val_study_auroc"]
