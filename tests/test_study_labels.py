@@ -146,6 +146,14 @@ def test_pseudo_slices_are_each_training_positives_best_window(cohort, tmp_path)
     first, last = slices[positives[0]]
     np.testing.assert_array_equal(ds.pe_slices[i], np.arange(first, last + 1))
     assert ds.window_label(i, first) == 1 and i in ds.positive_studies
+    # a positive study's other windows may hold emboli too: unknown, so not trained on
+    full = WindowDataset.from_config(cfg, "train", train=True)
+    pseudo = {ds.study_ids.index(sid) for sid in slices}
+    kept = [(int(r["study"]), int(r["start"])) for r in ds.windows]
+    assert all(ds.window_label(st, start) == 1 for st, start in kept if st in pseudo)
+    others = [(int(r["study"]), int(r["start"])) for r in full.windows if int(r["study"]) not in pseudo]
+    assert others and set(others) <= set(kept)  # negative studies keep every window
+    assert len(kept) < len(full.windows)
     assert WindowDataset.from_config(cfg, "train", train=True).study_labels_only  # without: bags
 
 

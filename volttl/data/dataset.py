@@ -68,6 +68,11 @@ class WindowDataset(torch.utils.data.Dataset):
                               f"of {store} (preprocess.size)")
         self.positive_studies = [i for i, p in self.pe_slices.items()
                                  if self.study_labels[i] == 1 and len(p)]
+        if pe_slices:  # pseudo slices mark one window; a positive study's others may hold emboli too:
+            pseudo = {self.study_ids.index(sid) for sid in pe_slices}  # unknown, so not trained on
+            keep = [int(r["study"]) not in pseudo or self.window_label(int(r["study"]), int(r["start"]))
+                    for r in self.windows]
+            self.windows = self.windows[np.asarray(keep, dtype=bool)]
         self._store: Store | None = None
 
     @classmethod
