@@ -72,14 +72,20 @@ def test_slice_labels_refuse_positives_without_pe_slices(cohort, tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-@pytest.mark.slow
-def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_path, monkeypatch):
+def _study_label_config(cohort, tmp_path):
+    """A tiny study-label training setup on the small cohort, preprocessed."""
     manifest = _study_label_manifest(Path(cohort), tmp_path)
     cfg = small_config(manifest, tmp_path / "s.h5")
     cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
     cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
     cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
     assert not preprocess(cfg, progress=False).failed
+    return cfg
+
+
+@pytest.mark.slow
+def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_path, monkeypatch):
+    cfg = _study_label_config(cohort, tmp_path)
     import volttl.train.loop as loop
 
     seen = []
@@ -100,16 +106,6 @@ def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_
     assert "study_auroc" in best
 
 
-def _pseudo_config(cohort, tmp_path):
-    manifest = _study_label_manifest(Path(cohort), tmp_path)
-    cfg = small_config(manifest, tmp_path / "s.h5")
-    cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
-    cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
-    cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
-    assert not preprocess(cfg, progress=False).failed
-    return cfg
-
-
 def test_pseudo_slices_are_each_training_positives_best_window(cohort, tmp_path):
     """The window taken as a study's PE slices is the one the first model scores highest
     (the last one cut at the study's end), for training positives only; the training
@@ -119,7 +115,7 @@ def test_pseudo_slices_are_each_training_positives_best_window(cohort, tmp_path)
     from volttl.preprocess.store import Store
     from volttl.train.pseudo import pseudo_slices
 
-    cfg = _pseudo_config(cohort, tmp_path)
+    cfg = _study_label_config(cohort, tmp_path)
 
     class Scorer:  # the first model, scoring the last evaluation window highest
         def __init__(self):
@@ -168,7 +164,7 @@ def test_pseudo_slices_train_bags_then_the_run_from_their_windows(cohort, tmp_pa
     from volttl.train.loop import train_run
     from volttl.train.pseudo import PSEUDO_SLICES
 
-    cfg = _pseudo_config(cohort, tmp_path)
+    cfg = _study_label_config(cohort, tmp_path)
     cfg.data.pseudo_slices = True
     run = tmp_path / "run"
     best = train_run(cfg, run, progress=False)
