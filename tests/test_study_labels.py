@@ -106,50 +106,51 @@ def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_
     assert "study_auroc" in best
 
 
-def test_pseudo_slices_are_each_training_positives_best_window(cohort, tmp_path):
-    """The window taken as a study's PE slices is the one the first model scores highest
-    (the last one cut at the study's end), for training positives only; the training
-    dataset then samples and labels windows from them, as with slice labels."""
+def test_pseudo_slices_are_each_training_positives_best_windows(cohort, tmp_path):
+    """The windows taken as a study's PE slices: the one the first model scores highest,
+    and any other it scores above every negative training study's best; for training
+    positives only. The training dataset then samples and labels windows from them, as
+    with slice labels, the study's other windows its negatives."""
     from volttl.data import WindowDataset
     from volttl.inference import StudyScore
     from volttl.preprocess.store import Store
     from volttl.train.pseudo import pseudo_slices
 
     cfg = _study_label_config(cohort, tmp_path)
-
-    class Scorer:  # the first model, scoring the last evaluation window highest
-        def __init__(self):
-            self.cfg, self.seen = cfg, []
-
-        def score_study(self, hu):
-            self.seen.append(hu.shape[0])
-            starts = list(range(0, hu.shape[0], cfg.preprocess.window))
-            probs = [0.1] * (len(starts) - 1) + [0.9]
-            return StudyScore(0.9, starts, probs)
-
-    scorer = Scorer()
-    with Store(cfg.data.store) as store:
-        slices = pseudo_slices(scorer, store)
-        positives = [store.study_ids[i] for i in store.studies_in("train") if store.labels[i] == 1]
-        n = {sid: store.hu(sid).shape[0] for sid in positives}
-    assert sorted(slices) == sorted(positives) and len(scorer.seen) == len(positives)
     window = cfg.preprocess.window
-    for sid, (first, last) in slices.items():
-        assert first == (n[sid] - 1) // window * window and last == n[sid] - 1
+    with Store(cfg.data.store) as store:
+        order = [(store.study_ids[i], int(store.labels[i])) for i in store.studies_in("train")]
+        n = {sid: store.hu(sid).shape[0] for sid, _ in order}
+
+        class Scorer:  # positives: the last window 0.9, the first 0.8; negatives: 0.5 everywhere
+            def __init__(self):
+                self.cfg, self.calls = cfg, iter(order)
+
+            def score_study(self, hu):
+                sid, label = next(self.calls)
+                starts = list(range(0, hu.shape[0], window))
+                probs = [0.5] * len(starts) if label != 1 else [0.8] + [0.1] * (len(starts) - 2) + [0.9]
+                return StudyScore(max(probs), starts, probs[-len(starts):])
+
+        slices = pseudo_slices(Scorer(), store)
+    positives = [sid for sid, label in order if label == 1]
+    assert sorted(slices) == sorted(positives)
+    for sid, ranges in slices.items():
+        last_start = (n[sid] - 1) // window * window
+        want = [(last_start, n[sid] - 1)] if last_start == 0 else [(0, window - 1), (last_start, n[sid] - 1)]
+        assert ranges == want  # the best window, and the first: above every negative's 0.5
     ds = WindowDataset.from_config(cfg, "train", train=True, pe_slices=slices)
     assert not ds.study_labels_only and ds.sampler is not None  # slice-label training
     i = ds.study_ids.index(positives[0])
-    first, last = slices[positives[0]]
-    np.testing.assert_array_equal(ds.pe_slices[i], np.arange(first, last + 1))
+    expected = np.concatenate([np.arange(a, b + 1) for a, b in slices[positives[0]]])
+    np.testing.assert_array_equal(ds.pe_slices[i], expected)
+    first, last = slices[positives[0]][-1]
     assert ds.window_label(i, first) == 1 and i in ds.positive_studies
-    # a positive study's other windows may hold emboli too: unknown, so not trained on
-    full = WindowDataset.from_config(cfg, "train", train=True)
-    pseudo = {ds.study_ids.index(sid) for sid in slices}
-    kept = [(int(r["study"]), int(r["start"])) for r in ds.windows]
-    assert all(ds.window_label(st, start) == 1 for st, start in kept if st in pseudo)
-    others = [(int(r["study"]), int(r["start"])) for r in full.windows if int(r["study"]) not in pseudo]
-    assert others and set(others) <= set(kept)  # negative studies keep every window
-    assert len(kept) < len(full.windows)
+    # the study's other windows are its negatives, as with slice labels: the contrast
+    # within a positive study is what makes the maps point at the embolus
+    between = [int(r["start"]) for r in ds.windows
+               if int(r["study"]) == i and window <= int(r["start"]) < first - window]
+    assert all(ds.window_label(i, start) == 0 for start in between)
     assert WindowDataset.from_config(cfg, "train", train=True).study_labels_only  # without: bags
 
 
@@ -173,7 +174,7 @@ def test_pseudo_slices_train_bags_then_the_run_from_their_windows(cohort, tmp_pa
         assert (folder / "best.pt").is_file() and (folder / "metrics.jsonl").is_file()
     record = json.loads((run / PSEUDO_SLICES).read_text())
     assert record["from_weights_sha256"] == read_checkpoint(run / "bags" / "best.pt")[2]["state_sha256"]
-    assert record["studies"] and all(len(v) == 2 and v[0] <= v[1] for v in record["studies"].values())
+    assert record["studies"] and all(r and all(a <= b for a, b in r) for r in record["studies"].values())
     assert "pseudo_slices: true" in (run / "config.yaml").read_text()
     assert "pseudo_slices: false" in (run / "bags" / "config.yaml").read_text()
     stamp = (run / "bags" / "best.pt").stat().st_mtime_ns, (run / "best.pt").stat().st_mtime_ns

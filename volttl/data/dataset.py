@@ -36,7 +36,7 @@ class WindowDataset(torch.utils.data.Dataset):
     def __init__(self, store: str, split: str, train: bool, crop: int,
                  hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
                  augment: AugmentConfig | None = None, seed: int = 0, study_labels: bool = False,
-                 pe_slices: dict[str, tuple[int, int]] | None = None):
+                 pe_slices: dict[str, list[tuple[int, int]]] | None = None):
         self.store, self.split, self.train, self.crop = store, split, train, crop
         self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
         self.study_labels_only = study_labels  # items carry their study's label (bags)
@@ -54,8 +54,9 @@ class WindowDataset(torch.utils.data.Dataset):
             self.windows = s.windows(split, train)
             members = s.studies_in(split)
             self.pe_slices = {i: s.meta(self.study_ids[i]).pe_slices for i in members}
-            for sid, (first, last) in (pe_slices or {}).items():  # pseudo slice labels (stored slices)
-                self.pe_slices[self.study_ids.index(sid)] = np.arange(first, last + 1)
+            for sid, ranges in (pe_slices or {}).items():  # pseudo slice labels (stored slices)
+                self.pe_slices[self.study_ids.index(sid)] = np.concatenate(
+                    [np.arange(first, last + 1) for first, last in ranges])
             self.num_slices = {i: s.hu(self.study_ids[i]).shape[0] for i in members}
             self.size = s.hu(self.study_ids[members[0]]).shape[1] if members else crop
         if aug and not study_labels:  # needs slice labels; with study labels the bags choose windows
@@ -68,18 +69,13 @@ class WindowDataset(torch.utils.data.Dataset):
                               f"of {store} (preprocess.size)")
         self.positive_studies = [i for i, p in self.pe_slices.items()
                                  if self.study_labels[i] == 1 and len(p)]
-        if pe_slices:  # pseudo slices mark one window; a positive study's others may hold emboli too:
-            pseudo = {self.study_ids.index(sid) for sid in pe_slices}  # unknown, so not trained on
-            keep = [int(r["study"]) not in pseudo or self.window_label(int(r["study"]), int(r["start"]))
-                    for r in self.windows]
-            self.windows = self.windows[np.asarray(keep, dtype=bool)]
         self._store: Store | None = None
 
     @classmethod
     def from_config(cls, cfg, split: str, train: bool = False, seed: int = 0,
-                    pe_slices: dict[str, tuple[int, int]] | None = None) -> WindowDataset:
+                    pe_slices: dict[str, list[tuple[int, int]]] | None = None) -> WindowDataset:
         """The split's windows as the config's ``data`` section describes them; with
-        ``pe_slices`` (study id -> first and last stored slice) those studies' PE slices
+        ``pe_slices`` (study id -> ranges of first and last stored slice) those studies' PE slices
         are these, and training samples windows as with slice labels."""
         d = cfg.data
         return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, cfg.augment,

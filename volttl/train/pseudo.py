@@ -43,18 +43,26 @@ def bags_config(cfg: Config) -> Config:
     return first
 
 
-def pseudo_slices(trained: TrainedRun, store: Store) -> dict[str, tuple[int, int]]:
-    """Each training positive's highest-scoring evaluation window of ``trained``, as its
-    first and last stored slice (the part inside the study)."""
+def pseudo_slices(trained: TrainedRun, store: Store) -> dict[str, list[tuple[int, int]]]:
+    """Each training positive's PE slices as ``trained`` sees them: its highest-scoring
+    evaluation window, and any other window that scores above every negative training
+    study's best (a second embolus the first model is sure of), each as its first and last
+    stored slice (the part inside the study)."""
     window = trained.cfg.preprocess.window
-    out = {}
+    scored = {}
     for i in store.studies_in("train"):
-        if store.labels[i] != 1:
+        hu = store.hu(store.study_ids[i])[...]
+        scored[store.study_ids[i]] = (int(store.labels[i]), trained.score_study(hu), hu.shape[0])
+    negatives = [max(s.window_probabilities) for label, s, _ in scored.values() if label != 1]
+    above = max(negatives) if negatives else float("inf")
+    out = {}
+    for sid, (label, score, n) in scored.items():
+        if label != 1:
             continue
-        sid = store.study_ids[i]
-        hu = store.hu(sid)[...]
-        start = trained.score_study(hu).best_window
-        out[sid] = (int(start), int(min(start + window, hu.shape[0]) - 1))
+        pairs = zip(score.window_starts, score.window_probabilities, strict=True)
+        best = score.best_window
+        starts = [best] + [start for start, p in pairs if p > above and start != best]
+        out[sid] = [(int(start), int(min(start + window, n) - 1)) for start in sorted(starts)]
     return out
 
 
@@ -76,7 +84,7 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
     record = Path(run_dir) / PSEUDO_SLICES
     if record.is_file() and resume:  # the slices round 2 started from, if made by these weights
         kept = read_record(record, f"delete it and resume to take the windows again from {first.best}")
-        slices = ({k: tuple(v) for k, v in kept["studies"].items()}
+        slices = ({k: [tuple(r) for r in v] for k, v in kept["studies"].items()}
                   if kept.get("from_weights_sha256") == trained.weights_sha256 else None)
     else:
         slices = None
@@ -85,7 +93,7 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
             slices = pseudo_slices(trained, store)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_record(record, {"from": str(first.best), "from_weights_sha256": trained.weights_sha256,
-                              "studies": {k: list(v) for k, v in slices.items()}})
+                              "studies": {k: [list(r) for r in v] for k, v in slices.items()}})
     log.info("data.pseudo_slices: round 2 of 2, from the highest-scoring window of %d training positive(s) "
              "(%s) into %s", len(slices), record.name, run.path)
     return train_model(cfg, run.path, resume=resume and run.last.exists(), progress=progress,
