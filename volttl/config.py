@@ -75,8 +75,9 @@ class DataConfig:
     # lse: r in (1/r) log mean exp(r * window logits); near 0 the mean, large the max
     bag_sharpness: float = 1.0
     # study labels: train from bags first (the run's bags/ folder), take each training
-    # positive's highest-scoring window as its PE slices, then train the run's model from
-    # those as from slice labels. Twice the training time; maps that find the embolus
+    # positive's highest-scoring window (and any other scored above every negative study's
+    # best) as its PE slices, then train the run's model from those as from slice labels.
+    # Twice the training time; maps that find the embolus
     pseudo_slices: bool = False
 
 

@@ -5,15 +5,16 @@ model ranks studies well, but its Grad-CAM maps do not point at the embolus: not
 tells it that a positive study's windows without an embolus are negative, and with an
 average-pooled head "less bright artery" scores as well as "clot here". Self-training
 gives it that: a first model is trained from bags (the run's ``bags/`` folder); each
-training positive's highest-scoring evaluation window is taken as its PE slices
-(``pseudo_slices.json``, checksummed, naming the first model's weights); and the run's
-own model is trained from those as from slice labels (PE-centred sampling, window
-labels), except that a positive study's other windows are left out rather than taken as
-negatives: most demo positives hold emboli in two windows, and calling the second one
-negative taught the model against its own evidence (seed 2's validation maps: 64% on
-the lesion with them, 84% without). Validation and test studies keep their study labels.
-On the demo's cohort the first model's window overlapped the true PE slices in 147 of
-150 training positives (seeds 0-2).
+training positive's highest-scoring evaluation window is taken as its PE slices, with any
+other window it scores above every negative training study's best (a second embolus it is
+sure of; ``pseudo_slices.json``, checksummed, naming the first model's weights); and the
+run's own model is trained from those as from slice labels (PE-centred sampling, window
+labels, a positive study's other windows its negatives). Validation and test studies
+keep their study labels. The negatives inside positive studies matter: leaving them out
+(as unknown, since they may hold emboli too) let the model learn the study again, and
+seed 0's test maps fell from 92% to 24% on the lesion. On the demo's cohort the first
+model's best window overlapped the true PE slices in 147 of 150 training positives
+(seeds 0-2), and every extra window held an embolus.
 """
 
 from __future__ import annotations
