@@ -188,3 +188,18 @@ def test_pseudo_slices_need_study_labels():
     with pytest.raises(ConfigError, match="data.pseudo_slices must be false unless data.labels is study"):
         config_from_dict({"data": {"pseudo_slices": True}})
     assert config_from_dict({"data": {"labels": "study", "pseudo_slices": True}}).data.pseudo_slices
+
+
+def test_study_labels_without_pseudo_slices_warn_that_maps_will_not_localise(cohort, tmp_path, caplog,
+                                                                              monkeypatch):
+    import volttl.train.loop as loop
+    from volttl.train.step import train_step
+
+    cfg = _study_label_config(cohort, tmp_path)
+    monkeypatch.setattr(loop, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
+    for pseudo in (False, True):
+        caplog.clear()
+        cfg.data.pseudo_slices = pseudo
+        with caplog.at_level("WARNING", logger="volttl.train"):
+            train_step(cfg, tmp_path / f"run{pseudo}", resume=False, progress=False)
+        assert ("do not point at the embolus" in caplog.text) is not pseudo

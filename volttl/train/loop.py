@@ -85,7 +85,8 @@ def per_process_batch(cfg: Config, world: int, bags: bool | None = None) -> int:
     return per
 
 
-def datasets(cfg: Config, seed: int, pe_slices: dict | None = None) -> tuple[WindowDataset, WindowDataset]:
+def datasets(cfg: Config, seed: int, pe_slices: dict | None = None
+             ) -> tuple[WindowDataset, WindowDataset]:
     """The augmented training windows (with ``pe_slices``: pseudo slice labels) and the
     validation windows of the config's store."""
     return (WindowDataset.from_config(cfg, "train", train=True, seed=seed, pe_slices=pe_slices),
@@ -178,8 +179,8 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
                 stop_after_epoch: int | None = None, pe_slices: dict | None = None
                 ) -> tuple[dict, torch.nn.Module]:
     """:func:`train_run`, also returning the trained model (this process's replica).
-    ``pe_slices``: pseudo slice labels of the training positives (study id -> first and
-    last stored slice), given by :mod:`volttl.train.pseudo` for ``data.pseudo_slices``."""
+    ``pe_slices``: pseudo slice labels of the training positives (study id -> ranges of
+    first and last stored slice), given by :mod:`volttl.train.pseudo` for ``data.pseudo_slices``."""
     run_dir = Path(run_dir)
     if cfg.data.pseudo_slices and pe_slices is None:  # two rounds: bags, then pseudo slice labels
         from volttl.train.pseudo import train_with_pseudo_slices
