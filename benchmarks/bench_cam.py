@@ -31,14 +31,14 @@ import yaml
 
 from volttl.analysis.complexity import device_name
 from volttl.config import config_from_dict, config_to_dict
-from volttl.explain import gradcam, run
+from volttl.explain import cam_step, gradcam
 from volttl.inference import TrainedRun
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.manifests import StudyRow, write_manifest
 from volttl.models.checkpoints import save_checkpoint
-from volttl.predict import predict_run
-from volttl.preprocess.run import preprocess
+from volttl.predict import predict_step
+from volttl.preprocess.step import preprocess_step
 from volttl.runs import model_from_config
 from volttl.synth import render_study
 
@@ -83,7 +83,7 @@ def timed_predict(run_dir: Path, study: Path, out: Path, overrides: list[str], c
                   ) -> tuple[float, float, np.ndarray | None]:
     """Seconds, the study's probability and its map on the source grid (None without CAM)."""
     t0 = time.perf_counter()
-    records, _ = predict_run(run_dir, [study], out, cam=cam, overrides=overrides, progress=False)
+    records, _ = predict_step(run_dir, [study], out, cam=cam, overrides=overrides, progress=False)
     seconds = time.perf_counter() - t0
     cam_map = np.asarray(nib.load(out / records[0]["files"]["cam"]).dataobj) if cam else None
     return seconds, records[0]["probability"], cam_map
@@ -140,7 +140,7 @@ def main() -> None:
         cfg = config_from_dict({"data": {"manifest": str(manifest), "store": str(tmp / "s.h5")},
                                 "train": {"device": args.device},
                                 "cam": {"batch_size": args.batch}})
-        if preprocess(cfg, progress=False).failed:
+        if preprocess_step(cfg, progress=False).failed:
             raise SystemExit("preprocessing the benchmark study failed")
         run_dir = tmp / "run"
         run_dir.mkdir()
@@ -173,7 +173,7 @@ def main() -> None:
         import pytorch_grad_cam  # noqa: F401  (a one-time import of ~4 s here, not a per-study cost)
 
         t0 = time.perf_counter()
-        run.cam_run(run_dir, tmp / "cam", progress=False)
+        cam_step.cam_step(run_dir, tmp / "cam", progress=False)
         total = time.perf_counter() - t0
         cam_grad, windows = spent["gradcam"], spent["windows"]
         gradcam.WindowGradCAM.__call__ = original_call

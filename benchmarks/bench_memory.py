@@ -101,7 +101,7 @@ def write_study(folder: Path) -> Path:
 
 def _prepare_study(path: str, device: str) -> float:
     from volttl.manifests.schema import StudyRow
-    from volttl.preprocess.run import prepare_study
+    from volttl.preprocess.prepare import prepare_study
 
     prepare_study(StudyRow("s", path, 0, "test", []), 1.25, 208, 24)
     return _peak("cpu")

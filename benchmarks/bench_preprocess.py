@@ -18,7 +18,7 @@ import pydicom
 from volttl.config import config_from_dict
 from volttl.io.geometry import Geometry
 from volttl.manifests.schema import StudyRow, write_manifest
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.synth import render_study, write_dicom_series
 
 
@@ -45,7 +45,7 @@ def run_preprocess(manifest: Path, store: Path, workers: int) -> float:
     # during the timing and take CPU only from the 2-process run (1 process leaves a core idle).
     os.sync()
     t = time.perf_counter()
-    summary = preprocess(cfg, progress=False)
+    summary = preprocess_step(cfg, progress=False)
     assert not summary.failed, summary.failed
     return time.perf_counter() - t
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-import volttl.preprocess.run as run
+import volttl.preprocess.step as step
 from volttl.config import config_from_dict
 from volttl.manifests.schema import StudyRow, write_manifest
 
@@ -41,7 +41,7 @@ def main() -> None:
                                 "preprocess": {"slice_thickness": 2.0, "size": 16, "window": 8,
                                                "train_stride": 8, "min_pe_slices": 1, "workers": 1}})
         starts: list[float] = []
-        one, index_write = run._run_one, run.ThrottledIndex.write
+        one, index_write = step.run_one, step.ThrottledIndex.write
         writes: list[float] = []
 
         def timed(a):  # each study's start: the gap to the next includes its index update
@@ -53,9 +53,9 @@ def main() -> None:
             index_write(self)
             writes.append(time.perf_counter() - t)
 
-        run._run_one, run.ThrottledIndex.write = timed, timed_write
+        step.run_one, step.ThrottledIndex.write = timed, timed_write
         t0 = time.perf_counter()
-        summary = run.preprocess(cfg, progress=False)
+        summary = step.preprocess_step(cfg, progress=False)
         total = time.perf_counter() - t0
         assert not summary.failed, summary.failed
         # the last study's gap ends before the closing index write, which is reported apart

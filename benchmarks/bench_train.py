@@ -314,14 +314,14 @@ def stem(device: torch.device, window: tuple, batch: int, steps: int) -> None:
 
 
 def make_store(folder: Path) -> Path:
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
     from volttl.synth import synth_cohort
 
     manifest = synth_cohort(folder / "synth", studies=6, seed=0, matrix=256, progress=False)
     store = folder / "bench.h5"
     cfg = config_from_dict({"data": {"manifest": str(manifest), "store": str(store)},
                             "preprocess": {"window": 24, "train_stride": 12}})
-    if preprocess(cfg, progress=False).failed:
+    if preprocess_step(cfg, progress=False).failed:
         raise SystemExit("preprocessing the benchmark cohort failed")
     return store
 

@@ -321,7 +321,8 @@ def test_a_run_is_not_continued_on_other_training_data(trained, tmp_path):
     corrected = [r if r[0] != "synth001" else [*r[:4], "27-33", *r[5:]] for r in rows[1:]]
     preprocess_with(corrected)  # a training study's PE slices corrected
     with pytest.raises(RunError, match="training or validation data changed since the run was trained "
-                                       r"\(train studies 2 -> 2; val studies 2 -> 2"):
+                                       r"\(the same study counts; its studies, volumes, labels or "
+                                       r"windows differ\)"):
         check_resumable(run, cfg)
     assert main(["train", "--config", str(cfg_path), "--run-dir", str(run), "--resume"]) == 1
 
@@ -437,13 +438,13 @@ def test_a_store_pair_moved_together_still_reads(trained, tmp_path):
 
 def test_preprocess_without_manifest_or_store_names_the_key(tmp_path):
     """The same check from the command and from a pipeline's preprocess step (both run
-    volttl.preprocess.run.preprocess): an unset path is named before anything is read."""
+    volttl.preprocess.step.preprocess_step): an unset path is named before anything is read."""
     from volttl.config import config_from_dict
     from volttl.manifests.schema import ManifestError
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
     with pytest.raises(ManifestError, match="data.store is not set"):
-        preprocess(config_from_dict({"data": {"manifest": str(tmp_path / "m.csv")}}), progress=False)
+        preprocess_step(config_from_dict({"data": {"manifest": str(tmp_path / "m.csv")}}), progress=False)
     with pytest.raises(ManifestError, match="data.manifest is not set"):
-        preprocess(config_from_dict({"data": {"store": str(tmp_path / "s.h5")}}), progress=False)
+        preprocess_step(config_from_dict({"data": {"store": str(tmp_path / "s.h5")}}), progress=False)
     assert not (tmp_path / "s.h5").exists()

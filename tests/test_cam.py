@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from volttl.config import config_from_dict
+from volttl.explain.cam_step import cam_step, overlay_on_original
 from volttl.explain.gradcam import (
     WindowGradCAM,
     default_target_layer,
@@ -22,11 +23,10 @@ from volttl.explain.gradcam import (
     stitch_study,
 )
 from volttl.explain.regrid import to_original_grid
-from volttl.explain.run import cam_run, overlay_on_original
 from volttl.io import read_study
 from volttl.io.nifti import write_nifti
 from volttl.models.checkpoints import state_digest
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import StudyMeta
 from volttl.train.loop import train_run
 
@@ -38,7 +38,7 @@ SIZE, THICKNESS = 48, 2.0
 @pytest.fixture(scope="module")
 def store(cohort, tmp_path_factory):
     path = tmp_path_factory.mktemp("camstore") / "s.h5"
-    assert not preprocess(small_config(cohort, path, size=SIZE, slice_thickness=THICKNESS),
+    assert not preprocess_step(small_config(cohort, path, size=SIZE, slice_thickness=THICKNESS),
                           progress=False).failed
     return path
 
@@ -283,7 +283,7 @@ def test_gaussian_blending_favours_the_window_whose_centre_a_slice_is_near():
 
 @pytest.mark.slow
 def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
-    records = cam_run(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False)
+    records = cam_step(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False).records
     rows = {r["study_id"]: r for r in csv.DictReader(open(cohort))}
     preds = {}
     from volttl.evaluate import evaluate_run
@@ -324,7 +324,7 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
     text = (tmp_path / "cam" / "cam_summary.json").read_text()
     assert "Synthetic" not in text and "SYNPID" not in text  # no patient tag travels along
     with pytest.raises(ValueError, match="no study nope"):
-        cam_run(run, tmp_path / "cam2", studies=["nope"], progress=False)
+        cam_step(run, tmp_path / "cam2", studies=["nope"], progress=False)
 
 
 def test_real_ct_overlay_has_the_cts_shape_and_affine(run, tmp_path):
@@ -332,9 +332,9 @@ def test_real_ct_overlay_has_the_cts_shape_and_affine(run, tmp_path):
     manifest = tmp_path / "real.csv"
     manifest.write_text(f"study_id,path,label,split,pe_slices\nlung1,{path},0,test,\n")
     store = tmp_path / "real.h5"
-    assert not preprocess(small_config(manifest, store, size=SIZE, slice_thickness=5.0),
+    assert not preprocess_step(small_config(manifest, store, size=SIZE, slice_thickness=5.0),
                           progress=False).failed
-    records = cam_run(run, tmp_path / "cam", overrides=[f"data.store={store}"], progress=False)
+    records = cam_step(run, tmp_path / "cam", overrides=[f"data.store={store}"], progress=False).records
     assert [r["study_id"] for r in records] == ["lung1"]
     cam = nib.load(tmp_path / "cam" / "lung1_cam.nii.gz")
     img = sitk.ReadImage(str(path))
@@ -408,10 +408,10 @@ def test_cam_on_four_voxel_orders_of_a_real_ct_lands_on_each_file(run, tmp_path)
     manifest.write_text("study_id,path,label,split,pe_slices\n"
                         + "".join(f"{name},{path},0,test,\n" for name, path in files.items()))
     store = tmp_path / "four.h5"
-    assert not preprocess(small_config(manifest, store, size=SIZE, slice_thickness=THICKNESS),
+    assert not preprocess_step(small_config(manifest, store, size=SIZE, slice_thickness=THICKNESS),
                           progress=False).failed
-    records = cam_run(run, tmp_path / "cam", overrides=[f"data.store={store}", "cam.write_ct=always"],
-                      progress=False)
+    records = cam_step(run, tmp_path / "cam", overrides=[f"data.store={store}", "cam.write_ct=always"],
+                       progress=False).records
     peaks = {}
     for r in records:
         cam = nib.load(tmp_path / "cam" / r["files"]["cam"])

@@ -56,12 +56,12 @@ def test_train_fails_before_any_work_on_missing_files(tmp_path, capsys):
 
 
 def test_train_fails_on_a_missing_pretrained_checkpoint(cohort, tmp_path, capsys):
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
     from .conftest import small_config
 
     store = tmp_path / "s.h5"
-    assert not preprocess(small_config(cohort, store), progress=False).failed
+    assert not preprocess_step(small_config(cohort, store), progress=False).failed
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"data: {{store: {store}, crop: 32}}\nmodel: {{pretrained: {tmp_path / 'r101.pth'}}}\n"
                    f"train: {{out_dir: {tmp_path / 'runs'}}}\n")

@@ -131,9 +131,9 @@ def _csv(path: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_evaluate_chooses_on_val_and_predict_and_cam_apply_the_same_call(tiny_run, cohort, tmp_path):
     from volttl.evaluate import evaluate_run
-    from volttl.explain.run import cam_run
+    from volttl.explain.cam_step import cam_step
     from volttl.models.checkpoints import read_checkpoint
-    from volttl.predict import predict_run
+    from volttl.predict import predict_step
 
     metrics = evaluate_run(tiny_run, "test", bootstrap=20,
                            overrides=["eval.calibration=temperature", "eval.target=1.0"])
@@ -152,10 +152,11 @@ def test_evaluate_chooses_on_val_and_predict_and_cam_apply_the_same_call(tiny_ru
     # predict and cam read the stored decision: the same calibrated probability and call
     manifest = {r["study_id"]: r for r in csv.DictReader(open(cohort))}
     sources = [Path(cohort).parent / manifest[s]["path"] for s in evaluated]
-    records, failed = predict_run(tiny_run, sources, tmp_path / "pred", cam=False, progress=False)
+    records, failed = predict_step(tiny_run, sources, tmp_path / "pred", cam=False, progress=False)
     assert not failed
     predicted = _csv(tmp_path / "pred" / "predictions.csv")
-    cams = {r["study_id"]: r for r in cam_run(tiny_run, tmp_path / "cam", split="test", progress=False)}
+    cams = cam_step(tiny_run, tmp_path / "cam", split="test", progress=False).records
+    cams = {r["study_id"]: r for r in cams}
     for sid, row in evaluated.items():
         name = Path(manifest[sid]["path"]).name.removesuffix(".nii.gz")
         assert float(predicted[name]["probability"]) == pytest.approx(float(row["probability"]), abs=2e-6)

@@ -10,7 +10,7 @@ from volttl.manifests import ManifestError, read_manifest, write_manifest
 from volttl.manifests.penet import CTPE, load_series_list, penet_filter, penet_rows
 from volttl.manifests.rsna import rsna_rows
 from volttl.manifests.schema import format_slices, parse_slices
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.windows import study_windows
 
 from .conftest import shared_path, small_config
@@ -91,7 +91,7 @@ def test_penet_import_then_preprocess(tmp_path):
               CTPE(9, 1.25, 0, 8, [], "test", "")]
     write_manifest(penet_rows(series, data), tmp_path / "m.csv")
     cfg = small_config(tmp_path / "m.csv", tmp_path / "s.h5", slice_thickness=1.25, size=32)
-    assert not preprocess(cfg, progress=False).failed
+    assert not preprocess_step(cfg, progress=False).failed
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f["studies/7/hu"].shape == (30, 32, 32) and f["studies/9/hu"].shape == (8, 32, 32)
         assert list(f["studies/7"].attrs["pe_slices"]) == [10, 11, 12]

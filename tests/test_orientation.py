@@ -7,12 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from volttl.explain.cam_step import overlay_on_original
 from volttl.explain.regrid import to_original_grid
-from volttl.explain.run import overlay_on_original
 from volttl.io import Geometry, Volume, read_study
 from volttl.io.nifti import write_nifti
 from volttl.io.orientation import OrientationError, canonical_map, to_canonical
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
 from volttl.synth import write_dicom_series
 
@@ -105,7 +105,7 @@ def test_real_ct_in_four_voxel_orders_is_stored_identically(tmp_path):
         for name, path in files.items():
             w.writerow([name, str(path), 0, "train", "20-24"])
     cfg = small_config(manifest, tmp_path / "s.h5", slice_thickness=2.5, size=64)
-    assert not preprocess(cfg, progress=False).failed
+    assert not preprocess_step(cfg, progress=False).failed
     with Store(tmp_path / "s.h5") as store:
         volumes = {name: store.hu(name)[...] for name in files}
         metas = {name: store.meta(name) for name in files}

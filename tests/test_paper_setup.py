@@ -15,7 +15,7 @@ from volttl.config import config_from_dict, load_config
 from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.manifests import write_manifest
 from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
 from volttl.preprocess.windows import UNKNOWN
 from volttl.train.loop import per_process_batch
@@ -55,7 +55,7 @@ def test_penet_label_file_preprocesses_whole_with_pe_yaml(tmp_path):
     (study level), PENet's four outliers are stored its way and listed, and the study,
     window and positive-window counts per split are PENet's."""
     manifest = _penet_stand_in(tmp_path)
-    summary = preprocess(_pe_yaml(manifest, tmp_path / "s.h5"), progress=False)
+    summary = preprocess_step(_pe_yaml(manifest, tmp_path / "s.h5"), progress=False)
     assert not summary.failed and len(summary.done) == 1755
     assert set(summary.adjusted) == ADJUSTED
     assert "padded with air" in summary.adjusted["1122"] and "past its 228 slices" in summary.adjusted["1257"]
@@ -84,7 +84,7 @@ def test_penet_label_file_preprocesses_whole_with_pe_yaml(tmp_path):
 
 def test_without_penet_rules_the_outliers_are_refused_by_name(tmp_path):
     manifest = _penet_stand_in(tmp_path, keep=ADJUSTED)
-    summary = preprocess(_pe_yaml(manifest, tmp_path / "s.h5", "preprocess.penet_rules=false"),
+    summary = preprocess_step(_pe_yaml(manifest, tmp_path / "s.h5", "preprocess.penet_rules=false"),
                          progress=False)
     assert set(summary.failed) == ADJUSTED and not summary.adjusted
     assert "at least one window" in summary.failed["1122"]
@@ -101,7 +101,7 @@ def test_training_positives_without_slices_are_still_refused(tmp_path):
         r.pe_slices = []  # 1257 is a training positive
     write_manifest(rows, manifest)
     with pytest.raises(ManifestError, match=r"1 training positive study\(ies\) without pe_slices \(1257\)"):
-        preprocess(_pe_yaml(manifest, tmp_path / "s.h5"), progress=False)
+        preprocess_step(_pe_yaml(manifest, tmp_path / "s.h5"), progress=False)
 
 
 def test_window_metrics_leave_out_unknown_windows_and_say_so():
@@ -187,7 +187,7 @@ def test_training_jitter_is_half_the_window(tmp_path):
     from .conftest import small_config
 
     manifest = synth_cohort(tmp_path / "c", studies=4, seed=1, matrix=48, progress=False)
-    assert not preprocess(small_config(manifest, tmp_path / "s.h5", size=32), progress=False).failed
+    assert not preprocess_step(small_config(manifest, tmp_path / "s.h5", size=32), progress=False).failed
     ds = WindowDataset(str(tmp_path / "s.h5"), "train", True, crop=32)
     assert ds.window == 8 and ds.sampler.jitter == 4 and ds.sampler.prob == 0.3
 

@@ -104,6 +104,14 @@ def test_a_rerun_with_other_inputs_remakes_or_stops_never_reuses(tmp_path):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     run_pipeline(path, progress=False)
     assert not outcomes()["cam"].startswith("skipped") and methods() == {"hirescam"}
+    # an operating point chosen since: the overlays' records must carry its calls
+    from volttl.evaluate import evaluate_step
+
+    evaluate_step(work / "runs" / "r", "val", progress=False)
+    run_pipeline(path, progress=False)
+    assert not outcomes()["cam"].startswith("skipped")
+    records = json.loads((work / "cam" / "cam_summary.json").read_text())
+    assert all(r["threshold"] is not None for r in records)
     spec["set"].append("train.lr_new=0.5")
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(VolttlError, match="trained with other settings .*train.lr_new 0.1 -> 0.5"):

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from volttl.cli import main
 from volttl.manifests.schema import StudyRow
 from volttl.predict import find_studies, window_location
-from volttl.preprocess.run import prepare_study
+from volttl.preprocess.prepare import prepare_study
 
 from .conftest import shared_path, train_tiny_run
 from .test_scene import check_scene
@@ -144,12 +144,12 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
 
 
 def test_an_overlay_that_cannot_be_written_keeps_the_prediction(cohort, trained, tmp_path, caplog):
-    from volttl.predict import predict_run
+    from volttl.predict import predict_step
 
     source = Path(cohort).parent / "studies" / "synth002.nii.gz"
     out = tmp_path / "p"
     (out / "synth002_cam.nii.gz").mkdir(parents=True)  # the overlay's path is taken by a folder
-    records, failed = predict_run(trained, [source], out, progress=False)
+    records, failed = predict_step(trained, [source], out, progress=False)
     assert not failed and records[0]["files"] == {} and "synth002_cam.nii.gz" in records[0]["overlay_error"]
     assert "overlay not written" in caplog.text and "its prediction is kept" in caplog.text
     with open(out / "predictions.csv") as fh:

@@ -15,7 +15,7 @@ import pytest
 
 from volttl.config import config_to_yaml
 from volttl.manifests import read_manifest
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 
 from .conftest import small_config
 
@@ -26,7 +26,7 @@ PATIENT_TAG_VALUES = [b"Synthetic^Patient", b"SYNPID", b"SYNOTHER", b"19600101",
 @pytest.fixture(scope="module")
 def store(cohort, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "store.h5"
-    summary = preprocess(small_config(cohort, path), progress=False)
+    summary = preprocess_step(small_config(cohort, path), progress=False)
     assert not summary.failed and len(summary.done) == 6
     return path
 
@@ -155,7 +155,7 @@ def test_a_study_exported_again_to_the_same_path_is_preprocessed_again(cohort, t
     with open(manifest, "w", newline="") as fh:
         csv.writer(fh).writerows([rows[0]] + [[r[0], str(tmp_path / r[1]), *r[2:]] for r in nifti])
     cfg = small_config(manifest, tmp_path / "s.h5")
-    assert len(preprocess(cfg, progress=False).done) == 2
+    assert len(preprocess_step(cfg, progress=False).done) == 2
 
     def stored_mean():
         with h5py.File(tmp_path / "s.h5", "r") as f:
@@ -167,7 +167,7 @@ def test_a_study_exported_again_to_the_same_path_is_preprocessed_again(cohort, t
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 500, img.affine, img.header), again)
     old_stat = os.stat(again)
     os.utime(again, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns + 10**9))  # a later export
-    summary = preprocess(cfg, progress=False)
+    summary = preprocess_step(cfg, progress=False)
     assert summary.done == [nifti[0][0]] and summary.skipped == [nifti[1][0]]
     assert stored_mean() - before == pytest.approx(500, abs=5)  # the new content, not the old
 

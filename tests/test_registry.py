@@ -108,7 +108,7 @@ def test_the_search_table_names_a_new_backbone_by_its_display_name(tmp_path, mon
     cfg = config_from_dict({"model": {"name": "plain3d_test"},
                             "search": {"strategies": ["ttl"], "baselines": ["ftl"], "radius": 1,
                                        "out_dir": str(tmp_path / "search")}})
-    rows = stages.search_run(cfg, progress=False)
+    rows = stages.search_step(cfg, progress=False)
     assert {r["model"] for r in rows} == {"Plain3D (test)"}
     table = (tmp_path / "search" / "search_table.md").read_text()
     assert "| Plain3D (test) | TTL-2 |" in table

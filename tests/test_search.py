@@ -6,8 +6,8 @@ import json
 import pytest
 
 from volttl.config import config_from_dict
-from volttl.preprocess.run import preprocess
-from volttl.search import search_run
+from volttl.preprocess.step import preprocess_step
+from volttl.search import search_step
 from volttl.search.stages import stage1_cuts, stage2_cuts
 
 from .conftest import small_config
@@ -26,7 +26,7 @@ def test_stage_cuts_follow_the_declared_cut_points():
 @pytest.fixture(scope="module")
 def store(cohort, tmp_path_factory):
     path = tmp_path_factory.mktemp("searchstore") / "s.h5"
-    assert not preprocess(small_config(cohort, path, size=40), progress=False).failed
+    assert not preprocess_step(small_config(cohort, path, size=40), progress=False).failed
     return path
 
 
@@ -46,7 +46,7 @@ def search_cfg(store, out, backend="sequential"):
 @pytest.mark.slow
 def test_tiny_search_writes_the_table_and_resumes(store, tmp_path):
     cfg = search_cfg(store, tmp_path)
-    rows = search_run(cfg, progress=False)
+    rows = search_step(cfg, progress=False)
     assert [r["strategy"] for r in rows] == ["FTL", "TTL-1", "TTL-2", "LWFT-1", "LWFT-2"]
     out = tmp_path / "search"
     trials = {json.loads(p.read_text())["dir"].rsplit("/", 1)[-1]: json.loads(p.read_text())
@@ -71,7 +71,7 @@ def test_tiny_search_writes_the_table_and_resumes(store, tmp_path):
     assert (out / "search_table.csv").read_text().count("\n") == 6
     # resume: every trial is found and skipped
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/trial.json")}
-    assert search_run(cfg, progress=False) == rows
+    assert search_step(cfg, progress=False) == rows
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/trial.json")} == stamps
 
 
@@ -81,7 +81,7 @@ def test_ray_backend_runs_trials_as_tasks(store, tmp_path):
     cfg = search_cfg(store, tmp_path, backend="ray")
     cfg.search.strategies, cfg.search.block_cuts, cfg.search.baselines = ["ttl"], ["stem"], []
     cfg.train.repeats = 1
-    rows = search_run(cfg, progress=False)
+    rows = search_step(cfg, progress=False)
     assert [r["strategy"] for r in rows] == ["TTL-1", "TTL-2"]
     assert (tmp_path / "search/resnext3d_50_ttl_layer1.0/trial.json").is_file()  # stage 2 ran too
     assert (tmp_path / "search/resnext3d_50_ttl_stem/seed0/best.pt").is_file()
@@ -97,7 +97,7 @@ def test_a_finished_trial_is_not_reused_on_other_training_data(cohort, tmp_path)
 
     store = tmp_path / "s.h5"
     prep = small_config(cohort, store, size=40)
-    assert not preprocess(prep, progress=False).failed
+    assert not preprocess_step(prep, progress=False).failed
     cfg = search_cfg(store, tmp_path)
     cfg.train.repeats, cfg.transfer.strategy, cfg.transfer.cut = 1, "ttl", "stem"
     first = run_trial(config_to_dict(cfg), str(tmp_path / "trial"))
@@ -111,6 +111,6 @@ def test_a_finished_trial_is_not_reused_on_other_training_data(cohort, tmp_path)
                                                "27-33" if r[0] == "synth001" else r[4], *r[5:]]
                                               for r in rows[1:]])
     prep.data.manifest = str(manifest)
-    assert not preprocess(prep, progress=False).failed
+    assert not preprocess_step(prep, progress=False).failed
     with pytest.raises(RunError, match="training or validation data changed"):
         run_trial(config_to_dict(cfg), str(tmp_path / "trial"))

@@ -11,7 +11,7 @@ import torch
 from volttl.config import config_to_yaml
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.manifests import ManifestError
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 
 from .conftest import small_config
 
@@ -68,7 +68,7 @@ def test_slice_labels_refuse_positives_without_pe_slices(cohort, tmp_path):
     # only training positives need slices: synth003 (not training) is scored at study level
     with pytest.raises(ManifestError, match=r"1 training positive study\(ies\) without pe_slices "
                                             r"\(synth001\)"):
-        preprocess(cfg, progress=False)
+        preprocess_step(cfg, progress=False)
     assert not (tmp_path / "s.h5").exists()
 
 
@@ -79,7 +79,7 @@ def _study_label_config(cohort, tmp_path):
     cfg.data.labels, cfg.data.bag_windows, cfg.data.crop = "study", 2, 32
     cfg.model.name, cfg.transfer.strategy, cfg.transfer.cut = "resnext3d_50", "ttl", "stem"
     cfg.train.epochs, cfg.train.batch_size, cfg.runtime.workers, cfg.eval.bootstrap = 1, 4, 0, 0
-    assert not preprocess(cfg, progress=False).failed
+    assert not preprocess_step(cfg, progress=False).failed
     return cfg
 
 

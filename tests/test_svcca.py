@@ -83,14 +83,14 @@ def untouched_run(cohort, tmp_path_factory):
 
     from volttl.config import config_from_dict, config_to_dict
     from volttl.models.checkpoints import save_checkpoint
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
     from volttl.runs import model_from_config
 
     from .conftest import small_config
 
     root = tmp_path_factory.mktemp("svccarun")
     store = root / "s.h5"
-    assert not preprocess(small_config(cohort, store, size=40), progress=False).failed
+    assert not preprocess_step(small_config(cohort, store, size=40), progress=False).failed
     cfg = config_from_dict({"data": {"store": str(store), "crop": 32},
                             "model": {"name": "resnext3d_50", "stem": "sum"},
                             "transfer": {"strategy": "ftl"}, "train": {"seed": 11}})
@@ -102,12 +102,12 @@ def untouched_run(cohort, tmp_path_factory):
     return run
 
 
-def test_svcca_run_before_equals_after_when_nothing_was_learned(untouched_run, tmp_path):
-    from volttl.analysis.svcca_run import svcca_run
+def test_svcca_step_before_equals_after_when_nothing_was_learned(untouched_run, tmp_path):
+    from volttl.analysis.svcca_step import svcca_step
 
     # 8 x 32 x 32 windows: deeper cuts have too few positions for their channels
-    rec = svcca_run(untouched_run, tmp_path, split="train", windows=8, max_points=1600,
-                    cuts=["stem", "layer1"], progress=False)
+    rec = svcca_step(untouched_run, tmp_path, split="train", windows=8, max_points=1600,
+                     cuts=["stem", "layer1"], progress=False).record
     assert [r["cut"] for r in rec["cuts"]] == ["stem", "layer1"]
     for r in rec["cuts"]:
         assert min(r["coefficients"]) > 0.99, r["cut"]  # the run's initial model, rebuilt exactly
@@ -116,3 +116,10 @@ def test_svcca_run_before_equals_after_when_nothing_was_learned(untouched_run, t
     assert (tmp_path / "svcca.png").stat().st_size > 5000
     saved = json.loads((tmp_path / "svcca.json").read_text())
     assert saved["windows"] == 8 and saved["cuts"][0]["points"] == 1600  # 200 positions of 8 windows
+    # a pipeline's rerun keeps a record made from the same inputs, and remakes one made from others
+    again = svcca_step(untouched_run, tmp_path, split="train", windows=8, max_points=1600,
+                       cuts=["stem", "layer1"], progress=False, reuse=True)
+    assert again.skipped and again.record == saved
+    other = svcca_step(untouched_run, tmp_path, split="train", windows=4, max_points=1600,
+                       cuts=["stem"], progress=False, reuse=True)
+    assert not other.skipped and json.loads((tmp_path / "svcca.json").read_text())["windows"] == 4

@@ -15,7 +15,7 @@ from volttl.config import config_from_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.dataset import normalise
 from volttl.data.sampling import PECentredSampler, last_window_start
-from volttl.preprocess.run import preprocess
+from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
 from volttl.runs import model_from_config
 from volttl.train.loop import train_run
@@ -29,7 +29,7 @@ from .conftest import small_config
 @pytest.fixture(scope="module")
 def store(cohort, tmp_path_factory):
     path = tmp_path_factory.mktemp("trainstore") / "s.h5"
-    assert not preprocess(small_config(cohort, path, size=40), progress=False).failed
+    assert not preprocess_step(small_config(cohort, path, size=40), progress=False).failed
     return path
 
 

@@ -99,6 +99,19 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path):
                                        r"seed's folder, e.g. .*seed0"):
         load_run(group)
     load_run(group / "seed1")
+    # the one-model steps pick a seed's run by --seed (pipelines: train.seed), or refuse by name
+    from volttl.explain.cam_step import cam_step
+    from volttl.runs import RunDir
+
+    assert RunDir(group).one_run(1).path == group / "seed1" and RunDir(group / "seed0").one_run(5).path == \
+        group / "seed0"
+    with pytest.raises(RunError, match=r"a repeat group without a seed 2 run \(it has seed0, seed1\)"):
+        RunDir(group).one_run(2)
+    with pytest.raises(RunError, match=r"a repeat group of 2 runs \(seed0, seed1\)"):
+        cam_step(group, tmp_path / "cam", progress=False)
+    assert not (tmp_path / "cam").exists()  # refused before anything was written
+    shutil.copytree(tiny_run, group / "seed10")
+    assert RunDir(group).seed_runs() == ["seed0", "seed1", "seed10"]
 
 
 def test_a_run_config_that_is_a_yaml_list_is_one_line(tiny_run):
@@ -123,7 +136,7 @@ def test_dicom_without_rescale_tags_is_read_as_itk_reads_it_and_said(tmp_path):
     import pydicom
 
     from volttl.manifests.schema import StudyRow
-    from volttl.preprocess.run import prepare_study
+    from volttl.preprocess.prepare import prepare_study
 
     hu, files = _series(tmp_path)
     stored = {}
@@ -272,7 +285,7 @@ def test_a_hash_in_a_real_path_is_a_path(tmp_path, cohort):
 
     from volttl.addresses import split_hdf5_address
     from volttl.manifests.schema import read_manifest, write_manifest
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
     from .conftest import small_config
 
@@ -287,7 +300,7 @@ def test_a_hash_in_a_real_path_is_a_path(tmp_path, cohort):
         r.path, r.split = str(target), "train"
     write_manifest(rows, tmp_path / "m.csv")
     assert [Path(r.path) for r in read_manifest(tmp_path / "m.csv")] == [Path(r.path) for r in rows]
-    summary = preprocess(small_config(tmp_path / "m.csv", tmp_path / "s.h5"), progress=False)
+    summary = preprocess_step(small_config(tmp_path / "m.csv", tmp_path / "s.h5"), progress=False)
     assert not summary.failed and len(summary.done) == 2
 
 
@@ -357,16 +370,16 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, cohort, capsys):
 
 def test_a_rerun_with_studies_dropped_from_the_manifest_says_which_left(tmp_path, cohort):
     from volttl.manifests.schema import read_manifest, write_manifest
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
     from .conftest import small_config
 
     rows = read_manifest(cohort)[:3]
     write_manifest(rows, tmp_path / "m.csv")
     cfg = small_config(tmp_path / "m.csv", tmp_path / "s.h5")
-    assert not preprocess(cfg, progress=False).left_index
+    assert not preprocess_step(cfg, progress=False).left_index
     write_manifest(rows[:1], tmp_path / "m.csv")
-    summary = preprocess(cfg, progress=False)
+    summary = preprocess_step(cfg, progress=False)
     assert summary.left_index == [r.study_id for r in rows[1:]]
 
 
@@ -497,13 +510,13 @@ def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
 def test_a_run_takes_the_stores_preprocess_settings_and_says_so(cohort, tmp_path, caplog):
     """A config whose preprocess keys differ from the store's (another store given with
     --set, an edited key) would record windows the run never saw: the store's win."""
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
     from volttl.runs import with_store_preprocessing
 
     from .conftest import small_config
 
     cfg = small_config(Path(cohort), tmp_path / "s.h5", size=40)
-    assert not preprocess(cfg, progress=False).failed
+    assert not preprocess_step(cfg, progress=False).failed
     edited = small_config(Path(cohort), tmp_path / "s.h5", size=40, window=16, slice_thickness=1.0)
     used = with_store_preprocessing(edited)
     assert used.preprocess.window == 8 and used.preprocess.slice_thickness == 2.0

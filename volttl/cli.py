@@ -58,6 +58,12 @@ def _dicom_flag(p: argparse.ArgumentParser) -> None:
                    "other output stays free of them")
 
 
+def _seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="when --run is a repeat group (train.repeats > 1), the seed whose run to use "
+                   "(its seed<S>/ folder)")
+
+
 def _run_overrides(p: argparse.ArgumentParser, example: str) -> None:
     """``--set`` on a command that reads a run, ``--device`` and ``--quiet``."""
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -94,12 +100,12 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
     cfg = _load(args)
     if args.workers is not None:
         cfg.preprocess.workers = args.workers
-    summary = preprocess(cfg, progress=not args.quiet)
+    summary = preprocess_step(cfg, progress=not args.quiet)
     for line in summary.warnings:
         print(f"volttl preprocess: warning: {line}", file=sys.stderr)
     for sid, reason in summary.failed.items():
@@ -313,10 +319,12 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from volttl.explain.run import EMPTY_MAP, cam_run
+    from volttl.explain.cam_step import EMPTY_MAP, cam_step
 
     overrides = [*args.set, *(["cam.dicom=true"] if args.dicom else [])]
-    records = cam_run(args.run, args.out, args.study or None, args.split, overrides, progress=not args.quiet)
+    outcome = cam_step(args.run, args.out, args.study or None, args.split, overrides, progress=not args.quiet,
+                       seed=args.seed)
+    records = outcome.records
     for r in records:
         peak = r["peak_ras_mm"]
         where = f"peak at RAS ({', '.join(f'{v:.1f}' for v in peak)}) mm" if peak else EMPTY_MAP
@@ -335,6 +343,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
           "NIfTI for DICOM sources, a PNG preview and a JSON with the peak).")
 def _cam_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run dir written by `volttl train`")
+    _seed(p)
     p.add_argument("--study", action="append", default=[], metavar="ID",
                    help="study id; repeatable (default: every study of --split)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -345,17 +354,11 @@ def _cam_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from volttl.predict import predict_run
+    from volttl.predict import predict_step
 
-    if args.model:
-        from volttl.export import verify_package
-
-        verify_package(args.model)  # every file as exported, before anything is scored
-    if args.dicom and args.no_cam:
-        raise CommandError("--dicom writes the Grad-CAM as DICOM objects: drop --no-cam")
-    overrides = [*args.set, *(["cam.dicom=true"] if args.dicom else [])]
-    records, failed = predict_run(args.run or args.model, args.paths, args.out, cam=not args.no_cam,
-                                  overrides=overrides, progress=not args.quiet)
+    records, failed = predict_step(args.run or args.model, args.paths, args.out, package=bool(args.model),
+                                   cam=not args.no_cam, dicom=args.dicom, overrides=args.set,
+                                   progress=not args.quiet, seed=args.seed)
     for r in records:
         slices = r["best_window_source_slices"]
         where = (f"source slices {slices[0]}-{slices[1]}" if slices else
@@ -380,6 +383,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run dir written by `volttl train`")
     source.add_argument("--model", help="model package written by `volttl export` (no run folder needed)")
+    _seed(p)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="DICOM folder, NIfTI/NRRD file, or a folder of them")
     p.add_argument("--out", required=True, help="folder for predictions and overlays")
@@ -412,9 +416,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from volttl.pretrain import pretrain
+    from volttl.pretrain import pretrain_step
 
-    result = pretrain(_load(args), progress=not args.quiet)
+    result = pretrain_step(_load(args), progress=not args.quiet).result
     print(f"source task ({', '.join(result['classes'])}): training accuracy {result['accuracy']:.3f} in the "
           f"last epoch, units trained through {result['trained_through']}; checkpoint {result['checkpoint']}")
     return 0
@@ -432,10 +436,10 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from volttl.search import search_run
+    from volttl.search import search_step
 
     cfg = _load(args)
-    search_run(cfg, progress=not args.quiet)
+    search_step(cfg, progress=not args.quiet)
     out = SearchDir(cfg.search.out_dir)
     print(out.table_md.read_text().strip())
     print(f"table: {out.table_md} (.csv, .json); every trial: {out.trials_csv}")
@@ -480,15 +484,16 @@ def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_svcca(args: argparse.Namespace) -> int:
-    from volttl.analysis.svcca_run import svcca_run
+    from volttl.analysis.svcca_step import svcca_step
 
-    rec = svcca_run(args.run, args.out, args.split, args.windows, args.max_points, args.level,
-                    args.threshold, cuts=args.cut or None, progress=not args.quiet)
+    outcome = svcca_step(args.run, args.out, args.split, args.windows, args.max_points, args.level,
+                         args.threshold, cuts=args.cut or None, progress=not args.quiet, seed=args.seed)
+    rec = outcome.record
     print(f"{'cut point':<26} {'mean SVCCA':>10} {'random':>8} {'overlap':>8}")
     for r in rec["cuts"]:
         print(f"{r['cut']:<26} {r['mean']:>10.3f} {r['random_mean']:>8.3f} {r['overlap']:>8.2f}")
     print(f"suggested cut: {rec['suggested_cut'] or 'none (reuse does not stop before the last cut)'}; "
-          f"{SvccaDir(args.out or Path(args.run) / 'svcca').record}")
+          f"{SvccaDir(outcome.out).record}")
     return 0
 
 
@@ -499,7 +504,8 @@ def cmd_svcca(args: argparse.Namespace) -> int:
           "(TTL paper, Appendix C.1).")
 def _svcca_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run dir written by `volttl train` (FTL for the paper's use)")
-    p.add_argument("--out", help="output folder (default RUN/svcca)")
+    _seed(p)
+    p.add_argument("--out", help="output folder (default RUN/svcca, or RUN/seed<S>/svcca with --seed)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--windows", type=int, default=64, help="windows to take features from (default 64)")
     p.add_argument("--max-points", type=int, default=8192, help="positions per cut point (default 8192)")

@@ -240,9 +240,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     from volttl.inference import TrainedRun
     from volttl.models.checkpoints import read_checkpoint
 
-    run = RunDir(run_dir)
-    if run.is_repeat_group():
-        raise PackageError(f"{run.path}: a repeat group; export one of its runs (e.g. {run.seed(0).path})")
+    run = RunDir(run_dir).one_run()  # a repeat group is refused naming its seeds
     trained = TrainedRun.open(run.path)  # the config and weights verified, as predict reads them
     trained.note_missing_decision(log)
     out = Path(out)

@@ -1,4 +1,5 @@
-"""`volttl predict --run RUN PATH... --out DIR`: score new scans, no manifest or store.
+"""The predict step (`volttl predict --run RUN PATH... --out DIR`): score new scans, no
+manifest or store.
 
 Each study (a DICOM series folder, a NIfTI or NRRD file, or every such study found in a
 folder) is prepared in memory by the same code `volttl preprocess` stores with, using the
@@ -21,9 +22,10 @@ from volttl.inference import TrainedRun, window_location
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
 from volttl.outputs import PredictDir
-from volttl.preprocess.run import PreparedStudy, prepare_study
+from volttl.preprocess.prepare import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
 from volttl.records import write_text_atomically
+from volttl.runs import RunDir
 
 log = logging.getLogger("volttl.predict")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
@@ -90,20 +92,47 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
     return out
 
 
-def predict_run(run_dir: str | Path, paths: list[str | Path], out: str | Path, cam: bool = True,
-                overrides: list[str] | None = None, progress: bool = True
-                ) -> tuple[list[dict], dict[str, str]]:
-    """Score every study at ``paths`` with the run's best model; writes predictions.csv and
-    predictions.json (and overlays unless ``cam`` is false) to ``out``. Returns the
-    records and the failures (study id -> one-line reason)."""
+def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, package: bool = False,
+                 cam: bool = True, dicom: bool = False, overrides: list[str] | None = None,
+                 progress: bool = True, seed: int | None = None) -> tuple[list[dict], dict[str, str]]:
+    """`volttl predict`: score every study at ``paths`` with a run's best model (``source``
+    a run folder; ``seed`` picks a repeat group's run) or an exported model (``package``,
+    every file checked against its checksum first); writes predictions.csv and
+    predictions.json (and overlays unless ``cam`` is false, and with ``dicom`` their DICOM
+    objects) to ``out``. Returns the records and the failures (study id -> one-line reason)."""
+    if dicom and not cam:
+        raise PredictError("--dicom writes the Grad-CAM as DICOM objects: drop --no-cam")
+    if package:
+        from volttl.export import verify_package
+
+        verify_package(source)  # every file as exported, before anything is scored
+        run_dir = Path(source)
+    else:
+        run_dir = RunDir(source).one_run(seed).path
+    overrides = [*(overrides or []), *(["cam.dicom=true"] if dicom else [])]
+    return _score_scans(run_dir, paths, Path(out), cam, overrides, progress)
+
+
+def __getattr__(name: str):
+    if name == "predict_run":  # the step's old name
+        import warnings
+
+        warnings.warn("volttl.predict.predict_run is renamed predict_step", DeprecationWarning, stacklevel=2)
+        return lambda run_dir, paths, out, cam=True, overrides=None, progress=True: _score_scans(
+            Path(run_dir), paths, Path(out), cam, overrides, progress)
+    raise AttributeError(f"module 'volttl.predict' has no attribute {name!r}")
+
+
+def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, overrides: list[str] | None,
+                 progress: bool) -> tuple[list[dict], dict[str, str]]:
+    """Score (and with ``cam`` explain) every study at ``paths`` with the run at ``run_dir``."""
+    from volttl.explain.cam_step import EMPTY_MAP, cam_study, windows_per_study
     from volttl.explain.gradcam import WindowGradCAM
-    from volttl.explain.run import EMPTY_MAP, cam_study, windows_per_study
 
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg
     run.note_missing_decision(log)
     studies = find_studies(paths)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grad_cam = None
     if cam:

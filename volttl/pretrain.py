@@ -1,4 +1,4 @@
-"""`volttl pretrain`: a backbone trained on a synthetic source task that is not PE, saved
+"""The pretrain step (`volttl pretrain`): a backbone trained on a synthetic source task that is not PE, saved
 in Hara et al.'s published checkpoint layout, so the demo can show transfer learning
 without Kinetics weights.
 
@@ -20,16 +20,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from volttl.config import Config
+from volttl.config import Config, config_to_dict
 from volttl.data.intensity import normalise
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
 from volttl.progress import progress_bar
+from volttl.provenance import forget_inputs, keep_if_made_from, record_inputs
 
 log = logging.getLogger("volttl.pretrain")
 CLASSES = ("none", "ball", "tube", "plate")
@@ -90,12 +92,47 @@ def hara_layout(model: torch.nn.Module, epoch: int, arch: str) -> dict:
     return {"epoch": epoch, "arch": arch, "state_dict": state, "optimizer": {}, "input_scale": "ct"}
 
 
-def pretrain(cfg: Config, progress: bool = True) -> dict:
+@dataclass
+class PretrainOutcome:
+    """What the pretrain step did: the checkpoint, and the last epoch's loss and accuracy
+    (None when a checkpoint made with the same settings was kept)."""
+
+    checkpoint: Path
+    result: dict | None
+
+    def summary(self) -> str:
+        if self.result is None:
+            return f"skipped: {self.checkpoint} exists"
+        return f"source-task accuracy {self.result['accuracy']:.3f}; {self.checkpoint}"
+
+
+def pretrain_inputs(cfg: Config) -> dict:
+    """What a source-task checkpoint is made from: the pretrain section (but where it goes),
+    the backbone and the intensity scaling."""
+    d = config_to_dict(cfg)
+    return {**{k: v for k, v in d["pretrain"].items() if k != "out"}, "model": d["model"]["name"],
+            "hu_clip": d["data"]["hu_clip"], "intensity_shift": d["data"]["intensity_shift"]}
+
+
+def pretrain_step(cfg: Config, progress: bool = True, reuse: bool = False) -> PretrainOutcome:
+    """`volttl pretrain` and a pipeline's ``pretrain`` step: the source-task checkpoint at
+    ``pretrain.out``. With ``reuse`` (pipelines) one made with the same settings is kept,
+    and one made with others stops the pipeline (runs were trained on it)."""
+    if not cfg.pretrain.out:
+        raise VolttlError("pretrain.out is not set (the checkpoint to write)")
+    out, inputs = Path(cfg.pretrain.out), pretrain_inputs(cfg)
+    if reuse and keep_if_made_from(out, inputs, "pretrain"):
+        return PretrainOutcome(out, None)
+    forget_inputs(out)
+    result = train_source_task(cfg, progress)
+    record_inputs(out, inputs)
+    return PretrainOutcome(out, result)
+
+
+def train_source_task(cfg: Config, progress: bool = True) -> dict:
     """Train ``model.name`` on the source task and write ``pretrain.out``; returns the
     last epoch's training loss and accuracy."""
     p = cfg.pretrain
-    if not p.out:
-        raise VolttlError("pretrain.out is not set (the checkpoint to write)")
     spec = get_backbone_spec(cfg.model.name)
     keep = spec.cut_point(p.depth).keep  # fail early, naming the valid cuts
     torch.manual_seed(p.seed)

@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from volttl.errors import VolttlError
 from volttl.records import CHECKSUM_KEY, read_record, write_record
 
 
@@ -51,3 +52,44 @@ def made_from(output: Path, inputs: dict) -> bool | None:
     """Whether ``output`` was made from ``inputs``: True, False, or None when it does not say."""
     before = recorded_inputs(output)
     return None if before is None else before == json.loads(json.dumps(inputs))
+
+
+def forget_inputs(output: Path) -> None:
+    """Drop ``output``'s inputs record before it is made again: a kill halfway then leaves
+    an output that says nothing, not one that claims the old inputs."""
+    inputs_record(output).unlink(missing_ok=True)
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """A large file's size and modification time (a checkpoint): None when it is absent."""
+    if not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def content_stamp(path: Path) -> str | None:
+    """A small file's content hash: the same however often it is rewritten with the same
+    content (evaluate rewrites the operating point each time). None when it is absent."""
+    if not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class MadeFromOtherInputs(VolttlError):
+    """An output that later work builds on exists, made from other inputs."""
+
+
+def keep_if_made_from(output: Path, inputs: dict, step: str) -> bool:
+    """For an output that later work builds on (a manifest, a pretrained checkpoint), on a
+    rerun: True to keep it when it exists and was made from ``inputs`` (or does not say),
+    False when it is absent. Made from other inputs it stops with one line, since making it
+    again would not remake what was built on the old one."""
+    if not Path(output).is_file():
+        return False
+    if made_from(output, inputs) is False:
+        differ = differences(recorded_inputs(output) or {}, inputs)
+        raise MadeFromOtherInputs(
+            f"{output}: made by the {step} step with other options ({'; '.join(differ)}); use another "
+            "workdir, or empty this one (what later steps made came from the old one)")
+    return True

@@ -125,15 +125,34 @@ class RunDir:
     def finished_epochs(self) -> int:
         return len(self.metrics.read_text().splitlines()) if self.metrics.is_file() else 0
 
+    def seed_runs(self) -> list[str]:
+        """The seed folders of a repeat group that hold a run (none for a single run)."""
+        if self.config.is_file():
+            return []
+        return sorted((p.name for p in self.path.glob("seed*") if (p / CONFIG).is_file()),
+                      key=lambda name: int(name[4:]) if name[4:].isdigit() else -1)
+
+    def one_run(self, seed: int | None = None) -> RunDir:
+        """The run a one-model step (cam, svcca, predict, export) works on: this run, or
+        seed ``seed``'s run of a repeat group. A group without a seed, or without that
+        seed, is refused naming its seeds, so no step picks one behind the user's back."""
+        seeds = self.seed_runs()
+        if not seeds:
+            return self
+        if seed is None:
+            raise RunError(f"{self.path}: a repeat group of {len(seeds)} runs ({', '.join(seeds)}), "
+                           f"not one run: give one seed's folder, e.g. {self.path / seeds[0]}")
+        if f"seed{seed}" not in seeds:
+            raise RunError(f"{self.path}: a repeat group without a seed {seed} run "
+                           f"(it has {', '.join(seeds)})")
+        return self.seed(seed)
+
     def read_config(self) -> Config:
         """The config the run was trained with."""
         if not self.path.exists():
             raise RunError(f"{self.path}: no such run folder")
         if not self.config.is_file():
-            seeds = sorted(p.name for p in self.path.glob("seed*") if (p / CONFIG).is_file())
-            if seeds:  # train.repeats > 1 (pe.yaml trains 3): cam, predict, export take one model
-                raise RunError(f"{self.path}: a repeat group of {len(seeds)} runs ({', '.join(seeds)}), "
-                               f"not one run: give one seed's folder, e.g. {self.path / seeds[0]}")
+            self.one_run()  # a repeat group: cam, predict, export take one model
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
             raw = load_yaml(self.config.read_text())
@@ -231,12 +250,13 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
         before = json.loads(run.training_data.read_text())
         with Store(cfg.data.store) as store:
             now = store.training_data()
-        if now["fingerprint"] != before.get("fingerprint"):
-            counts = "; ".join(f"{k} studies {before.get(k)} -> {now[k]}" for k in ("train", "val"))
+        differ = differences(before, now)
+        if any(d.startswith("fingerprint ") for d in differ):
+            counts = [d for d in differ if not d.startswith("fingerprint ")] or ["the same study counts"]
             raise RunError(f"{run.path}: the store's training or validation data changed since the run "
-                           f"was trained ({counts}, or their volumes, labels or windows); continuing or "
-                           "reusing it would pass it off as trained on the new data: use another run dir; "
-                           "the run is left as it was")
+                           f"was trained ({'; '.join(counts)}; its studies, volumes, labels or windows "
+                           "differ); continuing or reusing it would pass it off as trained on the new data: "
+                           "use another run dir; the run is left as it was")
 
 
 def install_record() -> dict:

@@ -1,200 +1,25 @@
-"""`volttl cam`: a run's best model -> Grad-CAM overlays on each study's original CT grid.
-
-Per study: ``<study>_cam.nii.gz`` (values in [0, 1], stored as uint8 with scl_slope 1/255
-unless ``cam.dtype: float32``; the original CT's exact shape and affine, mm units,
-cal_min/cal_max 0 and 1), ``<study>_ct.nii.gz`` (by default when the source was not
-NIfTI: DICOM, NRRD, HDF5; ``cam.write_ct: always`` for every source), a PNG
-preview through the map's peak, a 3D Slicer scene ``<study>_scene.mrml`` that opens the
-overlay over its CT (the peak as ``<study>_peak.mrk.json``), and ``<study>_cam.json``
-with the study probability and the peak in world (RAS) millimetres; ``cam_summary.json`` for all of them, and
-``localisation.json`` when the manifest has lesion masks (the synthetic cohort). Only the
-store's geometry and the source path are used; no DICOM tag is read beyond what the
-reader needs for pixels and geometry.
-"""
+"""Deprecated: the cam step's old module, kept so that scripts importing it still run.
+Use :func:`volttl.explain.cam_step.cam_step`."""
 
 from __future__ import annotations
 
-import json
-import logging
+import warnings
 from pathlib import Path
 
-import numpy as np
+from volttl.explain.cam_step import (  # noqa: F401  (the old names, re-exported)
+    EMPTY_MAP,
+    cam_step,
+    cam_study,
+    overlay_on_original,
+    select_studies,
+    windows_per_study,
+)
 
-from volttl.addresses import split_hdf5_address
-from volttl.errors import VolttlError
-from volttl.explain.gradcam import WindowGradCAM, default_stride, sliding_window_starts, stitch_study
-from volttl.explain.localisation import write_localisation
-from volttl.explain.preview import write_preview
-from volttl.explain.regrid import to_original_grid
-from volttl.explain.scene import write_scene
-from volttl.inference import StudyScore, TrainedRun, evaluation_starts
-from volttl.io.geometry import Geometry
-from volttl.io.nifti import write_nifti, write_unit_map
-from volttl.io.studies import StudyReadError, read_study
-from volttl.outputs import CamDir
-from volttl.preprocess.store import Store, StudyMeta
-from volttl.progress import progress_bar
-
-log = logging.getLogger("volttl.cam")
-
-
-EMPTY_MAP = ("all-zero map: no window's positive logit rose with the target layer's features (an "
-             "untrained or nearly constant model, or one that sees no PE evidence here); check the run's "
-             "validation AUROC, or try an earlier cam.target_layer")
-
-
-def overlay_on_original(stored_map: np.ndarray, meta: StudyMeta) -> tuple[np.ndarray, Geometry]:
-    """A map on the stored grid -> the same map on the original CT grid, in [0, 1]."""
-    geo = meta.original
-    return np.clip(to_original_grid(stored_map, meta.stored_to_original, geo.shape), 0, 1), geo
-
-
-def _read_source_ct(meta: StudyMeta) -> np.ndarray | None:
-    """The original HU volume, or None (with a warning) when the source is gone."""
-    geo = meta.original
-    is_hdf5 = split_hdf5_address(meta.source)[1] is not None
-    hdf5 = {"slice_thickness": geo.spacing[2], "pixel_spacing": geo.spacing[0]} if is_hdf5 else {}
-    try:
-        vol = read_study(meta.source, meta.series_uid or None, **hdf5)
-    except StudyReadError as exc:
-        log.warning("%s: CT not written, preview drawn from the store (%s)", meta.study_id, exc)
-        return None
-    if tuple(vol.hu.shape) != geo.shape:
-        raise VolttlError(f"{meta.source}: the study now has shape {vol.hu.shape}, the store recorded "
-                          f"{geo.shape}; preprocess it again")
-    return vol.hu
-
-
-def windows_per_study(slices: int, cfg, cam: bool = True) -> int:
-    """The windows a study of ``slices`` stored slices goes through: the evaluation
-    windows it is scored on and, with ``cam``, Grad-CAM's sliding windows (the total of
-    the per-study progress bar: a 300-slice study on a CPU takes minutes)."""
-    window = cfg.preprocess.window
-    n = len(evaluation_starts(slices, window))
-    return n + (len(sliding_window_starts(slices, window, cfg.cam.stride or default_stride(window)))
-                if cam else 0)
-
-
-def select_studies(store: Store, studies: list[str] | None, split: str) -> list[str]:
-    if studies:
-        unknown = [s for s in studies if s not in store.study_ids]
-        if unknown:
-            raise VolttlError(f"{store.path}: no study {', '.join(unknown)} in the store")
-        return list(studies)
-    return [store.study_ids[i] for i in store.studies_in(split)]
-
-
-def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path,
-              score: StudyScore, label: int | None, on_batch=None) -> dict:
-    """Everything `volttl cam` writes for one study (its stored HU ``hu`` and metadata);
-    returns its JSON record. ``score``: the study scored by the run
-    (:meth:`TrainedRun.score_study`), so the probability is the one every command reports;
-    ``label``: the study's label, None for a scan that has none (predict); ``on_batch(n)``
-    after each batch of ``n`` Grad-CAM windows."""
-    sid = meta.study_id
-    result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
-                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend,
-                          on_batch)
-    cam_map, geo = overlay_on_original(result.stored_map, meta)
-    if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
-        cam_map /= cam_map.max()
-    folder = CamDir(out)
-    write_unit_map(cam_map, geo, folder.cam(sid), cfg.cam.dtype)
-    files = {"cam": folder.cam_name(sid)}
-    wanted = cfg.cam.write_ct == "always" or (cfg.cam.write_ct == "auto" and meta.source_kind != "nifti")
-    ct = _read_source_ct(meta) if wanted else None
-    if ct is not None:
-        write_nifti(np.clip(np.rint(ct), -32768, 32767).astype(np.int16), geo, folder.ct(sid))
-        files["ct"] = folder.ct_name(sid)
-    k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(cam_map)), cam_map.shape))
-    peak_ras = (geo.affine_ras() @ np.array([i, j, k, 1.0]))[:3]
-    has_peak = bool(cam_map.max() > 0)  # an all-zero map: nothing raised the positive logit
-    probability = score.probability
-    if cfg.cam.preview:  # drawn on the stored grid (canonical LPS): no need to read the CT again
-        stored_peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(result.stored_map)),
-                                                             result.stored_map.shape))
-        spacing = tuple(float(v) for v in np.linalg.norm(meta.stored_affine_ras[:3, :3], axis=0))
-        write_preview(hu, result.stored_map, stored_peak, spacing, folder.preview(sid),
-                      f"{sid}: p(PE) = {probability:.3f}")
-        files["preview"] = folder.preview_name(sid)
-    source = Path(meta.source) if meta.source_kind == "nifti" else None  # the CT the overlay sits on
-    ct_path = folder.ct(sid) if "ct" in files else source
-    scene = write_scene(out, sid, files["cam"], ct_path if ct_path and ct_path.is_file() else None,
-                        [float(v) for v in peak_ras] if has_peak else None, probability)
-    files["scene"] = scene.name
-    if has_peak:
-        files["peak"] = folder.peak(sid).name
-    dicom_error = None
-    if cfg.cam.dicom:
-        dicom = _dicom_objects(meta, cam_map, score, cfg, folder, files, window, hu.shape[0])
-        dicom_error = dicom.pop("dicom_error", None)
-        files.update(dicom)
-    record = {
-        "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
-        "predicted_label": score.predicted_label, "threshold": score.threshold,
-        "aggregate": cfg.eval.aggregate,
-        "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
-        "peak_voxel_ijk": [i, j, k] if has_peak else None,
-        "target_layer": cam.target_layer, "method": cam.method,
-        "stride": cfg.cam.stride or default_stride(window), "stitch": cfg.cam.stitch,
-        "blend": cfg.cam.blend,
-        "window_starts": score.window_starts,  # the evaluation windows the probability comes from
-        # the model's own window probabilities; the study probability is their aggregate,
-        # calibrated when the run has a temperature
-        "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
-        "files": files,
-        **({"dicom_error": dicom_error} if dicom_error else {}),
-    }
-    folder.record(sid).write_text(json.dumps(record, indent=2))
-    return record
-
-
-def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg, folder, files: dict,
-                   window: int, stored_slices: int) -> dict:
-    """The DICOM objects of ``cam.dicom`` for a DICOM source; for any other source, a
-    note that there are none."""
-    from volttl.explain.dicom_objects import DicomOutputError, write_dicom_objects
-    from volttl.inference import window_location
-
-    if meta.source_kind != "dicom":
-        kind = {"nifti": "NIfTI", "itk": "an ITK image (NRRD, MHA)"}.get(meta.source_kind, meta.source_kind)
-        log.warning("%s: no DICOM objects: the source is %s, not DICOM", meta.study_id, kind)
-        return {}
-    t = cfg.transfer
-    where = window_location(meta, score.best_window, window, cfg.data.crop, stored_slices)
-    cut = f" cut after {t.cut}" if t.strategy != "ftl" else ""
-    model = f"{cfg.model.name} {t.strategy.upper()}{cut}"
-    record = {"probability": score.probability, "predicted_label": score.predicted_label,
-              "threshold": score.threshold, "model_text": model}
-    preview = folder.path / files["preview"] if "preview" in files else None
-    centre = where["best_window_centre_ras_mm"]
-    try:
-        return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre)
-    except DicomOutputError as exc:  # this study's objects only: its overlay and score stand
-        log.warning("%s: DICOM objects not written: %s", meta.study_id, exc)
-        return {"dicom_error": str(exc)}
+warnings.warn("volttl.explain.run is renamed: use cam_step from volttl.explain.cam_step",
+              DeprecationWarning, stacklevel=2)
 
 
 def cam_run(run_dir: str | Path, out: str | Path, studies: list[str] | None = None, split: str = "test",
             overrides: list[str] | None = None, progress: bool = True) -> list[dict]:
-    """Grad-CAM overlays for the chosen studies (default: the split's) of a run's store."""
-    run = TrainedRun.open(run_dir, overrides)
-    cfg = run.cfg
-    out = Path(out)
-    records = []
-    run.note_missing_decision(log)
-    with Store(cfg.data.store) as store:
-        ids = select_studies(store, studies, split)
-        out.mkdir(parents=True, exist_ok=True)
-        cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method, run.numerics)
-        for sid in progress_bar(ids, desc="cam", unit="study", disable=not progress):
-            meta, hu = store.meta(sid), store.hu(sid)[...]
-            with progress_bar(total=windows_per_study(hu.shape[0], cfg), desc=f"  {sid}", unit="window",
-                              leave=False, disable=not progress) as bar:
-                score = run.score_study(hu, on_batch=bar.update)
-                records.append(cam_study(meta, hu, store.window, cam, cfg, out, score, meta.label,
-                                         bar.update))
-    CamDir(out).summary.write_text(json.dumps(records, indent=2))
-    if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
-        write_localisation(out, cfg.data.manifest, records)
-    return records
+    """Deprecated: :func:`volttl.explain.cam_step.cam_step`'s records."""
+    return cam_step(run_dir, out, studies, split, overrides, progress).records

@@ -19,12 +19,15 @@ from the same inputs (synth, manifest: the manifest, made with the same step opt
 pretrain: the checkpoint, made with the same pretrain settings; preprocess: finished
 studies, by the store itself; train: finished epochs, resumed, with the run's own
 training settings and data; search: finished trials, likewise; svcca, cam: svcca.json and
-cam_summary.json, made with the same options from the same checkpoint); `evaluate` and
+cam_summary.json, made with the same options from the same checkpoint, and for cam the same
+operating point); `evaluate` and
 `report` are always rewritten. So a killed pipeline is rerun with the same command. An
 output made from other inputs is made again (svcca, cam) or, where later steps were
 built on it (synth, manifest, pretrain) or it is a run, stops the pipeline with one line.
 ``train: {run: runs/x}`` trains one run (``train.repeats`` seeds) in the work folder;
-`evaluate`, `svcca` and `cam` then use it unless they name a search-table ``row``.
+`evaluate`, `svcca` and `cam` then use it unless they name a search-table ``row``; `svcca`
+and `cam` take the ``train.seed`` run of a repeat group. Each step is the function the
+command of the same name runs (``*_step``); this module only chooses their inputs.
 `volttl demo` is the packaged pipeline ``resources/demo_pipeline.yaml``.
 """
 
@@ -39,8 +42,8 @@ import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
-from volttl.outputs import CamDir, PipelineDir, SearchDir, SvccaDir
-from volttl.provenance import differences, made_from, record_inputs, recorded_inputs
+from volttl.outputs import CamDir, PipelineDir, SearchDir
+from volttl.provenance import MadeFromOtherInputs, keep_if_made_from, record_inputs
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "svcca", "cam",
@@ -108,13 +111,6 @@ def _step_run(cfg: Config, work: Path, args: dict, report: dict, default_row: st
     return f"{label} ({row['cut'] or 'full'})", run
 
 
-def _one_seed(cfg: Config, run: Path) -> Path:
-    """A run dir itself, or the first seed's run of a repeat group."""
-    from volttl.runs import RunDir
-
-    return RunDir(run).seed(cfg.train.seed).path if RunDir(run).is_repeat_group() else run
-
-
 def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
     """The search table's row ``label`` (e.g. "TTL-2") and its first seed's run dir."""
     table = SearchDir(cfg.search.out_dir).table_json
@@ -139,7 +135,10 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
         args = args or {}
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        outcome = _STEP_FUNCS[name](cfg, work, args, progress, report)
+        try:
+            outcome = _STEP_FUNCS[name](cfg, work, args, progress, report)
+        except MadeFromOtherInputs as exc:  # a pipeline's own stop, as every pipeline problem is
+            raise PipelineError(str(exc)) from None
         report["steps"].append({"step": name, "outcome": outcome,
                                 "seconds": round(time.perf_counter() - t0, 1)})
         print(f"   {outcome}", flush=True)
@@ -151,17 +150,9 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
 
 
 def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
-    """The 'skipped' outcome when an output that later steps build on (a manifest, a
-    pretrained checkpoint) exists from these inputs. From others: a one-line stop, since
-    making it again would not remake what was built on the old one."""
-    if not output.is_file():
-        return None
-    if made_from(output, inputs) is False:
-        differ = differences(recorded_inputs(output) or {}, inputs)
-        raise PipelineError(f"{output}: made by the {step} step with other options ({'; '.join(differ)}); "
-                            "use another workdir, or empty this one (what later steps made came from the "
-                            "old one)")
-    return f"skipped: {output} exists"
+    """The 'skipped' outcome when an output that later steps build on (a manifest) exists
+    from these inputs (:func:`volttl.provenance.keep_if_made_from`), else None."""
+    return f"skipped: {output} exists" if keep_if_made_from(output, inputs, step) else None
 
 
 def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -195,29 +186,23 @@ def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 
 def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.preprocess.run import preprocess
+    from volttl.preprocess.step import preprocess_step
 
-    summary = preprocess(cfg, progress=progress)
+    summary = preprocess_step(cfg, progress=progress)
     if summary.failed:
         raise PipelineError(f"preprocess: {summary.line()}")
     return summary.line() + (f"; {summary.adjusted_line()}" if summary.adjusted else "")
 
 
 def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    """The synthetic source-task checkpoint at ``pretrain.out`` (skipped when it exists)."""
-    from volttl.pretrain import pretrain
+    """The synthetic source-task checkpoint at ``pretrain.out`` (kept when made with the
+    same settings)."""
+    from volttl.pretrain import pretrain_step
 
-    out = Path(cfg.pretrain.out)
-    d = config_to_dict(cfg)
-    inputs = {**{k: v for k, v in d["pretrain"].items() if k != "out"}, "model": d["model"]["name"],
-              "hu_clip": d["data"]["hu_clip"], "intensity_shift": d["data"]["intensity_shift"]}
-    skipped = _keep_upstream(out, "pretrain", inputs)
-    if skipped:
-        return skipped
-    result = pretrain(cfg, progress=progress)
-    record_inputs(out, inputs)
-    report["pretrain"] = result
-    return f"source-task accuracy {result['accuracy']:.3f}; {out}"
+    outcome = pretrain_step(cfg, progress=progress, reuse=True)
+    if outcome.result is not None:
+        report["pretrain"] = outcome.result
+    return outcome.summary()
 
 
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
@@ -255,64 +240,41 @@ def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 
 def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.search import search_run
+    from volttl.search import search_step
 
-    rows = search_run(cfg, progress=progress)
+    rows = search_step(cfg, progress=progress)
     report["table"] = SearchDir(cfg.search.out_dir).table_md.read_text()
     report["table_rows"] = rows
     return f"{len(rows)} table rows in {SearchDir(cfg.search.out_dir).table_md}"
 
 
-def _checkpoint_stamp(run: Path) -> dict:
-    """Which checkpoint a run's analysis used: best.pt's size and modification time (of
-    each seed's in a repeat group)."""
-    files = sorted(Path(run).glob("**/best.pt"))
-    return {str(f.relative_to(run)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-
-
-def _done(output: Path, inputs: dict):
-    """A step's earlier JSON output and the 'skipped' outcome when it was made from
-    ``inputs``; else (None, "") to run it (again)."""
-    if output.is_file() and made_from(output, inputs):
-        return json.loads(output.read_text()), f"skipped: {output.name} exists"
-    return None, ""
-
-
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.analysis.svcca_run import svcca_run
+    """SVCCA of the run (``train.seed``'s of a repeat group) into ``<workdir>/svcca``."""
+    from volttl.analysis.svcca_step import svcca_step
 
     _, run = _step_run(cfg, work, args, report, "FTL")
-    run = _one_seed(cfg, run)
-    out = work / "svcca"
-    inputs = {"args": args, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
-    rec, outcome = _done(SvccaDir(out).record, inputs)
-    if rec is None:
-        rec = svcca_run(run, out, windows=int(args.get("windows", 64)),
-                        max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
-                        cuts=args.get("cuts"), progress=progress)
-        record_inputs(SvccaDir(out).record, inputs)
-        outcome = f"suggested cut {rec['suggested_cut']}"
-    keys = ("cut", "mean", "random_mean", "overlap")
-    report["svcca"] = {"run": str(run), "suggested_cut": rec["suggested_cut"],
+    outcome = svcca_step(run, work / "svcca", windows=int(args.get("windows", 64)),
+                         max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
+                         cuts=args.get("cuts"), progress=progress, seed=cfg.train.seed, reuse=True)
+    rec, keys = outcome.record, ("cut", "mean", "random_mean", "overlap")
+    report["svcca"] = {"run": str(outcome.run), "suggested_cut": rec["suggested_cut"],
                        "cuts": [{k: r[k] for k in keys} for r in rec["cuts"]]}
-    return outcome
+    return outcome.summary()
 
 
 def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.explain.run import cam_run
+    """Overlays of the run (``train.seed``'s of a repeat group) with the pipeline's cam
+    settings, not those the run was trained with."""
+    from volttl.explain.cam_step import cam_step
 
     name, run = _step_run(cfg, work, args, report, "TTL-2")
-    run = _one_seed(cfg, run)
     out = work / str(args.get("out", "cam"))
-    cam = config_to_dict(cfg)["cam"]  # the pipeline's cam settings, not those the run was trained with
-    inputs = {"args": args, "cam": cam, "run": str(run), "checkpoints": _checkpoint_stamp(run)}
-    records, outcome = _done(CamDir(out).summary, inputs)
-    if records is None:
-        records = cam_run(run, out, split=args.get("split", "test"), progress=progress,
-                          overrides=[f"cam.{k}={json.dumps(v)}" for k, v in cam.items()])
-        record_inputs(CamDir(out).summary, inputs)
-        outcome = f"{len(records)} overlays of {name} in {out}"
-    report["cam"] = {"row": name, "run": str(run), "out": str(out), "overlays": len(records)}
+    overrides = [f"cam.{k}={json.dumps(v)}" for k, v in config_to_dict(cfg)["cam"].items()]
+    result = cam_step(run, out, split=args.get("split", "test"), overrides=overrides, progress=progress,
+                      seed=cfg.train.seed, reuse=True)
+    records = result.records
+    outcome = result.summary() if result.skipped else f"{len(records)} overlays of {name} in {out}"
+    report["cam"] = {"row": name, "run": str(result.run), "out": str(out), "overlays": len(records)}
     found = CamDir(out).localisation  # written by cam when the manifest has lesion masks
     if found.is_file():
         report["cam"]["localisation"] = json.loads(found.read_text())["summary"]

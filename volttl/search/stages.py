@@ -68,8 +68,9 @@ def _row(label_model: str, strategy: str, r: dict) -> dict:
             "dir": r["dir"]}
 
 
-def search_run(cfg: Config, progress: bool = True) -> list[dict]:
-    """Run (or resume) the whole search; writes search_table.{md,csv,json} and trials.csv."""
+def search_step(cfg: Config, progress: bool = True) -> list[dict]:
+    """`volttl search` and a pipeline's ``search`` step: run (or resume) the whole search;
+    writes search_table.{md,csv,json} and trials.csv."""
     s, model = cfg.search, cfg.model.name
     unknown = [x for x in s.strategies if x not in ("tf", "lwft", "ttl")]
     if unknown:

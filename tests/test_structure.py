@@ -1,0 +1,92 @@
+"""The code's shape that a newcomer relies on: one module names each output file, every
+step is one function that the command and the pipeline both call, and renamed modules
+still import (with a warning)."""
+
+import ast
+import importlib
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "volttl"
+FILE_NAME = re.compile(r"[A-Za-z0-9_<>{}-]+\.(json|jsonl|md|csv|png|pt|pt2|yaml|nii\.gz|mrml|dcm|log|pkl)")
+
+
+def _string_literals(tree: ast.AST):
+    """Every string literal, an f-string with ``{}`` where its fields go."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+
+
+def test_no_output_file_name_is_spelt_in_two_modules():
+    where: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for text in _string_literals(ast.parse(path.read_text())):
+            if FILE_NAME.fullmatch(text.strip()):
+                where.setdefault(text.strip(), set()).add(str(path.relative_to(PACKAGE)))
+    assert {"cam_summary.json", "localisation.json", "search_table.md", "svcca.json", "report.json",
+            "best.pt", "metrics_{}.json"} <= set(where)  # the scan sees the names it is about
+    repeated = {name: sorted(mods) for name, mods in where.items() if len(mods) > 1}
+    assert repeated == {}
+
+
+STEPS = {  # step: (module, function); the command and the pipeline step call the same one
+    "preprocess": ("volttl.preprocess.step", "preprocess_step"),
+    "train": ("volttl.train.step", "train_step"),
+    "evaluate": ("volttl.evaluate", "evaluate_step"),
+    "cam": ("volttl.explain.cam_step", "cam_step"),
+    "predict": ("volttl.predict", "predict_step"),
+    "search": ("volttl.search.stages", "search_step"),
+    "svcca": ("volttl.analysis.svcca_step", "svcca_step"),
+    "pretrain": ("volttl.pretrain", "pretrain_step"),
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_the_command_and_the_pipeline_call_the_same_step_function(step):
+    module, function = STEPS[step]
+    assert callable(getattr(importlib.import_module(module), function))
+    cli = ast.parse((PACKAGE / "cli.py").read_text())
+    runner = ast.parse((PACKAGE / "pipeline" / "runner.py").read_text())
+
+    def calls(tree: ast.AST, name: str) -> set[str]:
+        """The functions called inside function ``name`` of ``tree``."""
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+        return {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+
+    assert function in calls(cli, f"cmd_{step}")
+    if step != "predict":  # a pipeline scores no new scans
+        assert function in calls(runner, f"_{step}")
+
+
+@pytest.mark.parametrize(("old", "names"), [
+    ("volttl.preprocess.run", ("preprocess", "prepare_study", "PreparedStudy")),
+    ("volttl.explain.run", ("cam_run", "cam_study", "overlay_on_original", "EMPTY_MAP")),
+    ("volttl.analysis.svcca_run", ("svcca_run", "collect_features")),
+])
+def test_a_renamed_module_still_imports_with_a_warning(old, names):
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and "renamed" in str(w.message) for w in caught)
+    for name in names:
+        assert hasattr(module, name), name
+
+
+def test_renamed_step_functions_still_answer_with_a_warning():
+    import volttl.predict
+    import volttl.search
+
+    with pytest.warns(DeprecationWarning, match="renamed search_step"):
+        assert volttl.search.search_run is volttl.search.search_step
+    with pytest.warns(DeprecationWarning, match="renamed predict_step"):
+        assert callable(volttl.predict.predict_run)
+    with pytest.raises(AttributeError):
+        volttl.search.no_such_name  # noqa: B018
