@@ -45,6 +45,7 @@ STEPS = {  # step: (module, function); the command and the pipeline step call th
     "search": ("volttl.search.stages", "search_step"),
     "svcca": ("volttl.analysis.svcca_step", "svcca_step"),
     "pretrain": ("volttl.pretrain", "pretrain_step"),
+    "report": ("volttl.pipeline.report", "report_step"),
 }
 
 
@@ -60,7 +61,8 @@ def test_the_command_and_the_pipeline_call_the_same_step_function(step):
         fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
         return {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
 
-    assert function in calls(cli, f"cmd_{step}")
+    if step != "report":  # a pipeline's own step
+        assert function in calls(cli, f"cmd_{step}")
     if step != "predict":  # a pipeline scores no new scans
         assert function in calls(runner, f"_{step}")
 

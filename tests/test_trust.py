@@ -85,7 +85,7 @@ def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
         (tiny_run / "config.yaml").write_text(original)
 
 
-def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path):
+def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, capsys):
     """pe.yaml trains 3 seeds into one folder; cam, predict and export take one model and
     say which folders hold one, instead of "no config.yaml"."""
     import shutil
@@ -110,6 +110,15 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path):
     with pytest.raises(RunError, match=r"a repeat group of 2 runs \(seed0, seed1\)"):
         cam_step(group, tmp_path / "cam", progress=False)
     assert not (tmp_path / "cam").exists()  # refused before anything was written
+    from volttl.cli import main
+
+    for command in (["cam"], ["svcca"], ["export"], ["predict", str(tmp_path)]):
+        assert main([*command, "--run", str(group), "--out", str(tmp_path / "x")]) == 1
+        assert f"a repeat group of 2 runs (seed0, seed1), not one run: give one seed's folder, e.g. " \
+               f"{group / 'seed0'}, or --seed 0" in capsys.readouterr().err, command
+        assert main([*command, "--run", str(group), "--seed", "7", "--out", str(tmp_path / "x")]) == 1
+        assert "a repeat group without a seed 7 run (it has seed0, seed1)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     shutil.copytree(tiny_run, group / "seed10")
     assert RunDir(group).seed_runs() == ["seed0", "seed1", "seed10"]
 

@@ -396,7 +396,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from volttl.export import CARD_MD, export_run
 
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, seed=args.seed)
     print(f"model package: {out} (model card: {out / CARD_MD}); "
           f"run it with `volttl predict --model {out} PATH... --out DIR`")
     return 0
@@ -411,6 +411,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True,
                    help="run dir written by `volttl train` (evaluated first, for metrics and a threshold)")
+    _seed(p)
     p.add_argument("--out", required=True, help="a new folder for the package")
     p.set_defaults(func=cmd_export)
 

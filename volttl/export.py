@@ -235,12 +235,13 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """Write the model package of a trained (and ideally evaluated) run to ``out``."""
+def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) -> Path:
+    """Write the model package of a trained (and ideally evaluated) run to ``out``
+    (``seed``: which run of a repeat group)."""
     from volttl.inference import TrainedRun
     from volttl.models.checkpoints import read_checkpoint
 
-    run = RunDir(run_dir).one_run()  # a repeat group is refused naming its seeds
+    run = RunDir(run_dir).one_run(seed)  # a repeat group without a seed is refused naming its seeds
     trained = TrainedRun.open(run.path)  # the config and weights verified, as predict reads them
     trained.note_missing_decision(log)
     out = Path(out)

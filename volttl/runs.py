@@ -141,7 +141,8 @@ class RunDir:
             return self
         if seed is None:
             raise RunError(f"{self.path}: a repeat group of {len(seeds)} runs ({', '.join(seeds)}), "
-                           f"not one run: give one seed's folder, e.g. {self.path / seeds[0]}")
+                           f"not one run: give one seed's folder, e.g. {self.path / seeds[0]}, or --seed "
+                           f"{seeds[0][4:]}")
         if f"seed{seed}" not in seeds:
             raise RunError(f"{self.path}: a repeat group without a seed {seed} run "
                            f"(it has {', '.join(seeds)})")

@@ -283,34 +283,9 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
 
 
 def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    lines = [f"# {report['name']}", ""]
-    if "table" in report:
-        lines += ["## Results", "", report["table"].strip(), ""]
-    if "evaluate" in report:
-        e = report["evaluate"]
-        lines += [f"## Evaluation of {e['run']} ({e['split']} split)", "", e["table"], ""]
-    if "svcca" in report:
-        s = report["svcca"]
-        lines += ["## SVCCA: feature reuse per cut point", "",
-                  f"Run: `{s['run']}`. Suggested cut (first overlap with the random baseline): "
-                  f"**{s['suggested_cut'] or 'none'}**.", "",
-                  "| cut | mean SVCCA | random | overlap |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['cut']} | {c['mean']:.3f} | {c['random_mean']:.3f} | {c['overlap']:.2f} |"
-                  for c in s["cuts"]]
-        lines.append("")
-    if "cam" in report:
-        c = report["cam"]
-        lines += ["## Grad-CAM", "", f"{c['overlays']} overlays of the {c['row']} model (`{c['run']}`) in "
-                  f"`{c['out']}`."]
-        if "localisation" in c:
-            lines.append(c["localisation"] + ".")
-        lines.append("")
-    steps = report["steps"]
-    lines += ["## Steps", "", "| step | outcome | seconds |", "| --- | --- | --- |"]
-    one_line = lambda text: " ".join(text.split())  # noqa: E731  (a table cell holds one line)
-    lines += [f"| {s['step']} | {one_line(s['outcome'])} | {s['seconds']} |" for s in steps]
-    PipelineDir(work).report_md.write_text("\n".join(lines) + "\n")
-    return f"wrote {PipelineDir(work).report_md}"
+    from volttl.pipeline.report import report_step
+
+    return f"wrote {report_step(work, report)}"
 
 
 _STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "pretrain": _pretrain,
