@@ -203,3 +203,38 @@ def test_study_labels_without_pseudo_slices_warn_that_maps_will_not_localise(coh
         with caplog.at_level("WARNING", logger="volttl.train"):
             train_step(cfg, tmp_path / f"run{pseudo}", resume=False, progress=False)
         assert ("do not point at the embolus" in caplog.text) is not pseudo
+
+
+def test_study_labels_say_when_training_positives_have_pe_slices_they_do_not_use(cohort, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """A cohort with slices for some studies trained with study labels: the slices are not
+    used, and the log says how many."""
+    import volttl.train.loop as loop
+    from volttl.train.step import train_step
+
+    with open(cohort) as fh:
+        rows = list(csv.DictReader(fh))
+    manifest = tmp_path / "some_slices.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        kept = 0
+        for r in rows:  # slices for the first training positive only
+            keep = r["split"] == "train" and r["label"] == "1" and r["pe_slices"] and not kept
+            kept += keep
+            w.writerow({**r, "path": str(Path(cohort).parent / r["path"]), "mask": "",
+                        "pe_slices": r["pe_slices"] if keep else ""})
+    cfg = small_config(manifest, tmp_path / "s.h5")
+    cfg.data.labels, cfg.data.crop = "study", 32
+    assert not preprocess_step(cfg, progress=False).failed
+    positives = sum(r["split"] == "train" and r["label"] == "1" for r in rows)
+    monkeypatch.setattr(loop, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
+    with caplog.at_level("WARNING", logger="volttl.train"):
+        train_step(cfg, tmp_path / "run", resume=False, progress=False)
+    assert f"the pe_slices of 1 of the {positives} training positive(s) are not used" in caplog.text
+    caplog.clear()
+    cfg.data.labels = "slices"  # every positive would need slices: only this check is of interest here
+    monkeypatch.setattr("volttl.train.step.check_before_training", lambda *a: None)
+    with caplog.at_level("WARNING", logger="volttl.train"):
+        train_step(cfg, tmp_path / "run2", resume=False, progress=False)
+    assert "are not used" not in caplog.text

@@ -58,6 +58,25 @@ def check_before_training(cfg: Config, run_dir: Path, resume: bool) -> None:
         raise TrainStepError(f"{run_dir}: no run to resume (drop --resume to start one)")
 
 
+def _note_unused_slices(cfg: Config) -> None:
+    """With study labels the manifest's pe_slices are not used for training: said when
+    training positives have them, so that a cohort with slices for some studies does not
+    lose them unnoticed."""
+    import numpy as np
+
+    from volttl.preprocess.store import Store
+
+    with Store(cfg.data.store) as store:
+        table = store.windows("train", train=True)
+        with_slices = np.unique(table["study"][table["pe_slices"] > 0])
+        positives = sum(int(store.labels[i] == 1) for i in store.studies_in("train"))
+    if len(with_slices):
+        log.warning("data.labels: study: the pe_slices of %d of the %d training positive(s) are not used; "
+                    "training learns from study labels%s (data.labels: slices uses them, and needs them "
+                    "for every training positive)", len(with_slices), positives,
+                    " and pseudo slice labels" if cfg.data.pseudo_slices else "")
+
+
 def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = True,
                reuse_finished: bool = False) -> TrainOutcome:
     """Check, then train ``train.repeats`` seeds into ``run_dir`` (a group of
@@ -71,6 +90,8 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
 
     run = RunDir(run_dir)
     check_before_training(cfg, run.path, resume)
+    if cfg.data.labels == "study":
+        _note_unused_slices(cfg)
     if cfg.data.labels == "study" and not cfg.data.pseudo_slices:
         log.warning("data.labels: study: the Grad-CAM maps of a model trained from bags alone do not point "
                     "at the embolus; data.pseudo_slices: true trains a second round from each training "
