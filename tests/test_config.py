@@ -70,3 +70,24 @@ def test_runtime_keys_have_their_own_section_and_the_older_spelling_still_reads(
     assert again.runtime.device == "auto" and again.runtime.workers == 1
     with pytest.raises(ConfigError, match="train.epoch.*did you mean 'epochs'"):
         config_from_dict({"train": {"epoch": 3, "device": "cpu"}})  # other train keys still checked
+
+
+def test_a_config_with_non_ascii_text_loads_under_any_locale(tmp_path):
+    """Configs and run files are UTF-8 whatever the locale says (a C locale, Windows)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "my.yaml"
+    path.write_text("# Lungenembolie: Studien von Zürich\ndata:\n  manifest: /daten/zürich.csv\n",
+                    encoding="utf-8")
+    code = ("import sys, locale; from volttl.config import load_config\n"
+            "print(locale.getpreferredencoding(False)); print(load_config(sys.argv[1]).data.manifest)")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         encoding="utf-8", env=env)
+    assert out.returncode == 0, out.stderr
+    encoding, manifest = out.stdout.split("\n")[:2]
+    assert encoding.lower() not in ("utf-8", "utf8")  # the check runs where the default is not UTF-8
+    assert manifest == "/daten/zürich.csv"

@@ -158,7 +158,7 @@ def _manifest_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resource(name: str) -> str:
-    return resources.files("volttl").joinpath(f"resources/{name}").read_text()
+    return resources.files("volttl").joinpath(f"resources/{name}").read_text(encoding="utf-8")
 
 
 def demo_config_text() -> str:
@@ -184,16 +184,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     folder = PipelineDir(work)
-    folder.demo_config.write_text(demo_config_text())
+    folder.demo_config.write_text(demo_config_text(), encoding="utf-8")
     spec = yaml.safe_load(_resource(folder.demo_pipeline.name))
     spec["set"] = list(args.set)
     synth = next(step["synth"] for step in spec["steps"] if "synth" in step)
     synth.update(studies=args.studies, matrix=args.matrix, seed=args.seed)
     pipeline = folder.demo_pipeline
-    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     t0 = time.perf_counter()
     run_pipeline(pipeline, progress=not args.quiet)
-    report = json.loads(folder.report_json.read_text())
+    report = json.loads(folder.report_json.read_text(encoding="utf-8"))
     ev, cam = report["evaluate"], report["cam"]
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min: test study AUROC "
           f"{ev['study_auroc']:.3f} over {ev['studies']} studies; run dir {report['run']['dir']}; "
@@ -288,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = list(getattr(args, "set", None) or []) + [f"eval.{k}={v}" for k, v in chosen.items()
                                                            if v is not None]
     metrics = evaluate_step(run.path, args.split, overrides, progress=not args.quiet)
-    print(run.metrics_md(args.split).read_text().strip())
+    print(run.metrics_md(args.split).read_text(encoding="utf-8").strip())
     if not run.is_repeat_group() and metrics["studies"]:
         split = args.split
         names = [f.name for f in (run.metrics_json(split), run.metrics_md(split), run.predictions_csv(split),
@@ -331,7 +331,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         print(f"{r['study_id']}: p(PE) {r['probability']:.3f}{_call(r)}, {where}")
     found = CamDir(args.out).localisation
     if found.is_file():
-        print(json.loads(found.read_text())["summary"])
+        print(json.loads(found.read_text(encoding="utf-8"))["summary"])
     print(f"{len(records)} overlays in {args.out} "
           f"(open {CamDir.cam_name('<study>')} over the CT in 3D Slicer)")
     return 0
@@ -442,7 +442,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = _load(args)
     search_step(cfg, progress=not args.quiet)
     out = SearchDir(cfg.search.out_dir)
-    print(out.table_md.read_text().strip())
+    print(out.table_md.read_text(encoding="utf-8").strip())
     print(f"table: {out.table_md} (.csv, .json); every trial: {out.trials_csv}")
     return 0
 
@@ -468,7 +468,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print("no report step in the pipeline; the steps' outcomes are in "
               f"{PipelineDir('.').report_json.name} in its work folder")
         return 0
-    print(report.read_text().strip())
+    print(report.read_text(encoding="utf-8").strip())
     print(f"report: {report}")
     return 0
 

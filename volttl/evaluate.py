@@ -161,14 +161,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
                                   "chosen_on": decision.chosen_on}
     curve = calibration(labels, probs, cfg.eval.calibration_bins) if len(labels) else {}
     metrics["calibration"] = {"method": decision.calibration, "temperature": decision.temperature, **curve}
-    run.metrics_json(split).write_text(json.dumps(metrics, indent=2))
-    with run.predictions_csv(split).open("w") as fh:
+    run.metrics_json(split).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with run.predictions_csv(split).open("w", encoding="utf-8") as fh:
         fh.write("study_id,label,probability,predicted_label,threshold\n")
         for sid, label, p in zip(scored.study_ids, labels, probs, strict=True):
             called = decision.label(float(p))
             fh.write(f"{sid},{label},{p:.6f},{'' if called is None else called},"
                      f"{'' if decision.threshold is None else f'{decision.threshold:.6f}'}\n")
-    run.metrics_md(split).write_text(_table(split, metrics, decision, run.reliability_png(split).name))
+    table = _table(split, metrics, decision, run.reliability_png(split).name)
+    run.metrics_md(split).write_text(table, encoding="utf-8")
     if len(np.unique(labels)) == 2:
         _plot_curves(labels, probs, run.curves_png(split), f"{split} studies")
     if len(labels):

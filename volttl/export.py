@@ -101,7 +101,7 @@ def _metrics(run: RunDir) -> dict:
     for split in SPLITS:
         path = run.metrics_json(split)
         if path.is_file():
-            m = json.loads(path.read_text())
+            m = json.loads(path.read_text(encoding="utf-8"))
             point = m.get("operating_point", {})
             out[split] = {k: m.get(k) for k in ("studies", "study_auroc", "study_auroc_ci", "study_auprc",
                                                  "study_auprc_ci", "window_auroc", "warnings")}
@@ -113,7 +113,8 @@ def _metrics(run: RunDir) -> dict:
 
 def _training_data(run: RunDir, cfg) -> dict:
     """Counts per split (and positives and source kinds when the store is still there)."""
-    recorded = json.loads(run.training_data.read_text()) if run.training_data.is_file() else {}
+    recorded = (json.loads(run.training_data.read_text(encoding="utf-8")) if run.training_data.is_file()
+                else {})
     out = {"store": recorded.get("store"), "label_mode": cfg.data.labels,
            "studies": {k: recorded[k] for k in ("train", "val") if k in recorded}}
     try:
@@ -139,7 +140,8 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
     weights_from = {"path": pretrained or None}
     if pretrained and Path(pretrained).is_file():
         weights_from["sha256"] = _sha256(Path(pretrained))
-    recorded = json.loads(run.training_data.read_text()) if run.training_data.is_file() else {}
+    recorded = (json.loads(run.training_data.read_text(encoding="utf-8")) if run.training_data.is_file()
+                else {})
     limits = [
         "Research use only; not a medical device and not validated for clinical decisions.",
         "Performance outside the population, scanners and protocols of the training data is unknown.",
@@ -260,8 +262,8 @@ def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) ->
     raw_cfg = RunDir(run.path).read_config()  # with model.pretrained as trained (load_run clears it)
     card = model_card(run, raw_cfg, ckpt, trained.decision)
     card["model"]["parameters"] = sum(p.numel() for p in trained.model.parameters())
-    (out / CARD_JSON).write_text(json.dumps(card, indent=2))
-    (out / CARD_MD).write_text(card_markdown(card))
+    (out / CARD_JSON).write_text(json.dumps(card, indent=2), encoding="utf-8")
+    (out / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
     files += [CARD_JSON, CARD_MD]
     write_record(out / PACKAGE, {"format": FORMAT, "version": 1, "exported_from": run.path.name,
                                  "files": {name: _sha256(out / name) for name in files}})

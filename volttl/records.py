@@ -35,7 +35,7 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,7 +53,7 @@ def read_record(path: str | Path, repair: str) -> dict:
     is damaged (it ends the one-line error)."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         kind = exc.__class__.__name__
         raise RecordError(f"{path}: damaged: not readable JSON ({kind}); {repair}") from None

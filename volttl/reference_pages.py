@@ -148,5 +148,5 @@ if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reference")
     folder.mkdir(parents=True, exist_ok=True)
     for page, make in PAGES.items():
-        (folder / page).write_text(make())
+        (folder / page).write_text(make(), encoding="utf-8")
         print(f"wrote {folder / page}")

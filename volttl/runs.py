@@ -123,7 +123,7 @@ class RunDir:
         return self.repeats.is_file()
 
     def finished_epochs(self) -> int:
-        return len(self.metrics.read_text().splitlines()) if self.metrics.is_file() else 0
+        return len(self.metrics.read_text(encoding="utf-8").splitlines()) if self.metrics.is_file() else 0
 
     def seed_runs(self) -> list[str]:
         """The seed folders of a repeat group that hold a run (none for a single run)."""
@@ -156,7 +156,7 @@ class RunDir:
             self.one_run()  # a repeat group: cam, predict, export take one model
             raise RunError(f"{self.path}: not a run dir (no {CONFIG})")
         try:
-            raw = load_yaml(self.config.read_text())
+            raw = load_yaml(self.config.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
                 raise ConfigError(f"the top level must be a mapping of sections, not a {type(raw).__name__}")
             return config_from_dict(raw)
@@ -248,7 +248,7 @@ def check_resumable(run_dir: str | Path, cfg: Config) -> None:
     if run.training_data.is_file():  # runs from before this record was kept are not checked
         from volttl.preprocess.store import Store
 
-        before = json.loads(run.training_data.read_text())
+        before = json.loads(run.training_data.read_text(encoding="utf-8"))
         with Store(cfg.data.store) as store:
             now = store.training_data()
         differ = differences(before, now)

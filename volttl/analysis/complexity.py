@@ -155,8 +155,8 @@ def profile_variants(cfg) -> str:
                        *(r.markdown() for r in rows)])
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.md").write_text(table + "\n")
-    with (out / "profile.csv").open("w", newline="") as fh:
+    (out / "profile.md").write_text(table + "\n", encoding="utf-8")
+    with (out / "profile.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "strategy", "cut", "params_m", "macs_g", "latency_ms", "device", "input"])
         for r in rows:

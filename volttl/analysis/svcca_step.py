@@ -99,7 +99,8 @@ def svcca_step(run_dir: str | Path, out: str | Path | None = None, split: str = 
               "max_points": max_points, "level": level, "threshold": threshold, "keep": keep,
               "cuts": list(cuts) if cuts else None}
     if reuse and made_from(folder.record, inputs):
-        return SvccaOutcome(run.path, folder.path, json.loads(folder.record.read_text()), skipped=True)
+        record = json.loads(folder.record.read_text(encoding="utf-8"))
+        return SvccaOutcome(run.path, folder.path, record, skipped=True)
     forget_inputs(folder.record)
     record = measure_reuse(run.path, folder.path, split, windows, max_points, level, threshold, keep, cuts,
                            progress)
@@ -154,7 +155,7 @@ def measure_reuse(run_dir: Path, out: Path, split: str, windows: int, max_points
               "overlap_measure": "overlapping coefficient of the two histograms on [0, 1], 20 bins",
               "threshold": threshold, "suggested_cut": suggested, "cuts": rows}
     out.mkdir(parents=True, exist_ok=True)
-    SvccaDir(out).record.write_text(json.dumps(record, indent=2))
+    SvccaDir(out).record.write_text(json.dumps(record, indent=2), encoding="utf-8")
     _plot(rows, suggested, SvccaDir(out).plot, f"{cfg.model.name} {cfg.transfer.strategy.upper()}: "
           "before vs after finetuning, and random features")
     return record

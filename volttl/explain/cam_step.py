@@ -149,7 +149,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         "files": files,
         **({"dicom_error": dicom_error} if dicom_error else {}),
     }
-    folder.record(sid).write_text(json.dumps(record, indent=2))
+    folder.record(sid).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
@@ -215,7 +215,8 @@ def cam_step(run_dir: str | Path, out: str | Path, studies: list[str] | None = N
     folder = CamDir(out)
     inputs = cam_inputs(run, studies, split, overrides)
     if reuse and made_from(folder.summary, inputs):
-        return CamOutcome(run.path, folder.path, json.loads(folder.summary.read_text()), skipped=True)
+        records = json.loads(folder.summary.read_text(encoding="utf-8"))
+        return CamOutcome(run.path, folder.path, records, skipped=True)
     forget_inputs(folder.summary)
     records = write_overlays(run.path, folder.path, studies, split, overrides, progress)
     record_inputs(folder.summary, inputs)
@@ -240,7 +241,7 @@ def write_overlays(run_dir: Path, out: Path, studies: list[str] | None, split: s
                 score = run.score_study(hu, on_batch=bar.update)
                 records.append(cam_study(meta, hu, store.window, cam, cfg, out, score, meta.label,
                                          bar.update))
-    CamDir(out).summary.write_text(json.dumps(records, indent=2))
+    CamDir(out).summary.write_text(json.dumps(records, indent=2), encoding="utf-8")
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)
     return records

@@ -105,5 +105,5 @@ def write_localisation(cam_dir: str | Path, manifest: str | Path, records: list[
     CamDir(cam_dir).localisation.write_text(json.dumps(
         {"summary": found.line(), "margin_mm": margin_mm, "studies": found.studies, "hits": found.hits,
          "hit_rate": found.hit_rate, "mean_ratio": found.mean_ratio, "per_study": found.per_study},
-        indent=2))
+        indent=2), encoding="utf-8")
     return found

@@ -31,7 +31,7 @@ def write_colour_table(folder: Path) -> Path:
     if not path.is_file():
         rows = [f"{i} {COLOUR_TABLE}{i} {r} {g} {b} 255" for i, (r, g, b) in enumerate(colour_table())]
         header = f"# {COLOUR_TABLE}, written by volttl for its Grad-CAM overlays"
-        path.write_text(header + "\n" + "\n".join(rows) + "\n")
+        path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
@@ -40,7 +40,8 @@ def write_peak(path: Path, peak_ras: list[float], label: str) -> None:
     r, a, s = peak_ras
     path.write_text(json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [{
         "type": "Fiducial", "coordinateSystem": "LPS", "locked": True,
-        "controlPoints": [{"id": "1", "label": label, "position": [-r, -a, s], "locked": True}]}]}, indent=2))
+        "controlPoints": [{"id": "1", "label": label, "position": [-r, -a, s], "locked": True}]}]}, indent=2),
+        encoding="utf-8")
 
 
 def _node(root: ET.Element, tag: str, **attrs: str) -> ET.Element:

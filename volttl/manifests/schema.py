@@ -142,7 +142,7 @@ def write_manifest(rows: list[StudyRow], path: str | Path) -> None:
     extra_cols: list[str] = []
     for r in rows:
         extra_cols += [k for k in r.extras if k not in extra_cols]
-    with Path(path).open("w", newline="") as fh:
+    with Path(path).open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow([*REQUIRED, "pe_slices", *extra_cols])
         for r in rows:

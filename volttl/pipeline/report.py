@@ -37,5 +37,5 @@ def report_step(work: Path, report: dict) -> Path:
     one_line = lambda text: " ".join(text.split())  # noqa: E731  (a table cell holds one line)
     lines += [f"| {s['step']} | {one_line(s['outcome'])} | {s['seconds']} |" for s in steps]
     path = PipelineDir(work).report_md
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

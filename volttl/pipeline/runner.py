@@ -57,7 +57,7 @@ class PipelineError(VolttlError):
 def _read_yaml(path: Path, what: str):
     """A YAML file through the safe loader; a syntax error or a ``!!python`` tag is one line."""
     try:
-        return load_yaml(path.read_text()) or {}
+        return load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise PipelineError(f"{path}: not a valid {what} ({first})") from None
@@ -116,7 +116,7 @@ def _table_run(cfg: Config, label: str) -> tuple[dict, Path]:
     table = SearchDir(cfg.search.out_dir).table_json
     if not table.is_file():
         raise PipelineError(f"{table}: no search table yet (a search step must come first)")
-    for row in json.loads(table.read_text()):
+    for row in json.loads(table.read_text(encoding="utf-8")):
         if row["strategy"] == label:
             return row, Path(row["dir"]) / f"seed{cfg.train.seed}"
     raise PipelineError(f"{table}: no '{label}' row")
@@ -127,7 +127,7 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
     spec, work, cfg = load_pipeline(path)
     work.mkdir(parents=True, exist_ok=True)
     PipelineDir(work).resolved_config.write_text(yaml.safe_dump(
-        {"pipeline": str(Path(path).resolve()), **spec}, sort_keys=False))
+        {"pipeline": str(Path(path).resolve()), **spec}, sort_keys=False), encoding="utf-8")
     report: dict = {"name": spec.get("name", Path(path).stem), "steps": []}
     t_start = time.perf_counter()
     for step in spec["steps"]:
@@ -143,7 +143,7 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
                                 "seconds": round(time.perf_counter() - t0, 1)})
         print(f"   {outcome}", flush=True)
     report["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
-    PipelineDir(work).report_json.write_text(json.dumps(report, indent=2))
+    PipelineDir(work).report_json.write_text(json.dumps(report, indent=2), encoding="utf-8")
     # report.md only when this pipeline has a report step: one left by an earlier pipeline
     # in the same work folder would be stale
     return PipelineDir(work).report_md if any("report" in step for step in spec["steps"]) else None
@@ -228,7 +228,7 @@ def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
     split = args.get("split", "test")
     run = RunDir(path)
     metrics = evaluate_step(path, split)
-    table = run.metrics_md(split).read_text().strip()
+    table = run.metrics_md(split).read_text(encoding="utf-8").strip()
     report["evaluate"] = {"run": name, "split": split, "table": table,
                           "study_auroc": metrics["study_auroc"], "studies": metrics.get("studies")}
     if "operating_point" in metrics:  # a single run (a repeat group reports per seed in its table)
@@ -243,7 +243,7 @@ def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     from volttl.search import search_step
 
     rows = search_step(cfg, progress=progress)
-    report["table"] = SearchDir(cfg.search.out_dir).table_md.read_text()
+    report["table"] = SearchDir(cfg.search.out_dir).table_md.read_text(encoding="utf-8")
     report["table_rows"] = rows
     return f"{len(rows)} table rows in {SearchDir(cfg.search.out_dir).table_md}"
 
@@ -277,7 +277,7 @@ def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> s
     report["cam"] = {"row": name, "run": str(result.run), "out": str(out), "overlays": len(records)}
     found = CamDir(out).localisation  # written by cam when the manifest has lesion masks
     if found.is_file():
-        report["cam"]["localisation"] = json.loads(found.read_text())["summary"]
+        report["cam"]["localisation"] = json.loads(found.read_text(encoding="utf-8"))["summary"]
         outcome += f"\n   {report['cam']['localisation']}"
     return outcome
 

@@ -47,12 +47,13 @@ def run_on_gpus(jobs: list[tuple[dict, str]], gpus: int = 0, progress: bool = Tr
         gpu = free.get()
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=folder) as fh:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=folder,
+                                             encoding="utf-8") as fh:
                 json.dump(cfg, fh)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             if progress:
                 print(f"GPU {gpu}: {Path(folder).name}", flush=True)
-            with open(Path(folder) / "trial.log", "a") as log:
+            with open(Path(folder) / "trial.log", "a", encoding="utf-8") as log:
                 done = subprocess.run([sys.executable, "-m", "volttl.search.trials", fh.name, folder],
                                       env=env, stdout=log, stderr=subprocess.STDOUT)
             os.unlink(fh.name)

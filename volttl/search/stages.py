@@ -105,7 +105,7 @@ def search_step(cfg: Config, progress: bool = True) -> list[dict]:
         w2 = max(candidates, key=lambda t: _score(done[t]))
         rows.append(_row(display_name(model), f"{st.upper()}-2", done[w2]))
     _write_table(rows, out, cfg)
-    with SearchDir(out).trials_csv.open("w", newline="") as fh:
+    with SearchDir(out).trials_csv.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["trial", "stage", "model", "strategy", "cut", "val_auroc_mean", "test_auroc_mean",
                     "test_auroc_std", "params_m", "macs_g", "latency_ms"])
@@ -131,9 +131,9 @@ def _write_table(rows: list[dict], out: Path, cfg: Config) -> None:
                      f"{r['auroc_std']:.3f} | {r['auprc_mean']:.3f} +- {r['auprc_std']:.3f} | "
                      f"{r['params_m']:.1f} | {r['macs_g']:.2f} | {r['latency_ms']:.1f} |")
     folder = SearchDir(out)
-    folder.table_md.write_text("\n".join(lines) + "\n")
-    folder.table_json.write_text(json.dumps(rows, indent=2))
-    with folder.table_csv.open("w", newline="") as fh:
+    folder.table_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder.table_json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    with folder.table_csv.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m volttl.search.trials CONFIG.json TRIAL_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_trial(json.loads(Path(argv[0]).read_text()), argv[1])
+    run_trial(json.loads(Path(argv[0]).read_text(encoding="utf-8")), argv[1])
     return 0
 
 

@@ -225,11 +225,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         if resume and run.config.is_file():  # what may change on resume is logged when it does
             for key, (before, now) in resumable_changes(run.read_config(), cfg).items():
                 log.info("resumed with %s %r (was %r)", key, now, before)
-        run.config.write_text(config_to_yaml(cfg))
+        run.config.write_text(config_to_yaml(cfg), encoding="utf-8")
         if not (resume and run.last.exists()):  # what the run learns from, checked on resume
             with Store(cfg.data.store) as store:
                 record = {**store.training_data(), "install": install_record()}  # for the model card
-                run.training_data.write_text(json.dumps(record, indent=1))
+                run.training_data.write_text(json.dumps(record, indent=1), encoding="utf-8")
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
     numerics = Numerics.of(rt)
@@ -354,7 +354,7 @@ def _write_epoch(run: RunDir, cfg: Config, model, optimizer, schedule, scaler, e
     save_checkpoint(run.last, model, config=config_to_dict(cfg), epoch=epoch,
                     optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best=best,
                     grad_scaler=scaler.state_dict())
-    with run.metrics.open("a") as fh:
+    with run.metrics.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     if writer is not None:
         for key in ("train_loss", "val_study_auroc", "val_study_auprc", "val_window_auroc"):

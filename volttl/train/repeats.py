@@ -69,7 +69,7 @@ def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
                "best": best, **{f"val_{k}": mean_std([b.get(k, float("nan")) for b in best])
                                 for k in REPORTED}}
     group.path.mkdir(parents=True, exist_ok=True)
-    group.repeats.write_text(json.dumps(summary, indent=2))
+    group.repeats.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
@@ -80,14 +80,14 @@ def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool 
     from volttl.evaluate import evaluate_run
 
     group = RunDir(group_dir)
-    runs = json.loads(group.repeats.read_text())["runs"]
+    runs = json.loads(group.repeats.read_text(encoding="utf-8"))["runs"]
     per_run = {name: evaluate_run(group.path / name, split, overrides=overrides, progress=progress)
                for name in runs}
     at_point = lambda m, k: m["operating_point"].get(k, float("nan"))  # noqa: E731
     summary = {"split": split, "runs": per_run,
                **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED},
                **{k: mean_std([at_point(m, k) for m in per_run.values()]) for k in AT_OPERATING_POINT}}
-    group.metrics_json(split).write_text(json.dumps(summary, indent=2))
+    group.metrics_json(split).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     lines = ["| run | studies | study AUROC | study AUPRC | window AUROC | sensitivity | specificity |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in per_run.items():
@@ -98,5 +98,5 @@ def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool 
     lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} "
                  f"| {fmt('sensitivity')} | {fmt('specificity')} |")
     lines.append("\nSensitivity and specificity at each run's operating point, chosen on its val split.")
-    group.metrics_md(split).write_text("\n".join(lines) + "\n")
+    group.metrics_md(split).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary
