@@ -123,3 +123,18 @@ def test_svcca_step_before_equals_after_when_nothing_was_learned(untouched_run, 
     other = svcca_step(untouched_run, tmp_path, split="train", windows=4, max_points=1600,
                        cuts=["stem"], progress=False, reuse=True)
     assert not other.skipped and json.loads((tmp_path / "svcca.json").read_text())["windows"] == 4
+
+
+def test_svcca_runs_where_it_is_told(untouched_run, tmp_path, capsys):
+    """--device puts both models there (here: a CUDA device that is missing is named)."""
+    import torch
+
+    from volttl.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this check needs a machine without CUDA")
+    assert main(["svcca", "--run", str(untouched_run), "--out", str(tmp_path), "--device", "cuda",
+                 "--cut", "stem", "--windows", "2", "--quiet"]) == 1
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert main(["svcca", "--run", str(untouched_run), "--out", str(tmp_path), "--device", "cpu",
+                 "--cut", "stem", "--windows", "2", "--split", "train", "--quiet"]) == 0

@@ -488,7 +488,8 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     from volttl.analysis.svcca_step import svcca_step
 
     outcome = svcca_step(args.run, args.out, args.split, args.windows, args.max_points, args.level,
-                         args.threshold, cuts=args.cut or None, progress=not args.quiet, seed=args.seed)
+                         args.threshold, cuts=args.cut or None, progress=not args.quiet, seed=args.seed,
+                         device=args.device)
     rec = outcome.record
     print(f"{'cut point':<26} {'mean SVCCA':>10} {'random':>8} {'overlap':>8}")
     for r in rec["cuts"]:
@@ -516,6 +517,8 @@ def _svcca_arguments(p: argparse.ArgumentParser) -> None:
                    help="only these cut points; repeatable (see `volttl cuts`)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="overlap with the random baseline that marks the cut (default 0.5)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="where the models run: auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_svcca)
 

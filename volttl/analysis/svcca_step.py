@@ -29,7 +29,7 @@ from volttl.models import get_backbone_spec
 from volttl.outputs import SvccaDir
 from volttl.progress import progress_bar
 from volttl.provenance import file_stamp, forget_inputs, made_from, record_inputs
-from volttl.runs import RunDir, load_run, model_from_config
+from volttl.runs import RunDir, load_run, model_from_config, resolve_device
 
 log = logging.getLogger("volttl.analysis")
 
@@ -43,10 +43,11 @@ def _model_before(run_dir: Path) -> torch.nn.Module:
 
 
 def collect_features(models: list[torch.nn.Module], ds: WindowDataset, keeps: list[int], windows: int,
-                     max_points: int, batch_size: int = 4, seed: int = 0, progress: bool = True
-                     ) -> list[dict[int, np.ndarray]]:
-    """``(points, channels)`` features at each unit count in ``keeps`` for each model, at
-    the same randomly chosen positions of ``windows`` evenly spread windows."""
+                     max_points: int, batch_size: int = 4, seed: int = 0, progress: bool = True,
+                     device: torch.device | None = None) -> list[dict[int, np.ndarray]]:
+    """``(points, channels)`` features at each unit count in ``keeps`` for each model (on
+    ``device``, default the CPU), at the same randomly chosen positions of ``windows``
+    evenly spread windows."""
     picks = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int))
     per_window = max(1, max_points // len(picks))
     rng = np.random.default_rng(seed)
@@ -55,7 +56,7 @@ def collect_features(models: list[torch.nn.Module], ds: WindowDataset, keeps: li
         m.eval()
     for b in progress_bar(range(0, len(picks), batch_size), desc="svcca features", unit="batch",
                   disable=not progress):
-        x = torch.stack([ds[int(i)][0] for i in picks[b: b + batch_size]])
+        x = torch.stack([ds[int(i)][0] for i in picks[b: b + batch_size]]).to(device or "cpu")
         with torch.no_grad():
             outputs = [m.unit_outputs(x) for m in models]
         for k in keeps:
@@ -65,7 +66,7 @@ def collect_features(models: list[torch.nn.Module], ds: WindowDataset, keeps: li
                 i * positions + rng.choice(positions, min(per_window, positions), replace=False)
                 for i in range(len(x))])
             for store, outs in zip(out, outputs, strict=True):
-                store[k].append(feature_points(outs[k - 1].float().numpy(), choice))
+                store[k].append(feature_points(outs[k - 1].float().cpu().numpy(), choice))
     return [{k: np.concatenate(v) for k, v in d.items()} for d in out]
 
 
@@ -88,11 +89,13 @@ class SvccaOutcome:
 def svcca_step(run_dir: str | Path, out: str | Path | None = None, split: str = "val", windows: int = 64,
                max_points: int = 8192, level: str = "block", threshold: float = 0.5, keep: float = 0.99,
                cuts: list[str] | None = None, progress: bool = True, seed: int | None = None,
-               reuse: bool = False) -> SvccaOutcome:
+               reuse: bool = False, device: str | None = None) -> SvccaOutcome:
     """`volttl svcca` and a pipeline's ``svcca`` step: ``svcca.json`` and ``svcca.png`` for
     one run, in ``out`` (default ``<run>/svcca``). ``seed`` picks a repeat group's run (a
     group without one is refused naming its seeds); with ``reuse`` (pipelines) a record made
-    from the same inputs (the run, its best.pt, these options) is kept as it is."""
+    from the same inputs (the run, its best.pt, these options) is kept as it is. ``device``:
+    where the two models run (default: the run's ``runtime.device``, auto: a GPU if there is
+    one)."""
     run = RunDir(run_dir).one_run(seed)
     folder = SvccaDir(Path(out) if out else run.path / "svcca")
     inputs = {"run": str(run.path), "checkpoint": file_stamp(run.best), "split": split, "windows": windows,
@@ -102,21 +105,24 @@ def svcca_step(run_dir: str | Path, out: str | Path | None = None, split: str = 
         record = json.loads(folder.record.read_text(encoding="utf-8"))
         return SvccaOutcome(run.path, folder.path, record, skipped=True)
     forget_inputs(folder.record)
+    where = resolve_device(device or run.read_config().runtime.device)
     record = measure_reuse(run.path, folder.path, split, windows, max_points, level, threshold, keep, cuts,
-                           progress)
+                           progress, where)
     record_inputs(folder.record, inputs)
     return SvccaOutcome(run.path, folder.path, record)
 
 
 def measure_reuse(run_dir: Path, out: Path, split: str, windows: int, max_points: int, level: str,
-                  threshold: float, keep: float, cuts: list[str] | None, progress: bool) -> dict:
+                  threshold: float, keep: float, cuts: list[str] | None, progress: bool,
+                  device: torch.device | None = None) -> dict:
     """SVCCA before vs after finetuning at the chosen cut points of a run; writes
     ``svcca.json`` and ``svcca.png`` to ``out`` and returns the JSON record."""
     run_dir = Path(run_dir)
     if level not in ("block", "layer", "all"):
         raise VolttlError(f"level '{level}' is not one of block, layer, all")
+    device = device or torch.device("cpu")
     cfg, after = load_run(run_dir)
-    before = _model_before(run_dir)
+    before, after = _model_before(run_dir).to(device), after.to(device)
     spec = get_backbone_spec(cfg.model.name)
     wanted = [spec.cut_point(name) for name in cuts] if cuts else [
         c for c in spec.cut_points() if level == "all" or c.level == level]
@@ -130,11 +136,11 @@ def measure_reuse(run_dir: Path, out: Path, split: str, windows: int, max_points
         # statistics are re-estimated on the windows compared, as transfer.frozen_bn says
         before.freeze_upto(len(before.units), "recalibrate")
         picks = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int))
-        before.recalibrate_frozen_norms(torch.stack([ds[int(i)][0] for i in picks[b: b + 8]])
+        before.recalibrate_frozen_norms(torch.stack([ds[int(i)][0] for i in picks[b: b + 8]]).to(device)
                                         for b in range(0, len(picks), 8))
     keeps = sorted({c.keep for c in cuts})
     feats_before, feats_after = collect_features([before, after], ds, keeps, windows, max_points,
-                                                 progress=progress)
+                                                 progress=progress, device=device)
     rows = []
     for i, cut in enumerate(cuts):
         x, y = feats_before[cut.keep], feats_after[cut.keep]

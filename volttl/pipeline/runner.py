@@ -255,7 +255,8 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
     _, run = _step_run(cfg, work, args, report, "FTL")
     outcome = svcca_step(run, work / "svcca", windows=int(args.get("windows", 64)),
                          max_points=int(args.get("max_points", 8192)), level=args.get("level", "block"),
-                         cuts=args.get("cuts"), progress=progress, seed=cfg.train.seed, reuse=True)
+                         cuts=args.get("cuts"), progress=progress, seed=cfg.train.seed, reuse=True,
+                         device=cfg.runtime.device)
     rec, keys = outcome.record, ("cut", "mean", "random_mean", "overlap")
     report["svcca"] = {"run": str(outcome.run), "suggested_cut": rec["suggested_cut"],
                        "cuts": [{k: r[k] for k in keys} for r in rec["cuts"]]}
