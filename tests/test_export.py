@@ -30,10 +30,13 @@ def _predictions(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_a_package_predicts_as_its_run_did_without_the_run_folder(evaluated, cohort, tmp_path, capsys):
+def test_a_package_predicts_as_its_run_did_without_the_run_folder(evaluated, cohort, tmp_path, caplog):
     studies = Path(cohort).parent / "studies"
+    synthetic = "learnt from volttl's synthetic cohort (volttl synth, 6 studies), not from patients' CT"
     assert main(["predict", "--run", str(evaluated), str(studies), "--out", str(tmp_path / "by_run"),
                  "--no-cam", "--quiet"]) == 0
+    assert synthetic in caplog.text
+    caplog.clear()
     assert main(["export", "--run", str(evaluated), "--out", str(tmp_path / "model")]) == 0
     moved = tmp_path / "elsewhere" / "model"  # the package alone: no run folder, no store
     shutil.copytree(tmp_path / "model", moved)
@@ -44,6 +47,7 @@ def test_a_package_predicts_as_its_run_did_without_the_run_folder(evaluated, coh
                      "--no-cam", "--quiet"]) == 0
     finally:
         hidden.rename(evaluated)
+    assert synthetic in caplog.text  # the package says it too
     by_run, by_model = _predictions(tmp_path / "by_run"), _predictions(tmp_path / "by_model")
     assert by_run.keys() == by_model.keys() and len(by_run) == 6
     for sid, row in by_run.items():
@@ -61,8 +65,10 @@ def test_the_package_holds_a_card_a_trace_and_checksums(evaluated, tmp_path, cap
     model = tmp_path / "model"
     names = {p.name for p in model.iterdir()}
     assert names == {"config.yaml", "best.pt", "operating_point.json", "model.torchscript.pt", "model.pt2",
-                     "model_card.md", "model_card.json", "package.json"}
+                     "model_card.md", "model_card.json", "package.json", "training_data.json"}
     card = json.loads((model / "model_card.json").read_text())
+    assert card["training_data"]["synthetic_cohort"]["made_by"] == "volttl synth"  # the fixture's cohort
+    assert card["limitations"][0].startswith("Trained on volttl's synthetic cohort")
     assert card["training_data"]["studies"] == {"train": 2, "val": 2, "test": 2}
     assert card["training_data"]["positives"] == {"train": 1, "val": 1, "test": 1}
     assert card["metrics"]["test"]["studies"] == 2 and card["operating_point"]["chosen_on"] == "val"

@@ -92,3 +92,17 @@ def test_renamed_step_functions_still_answer_with_a_warning():
         assert callable(volttl.predict.predict_run)
     with pytest.raises(AttributeError):
         volttl.search.no_such_name  # noqa: B018
+
+
+def test_only_a_manifest_written_by_synth_counts_as_a_synthetic_cohort(cohort, tmp_path):
+    import shutil
+
+    from volttl.outputs import SynthDir
+
+    made = SynthDir.of_manifest(cohort)
+    assert made == {"synthetic": True, "made_by": "volttl synth", "studies": 6, "seed": 3, "matrix": 96}
+    mine = tmp_path / "labels.csv"  # a user's manifest, even of the same studies
+    shutil.copyfile(cohort, mine)
+    assert SynthDir.of_manifest(mine) is None
+    shutil.copyfile(cohort, tmp_path / "manifest.csv")  # a manifest.csv with no cohort record beside it
+    assert SynthDir.of_manifest(tmp_path / "manifest.csv") is None

@@ -116,6 +116,7 @@ def _training_data(run: RunDir, cfg) -> dict:
     recorded = (json.loads(run.training_data.read_text(encoding="utf-8")) if run.training_data.is_file()
                 else {})
     out = {"store": recorded.get("store"), "label_mode": cfg.data.labels,
+           "synthetic_cohort": recorded.get("synthetic_cohort"),
            "studies": {k: recorded[k] for k in ("train", "val") if k in recorded}}
     try:
         from volttl.preprocess.store import Store
@@ -158,6 +159,9 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
         limits.append("Trained from study-level labels: its Grad-CAM maps were not found to localise emboli.")
     if not pretrained:
         limits.append("Trained from scratch (no pretrained weights).")
+    if recorded.get("synthetic_cohort"):
+        limits.insert(0, "Trained on volttl's synthetic cohort (`volttl synth`), not on patients' CT: a "
+                      "demonstration of the pipeline, whose outputs on real scans mean nothing.")
     return {
         "model": {"backbone": cfg.model.name, "strategy": t.strategy,
                   "cut": t.cut if t.strategy != "ftl" else None,
@@ -254,6 +258,9 @@ def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) ->
     shutil.copyfile(run.config, out / CONFIG)
     shutil.copyfile(run.best, out / BEST)
     files = [CONFIG, BEST]
+    if run.training_data.is_file():  # what the run learnt from: predict --model says if it was synthetic
+        shutil.copyfile(run.training_data, out / run.training_data.name)
+        files.append(run.training_data.name)
     if trained.decision is not None:
         write_record(out / OPERATING_POINT, trained.decision.to_dict())
         files.append(OPERATING_POINT)

@@ -10,6 +10,7 @@ output that reports a study's probability reports the same number.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +148,26 @@ class TrainedRun:
             log.warning("%s has no operating point for its best.pt yet: predicted_label and threshold stay "
                         "empty (run `volttl evaluate --run %s --split val` to choose one)",
                         self.path, self.path)
+
+    @property
+    def synthetic_cohort(self) -> dict | None:
+        """What made the synthetic cohort the run learnt from (`volttl synth`), as its
+        training record says; None for other data, and for runs from before it was recorded."""
+        from volttl.runs import RunDir
+
+        record = RunDir(self.path).training_data
+        if not record.is_file():
+            return None
+        return json.loads(record.read_text(encoding="utf-8")).get("synthetic_cohort")
+
+    def note_synthetic_training(self, log) -> None:
+        """One warning when a model that never saw a patient's CT scores new scans."""
+        cohort = self.synthetic_cohort
+        if cohort:
+            log.warning("%s learnt from volttl's synthetic cohort (volttl synth, %s studies), not from "
+                        "patients' CT: its probabilities and maps on real scans say nothing about pulmonary "
+                        "embolism",
+                        self.path, cohort.get("studies", "?"))
 
     def calibrate(self, probs):
         """Study probabilities as the run reports them: tempered when the run is calibrated."""

@@ -117,6 +117,30 @@ class SvccaDir(_Folder):
         return self.path / "svcca.png"
 
 
+class SynthDir(_Folder):
+    """`volttl synth --out`: the synthetic cohort, its manifest, and the record that says
+    the cohort is synthetic (so that a run trained on it says so wherever it is used)."""
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.csv"
+
+    @property
+    def cohort(self) -> Path:
+        return self.path / "cohort.json"
+
+    @classmethod
+    def of_manifest(cls, manifest: str | Path) -> dict | None:
+        """What made the synthetic cohort whose manifest is ``manifest``; None for any other
+        manifest (one not written by `volttl synth`)."""
+        folder = cls(Path(manifest).parent)
+        if Path(manifest).name != folder.manifest.name or not folder.cohort.is_file():
+            return None
+        import json
+
+        return json.loads(folder.cohort.read_text(encoding="utf-8"))
+
+
 class PipelineDir(_Folder):
     """A pipeline's ``workdir`` (and `volttl demo`'s work folder)."""
 

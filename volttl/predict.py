@@ -132,6 +132,7 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg
     run.note_missing_decision(log)
+    run.note_synthetic_training(log)
     studies = find_studies(paths)
     out.mkdir(parents=True, exist_ok=True)
     grad_cam = None

@@ -13,6 +13,7 @@ per study and ``manifest.csv`` go with them. Everything is deterministic for a s
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.manifests.schema import StudyRow, write_manifest
+from volttl.outputs import SynthDir
 
 AIR, FAT, SOFT, LUNG, BONE = -1000.0, -100.0, 40.0, -850.0, 700.0
 THICKNESSES = (1.0, 1.25, 1.5, 2.0, 2.5)
@@ -292,6 +294,8 @@ def synth_cohort(out: str | Path, studies: int = 40, seed: int = 0, matrix: int 
             rows.append(_write_study(*job))
             bar.update()
     bar.close()
-    manifest = out / "manifest.csv"
-    write_manifest(rows, manifest)
-    return manifest
+    folder = SynthDir(out)
+    write_manifest(rows, folder.manifest)
+    folder.cohort.write_text(json.dumps({"synthetic": True, "made_by": "volttl synth", "studies": studies,
+                                         "seed": seed, "matrix": matrix}, indent=2), encoding="utf-8")
+    return folder.manifest

@@ -45,6 +45,7 @@ from volttl.errors import VolttlError
 from volttl.inference import device_probabilities
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
+from volttl.outputs import SynthDir
 from volttl.preprocess.store import Store
 from volttl.progress import progress_bar
 from volttl.runs import (
@@ -229,6 +230,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         if not (resume and run.last.exists()):  # what the run learns from, checked on resume
             with Store(cfg.data.store) as store:
                 record = {**store.training_data(), "install": install_record()}  # for the model card
+                cohort = SynthDir.of_manifest(cfg.data.manifest)
+                if cohort is not None:  # said by predict and the model card
+                    record["synthetic_cohort"] = cohort
                 run.training_data.write_text(json.dumps(record, indent=1), encoding="utf-8")
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
