@@ -238,3 +238,33 @@ def test_study_labels_say_when_training_positives_have_pe_slices_they_do_not_use
     with caplog.at_level("WARNING", logger="volttl.train"):
         train_step(cfg, tmp_path / "run2", resume=False, progress=False)
     assert "are not used" not in caplog.text
+
+
+@pytest.mark.slow
+def test_pseudo_slices_under_two_processes_are_scored_once_and_trained_alike(cohort, tmp_path):
+    """torchrun, gloo: rank 0 alone scores the training positives between the rounds, the
+    other rank takes its record, and both replicas end with the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from volttl.config import config_to_yaml
+
+    cfg = _study_label_config(cohort, tmp_path)
+    cfg.data.pseudo_slices, cfg.runtime.device = True, "cpu"
+    (tmp_path / "ddp.yaml").write_text(config_to_yaml(cfg))
+    worker = Path(__file__).with_name("ddp_worker.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "2", str(worker), str(tmp_path / "ddp.yaml"), str(tmp_path / "run"),
+                           str(tmp_path / "w")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = [line for line in done.stderr.splitlines() if "scoring the training studies" in line]
+    assert len(scored) == 1 and scored[0].startswith("rank0: "), scored
+    assert sum("round 2 of 2" in line for line in done.stderr.splitlines()) == 2  # both ranks train it
+    a, b = (torch.load(tmp_path / f"w_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run" / "pseudo_slices.json").is_file()
+    assert (tmp_path / "run" / "bags" / "best.pt").is_file()

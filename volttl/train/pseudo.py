@@ -71,31 +71,55 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
                              stop_after_epoch: int | None) -> tuple[dict, torch.nn.Module]:
     """The two rounds into ``run_dir``: bags into ``run_dir/bags``, then the run's model
     from the pseudo slice labels the first model gives. A resumed run continues the
-    round a kill interrupted; a finished first round is not trained again."""
+    round a kill interrupted; a finished first round is not trained again. Under torchrun
+    the process group spans both rounds, and rank 0 alone scores the training positives
+    (on its own device) while the other ranks wait for its record."""
+    from volttl.train.distributed import init_distributed
     from volttl.train.loop import train_model
 
     run, first = RunDir(run_dir), RunDir(Path(run_dir) / BAGS)
-    if first.finished_epochs() < cfg.train.epochs or not first.best.is_file():
-        log.info("data.pseudo_slices: round 1 of 2, from study labels (bags) into %s", first.path)
-        done = train_model(bags_config(cfg), first.path, resume=resume and first.last.exists(),
-                           progress=progress, stop_after_epoch=stop_after_epoch)
-        if first.finished_epochs() < cfg.train.epochs:  # stopped inside round 1 (stop_after_epoch)
-            return done
+    dist = init_distributed(cfg.runtime.device)  # both rounds' train_model join this group
+    try:
+        if first.finished_epochs() < cfg.train.epochs or not first.best.is_file():
+            log.info("data.pseudo_slices: round 1 of 2, from study labels (bags) into %s", first.path)
+            done = train_model(bags_config(cfg), first.path, resume=resume and first.last.exists(),
+                               progress=progress, stop_after_epoch=stop_after_epoch)
+            if first.finished_epochs() < cfg.train.epochs:  # stopped inside round 1 (stop_after_epoch)
+                return done
+        record = Path(run_dir) / PSEUDO_SLICES
+        if dist.is_main:
+            slices = _pseudo_slices_of(cfg, first, record, resume)
+        dist.barrier()  # rank 0's record is written
+        if not dist.is_main:
+            slices = _read_slices(record)
+        log.info("data.pseudo_slices: round 2 of 2, from the highest-scoring window of %d training "
+                 "positive(s) (%s) into %s", len(slices), record.name, run.path)
+        return train_model(cfg, run.path, resume=resume and run.last.exists(), progress=progress,
+                           stop_after_epoch=stop_after_epoch, pe_slices=slices)
+    finally:
+        dist.close()
+
+
+def _read_slices(record: Path) -> dict[str, list[tuple[int, int]]]:
+    kept = read_record(record, "delete it and resume to take the windows again from the first model")
+    return {k: [tuple(r) for r in v] for k, v in kept["studies"].items()}
+
+
+def _pseudo_slices_of(cfg: Config, first: RunDir, record: Path, resume: bool
+                      ) -> dict[str, list[tuple[int, int]]]:
+    """The pseudo slice labels from round 1's best model: those recorded, when resuming and
+    they were taken from these weights; else taken now and recorded."""
     trained = TrainedRun.open(first.path)
-    record = Path(run_dir) / PSEUDO_SLICES
     if record.is_file() and resume:  # the slices round 2 started from, if made by these weights
         kept = read_record(record, f"delete it and resume to take the windows again from {first.best}")
-        slices = ({k: [tuple(r) for r in v] for k, v in kept["studies"].items()}
-                  if kept.get("from_weights_sha256") == trained.weights_sha256 else None)
-    else:
-        slices = None
-    if slices is None:
-        with Store(cfg.data.store) as store:
-            slices = pseudo_slices(trained, store)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_record(record, {"from": str(first.best), "from_weights_sha256": trained.weights_sha256,
-                              "studies": {k: [list(r) for r in v] for k, v in slices.items()}})
-    log.info("data.pseudo_slices: round 2 of 2, from the highest-scoring window of %d training positive(s) "
-             "(%s) into %s", len(slices), record.name, run.path)
-    return train_model(cfg, run.path, resume=resume and run.last.exists(), progress=progress,
-                       stop_after_epoch=stop_after_epoch, pe_slices=slices)
+        if kept.get("from_weights_sha256") == trained.weights_sha256:
+            return _read_slices(record)
+        log.warning("%s was taken from other weights than %s now: taking the windows again", record.name,
+                    first.best)
+    log.info("data.pseudo_slices: scoring the training studies with %s on %s", first.best, trained.device)
+    with Store(cfg.data.store) as store:
+        slices = pseudo_slices(trained, store)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_record(record, {"from": str(first.best), "from_weights_sha256": trained.weights_sha256,
+                          "studies": {k: [list(r) for r in v] for k, v in slices.items()}})
+    return slices
