@@ -236,6 +236,13 @@ def test_feature_cells_land_on_their_true_centres():
     plain = upsample_to_window(ramp, (8, 12, 12), None)[0]
     expected = F.interpolate(ramp[None], size=(8, 12, 12), mode="trilinear", align_corners=False)[0, 0]
     np.testing.assert_allclose(plain, expected, atol=1e-5)
+    # the axes are interpolated one at a time: the same as all three at once, on any maps
+    from volttl.explain.gradcam import interpolation_matrix
+
+    maps = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    up = upsample_to_window(maps, (6, 20, 24), (2, 4, 4))
+    mz, my, mx = (interpolation_matrix(n, c, s, 0.0) for n, c, s in ((6, 3, 2), (20, 5, 4), (24, 6, 4)))
+    np.testing.assert_allclose(up, torch.einsum("zd,yh,xw,ndhw->nzyx", mz, my, mx, maps), atol=1e-6)
 
 
 class _FlatCAM:
