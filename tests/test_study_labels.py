@@ -49,7 +49,9 @@ def test_pooling_is_max_or_log_mean_exp():
     assert float(pool_bags(logits, 3, "lse", 5.0)[1]) == pytest.approx(1.0)  # equal windows: unchanged
 
 
-def _study_label_manifest(cohort: Path, tmp_path: Path) -> Path:
+def _study_label_manifest(cohort: Path, tmp_path: Path, keep_slices: set[str] = frozenset()) -> Path:
+    """The cohort's manifest with absolute paths and no pe_slices, but those of the studies
+    in ``keep_slices``."""
     with open(cohort) as fh:
         rows = list(csv.DictReader(fh))
     out = tmp_path / "m.csv"
@@ -57,8 +59,8 @@ def _study_label_manifest(cohort: Path, tmp_path: Path) -> Path:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "path": str(cohort.parent / r["path"]), "pe_slices": "",
-                        "mask": str(cohort.parent / r["mask"])})
+            w.writerow({**r, "path": str(cohort.parent / r["path"]), "mask": str(cohort.parent / r["mask"]),
+                        "pe_slices": r["pe_slices"] if r["study_id"] in keep_slices else ""})
     return out
 
 
@@ -214,16 +216,9 @@ def test_study_labels_say_when_training_positives_have_pe_slices_they_do_not_use
 
     with open(cohort) as fh:
         rows = list(csv.DictReader(fh))
-    manifest = tmp_path / "some_slices.csv"
-    with manifest.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        kept = 0
-        for r in rows:  # slices for the first training positive only
-            keep = r["split"] == "train" and r["label"] == "1" and r["pe_slices"] and not kept
-            kept += keep
-            w.writerow({**r, "path": str(Path(cohort).parent / r["path"]), "mask": "",
-                        "pe_slices": r["pe_slices"] if keep else ""})
+    first = next(r["study_id"] for r in rows
+                 if r["split"] == "train" and r["label"] == "1" and r["pe_slices"])
+    manifest = _study_label_manifest(Path(cohort), tmp_path, keep_slices={first})  # one study's slices
     cfg = small_config(manifest, tmp_path / "s.h5")
     cfg.data.labels, cfg.data.crop = "study", 32
     assert not preprocess_step(cfg, progress=False).failed
