@@ -354,7 +354,6 @@ def test_real_ct_overlay_has_the_cts_shape_and_affine(run, tmp_path):
     np.testing.assert_array_equal(np.asarray(ct.dataobj), sitk.GetArrayFromImage(img).T)
 
 
-
 def test_unit_maps_are_uint8_with_a_slope_or_float32(tmp_path):
     from volttl.io.geometry import Geometry
     from volttl.io.nifti import write_unit_map
@@ -466,6 +465,7 @@ def test_preview_of_an_all_zero_map_is_drawn_through_the_centre(tmp_path, monkey
     ct = np.full((10, 20, 30), -800.0)
     drawn, titles = [], []
     real = matplotlib.axes.Axes.imshow
+
     def recording_imshow(self, data, *a, **k):
         drawn.append(np.asarray(data))
         return real(self, data, *a, **k)

@@ -26,6 +26,7 @@ def _hdf5_geometry(row: StudyRow) -> dict:
     return {"slice_thickness": float(row.extras.get("slice_thickness") or 1.25),
             "pixel_spacing": float(row.extras.get("pixel_spacing") or 1.0)}
 
+
 def study_settings(row: StudyRow, thickness: float, size: int, penet_rules: bool = False) -> str:
     return settings_hash({
         "path": row.path, "series_uid": row.extras.get("series_uid", ""), "label": row.label,

@@ -49,6 +49,7 @@ class PreprocessSummary:
         what = "; ".join(f"{sid}: {how}" for sid, how in sorted(self.adjusted.items()))
         return f"{len(self.adjusted)} study(ies) stored by PENet's rules (preprocess.penet_rules): {what}"
 
+
 class ThrottledIndex:
     """Rewrites the index after a finished study, but no more often than every second and
     not before twenty times its own cost has passed (so it takes at most 5% of the time):
@@ -85,6 +86,7 @@ def _studies_leaving(store: str, manifest_ids: set[str]) -> list[str]:
             return [sid for sid in s.study_ids if sid not in manifest_ids]
     except VolttlError:  # not a volttl store (yet): nothing indexed to lose
         return []
+
 
 def _fault_point(where: str, finished: int) -> None:
     """Crash tests: ``VOLTTL_FAULT_KILL=<where>:<n>`` kills this process with SIGKILL at
