@@ -119,6 +119,9 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
         assert main([*command, "--run", str(group), "--seed", "7", "--out", str(tmp_path / "x")]) == 1
         assert "a repeat group without a seed 7 run (it has seed0, seed1)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    package = ["predict", "--model", str(group), "--seed", "0", str(tmp_path), "--out", str(tmp_path / "x")]
+    assert main(package) == 1
+    assert "--seed picks one run of a repeat group; a model package holds one" in capsys.readouterr().err
     shutil.copytree(tiny_run, group / "seed10")
     assert RunDir(group).seed_runs() == ["seed0", "seed1", "seed10"]
 

@@ -102,6 +102,9 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
     objects) to ``out``. Returns the records and the failures (study id -> one-line reason)."""
     if dicom and not cam:
         raise PredictError("--dicom writes the Grad-CAM as DICOM objects: drop --no-cam")
+    if package and seed is not None:
+        raise PredictError(f"{source}: --seed picks one run of a repeat group; a model package holds one "
+                           "model")
     if package:
         from volttl.export import verify_package
 
