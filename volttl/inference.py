@@ -115,6 +115,11 @@ class StudyScore:
         """The stored slice where the highest-scoring window starts."""
         return self.window_starts[int(np.argmax(self.window_probabilities))]
 
+    @property
+    def best_window_probability(self) -> float:
+        """The highest window probability (uncalibrated: the model's own)."""
+        return float(np.max(self.window_probabilities))
+
 
 class TrainedRun:
     """A trained run opened once: its config, its best model on the device in the run's

@@ -54,7 +54,7 @@ def pseudo_slices(trained: TrainedRun, store: Store) -> dict[str, list[tuple[int
     for i in store.studies_in("train"):
         hu = store.hu(store.study_ids[i])[...]
         scored[store.study_ids[i]] = (int(store.labels[i]), trained.score_study(hu), hu.shape[0])
-    negatives = [max(s.window_probabilities) for label, s, _ in scored.values() if label != 1]
+    negatives = [s.best_window_probability for label, s, _ in scored.values() if label != 1]
     above = max(negatives) if negatives else float("inf")
     out = {}
     for sid, (label, score, n) in scored.items():
