@@ -155,3 +155,10 @@ def test_a_real_ct_series_gets_its_objects_on_its_own_grid(tiny_run, tmp_path):
     assert referenced == {h.SOPInstanceUID for h in headers}
     assert hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out / "lung1_sr.dcm")).PatientID == "LUNG1"
     assert (out / "lung1_cam_sc.dcm").is_file()
+    # cam.dicom_compression: rle: the same frames, RLE Lossless, in a smaller file
+    rle = tmp_path / "rle"
+    assert main([*command[:-3], str(rle), "--dicom", "--quiet", "--set", "cam.dicom_compression=rle"]) == 0
+    packed = pydicom.dcmread(rle / "lung1_cam_pm.dcm")
+    assert packed.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    np.testing.assert_array_equal(packed.pixel_array, pm.pixel_array)
+    assert (rle / "lung1_cam_pm.dcm").stat().st_size < (out / "lung1_cam_pm.dcm").stat().st_size / 2

@@ -270,6 +270,9 @@ class CamConfig:
     # DICOM sources: also a Parametric Map, a Secondary Capture and a Structured Report, which
     # carry the patient and study identifiers the standard requires (filed with the study)
     dicom: bool = False
+    # the Parametric Map's pixels: none, or rle (RLE Lossless: about 4x smaller on a real CT,
+    # about 16 ms a slice more on 2 CPU cores; every DICOM viewer reads it)
+    dicom_compression: Literal["none", "rle"] = "none"
 
 
 @dataclass

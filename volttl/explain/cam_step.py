@@ -173,7 +173,8 @@ def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg,
     preview = folder.path / files["preview"] if "preview" in files else None
     centre = where["best_window_centre_ras_mm"]
     try:
-        return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre)
+        return write_dicom_objects(meta, cam_map, record, folder.path, preview, centre,
+                                   cfg.cam.dicom_compression)
     except DicomOutputError as exc:  # this study's objects only: its overlay and score stand
         log.warning("%s: DICOM objects not written: %s", meta.study_id, exc)
         return {"dicom_error": str(exc)}

@@ -64,9 +64,12 @@ def _plane_positions(geo: Geometry):
             for k in range(geo.shape[0])]
 
 
-def parametric_map(headers: list[Dataset], cam: np.ndarray, geo: Geometry, description: str):
-    """The map ``(slices, rows, cols)`` in [0, 1] on the source grid ``geo``."""
+def parametric_map(headers: list[Dataset], cam: np.ndarray, geo: Geometry, description: str,
+                   compression: str = "none"):
+    """The map ``(slices, rows, cols)`` in [0, 1] on the source grid ``geo``, its pixels
+    RLE Lossless compressed with ``compression: rle``."""
     import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
     if tuple(cam.shape) != tuple(geo.shape) or len(headers) == 0:
         raise DicomOutputError(f"the map's grid {cam.shape} is not the source series' {geo.shape}")
@@ -88,7 +91,8 @@ def parametric_map(headers: list[Dataset], cam: np.ndarray, geo: Geometry, descr
         pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=[float(geo.spacing[1]), float(geo.spacing[0])],
                                                 slice_thickness=float(geo.spacing[2]),
                                                 spacing_between_slices=float(geo.spacing[2])),
-        content_description=description[:64], content_label="GRADCAM")
+        content_description=description[:64], content_label="GRADCAM",
+        transfer_syntax_uid=RLELossless if compression == "rle" else ExplicitVRLittleEndian)
 
 
 def secondary_capture(header: Dataset, rgb: np.ndarray):
@@ -136,10 +140,12 @@ def report(headers: list[Dataset], record: dict, frame_of_reference: str, centre
                                    instance_number=1, manufacturer=MANUFACTURER)
 
 
-def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png, best_centre_ras) -> dict:
+def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png, best_centre_ras,
+                        compression: str = "none") -> dict:
     """The three objects of a DICOM study, written beside its overlay; returns their
     file names by kind. ``cam``: the map on the original grid; ``record``: the overlay's
-    record (probability, call); ``best_centre_ras``: the best window's centre (RAS mm)."""
+    record (probability, call); ``best_centre_ras``: the best window's centre (RAS mm);
+    ``compression``: the Parametric Map's (``cam.dicom_compression``)."""
     from pathlib import Path
 
     from volttl.io.dicom import series_headers
@@ -160,7 +166,7 @@ def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png
     model = f"Grad-CAM of {record['model_text']}"
     files = {}
     try:
-        pm = parametric_map(headers, cam, geo, model)
+        pm = parametric_map(headers, cam, geo, model, compression)
     except (AttributeError, ValueError, TypeError, KeyError) as exc:  # highdicom's checks of the source
         raise DicomOutputError(f"{meta.source}: no Parametric Map could be derived from this series "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
