@@ -122,6 +122,10 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
     package = ["predict", "--model", str(group), "--seed", "0", str(tmp_path), "--out", str(tmp_path / "x")]
     assert main(package) == 1
     assert "--seed picks one run of a repeat group; a model package holds one" in capsys.readouterr().err
+    # and with --seed the group's run is used: export names the folder it came from
+    import json
+    assert main(["export", "--run", str(group), "--seed", "1", "--out", str(tmp_path / "pkg")]) == 0
+    assert json.loads((tmp_path / "pkg" / "package.json").read_text())["exported_from"] == "seed1"
     shutil.copytree(tiny_run, group / "seed10")
     assert RunDir(group).seed_runs() == ["seed0", "seed1", "seed10"]
 
