@@ -88,6 +88,7 @@ def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
 def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, capsys):
     """pe.yaml trains 3 seeds into one folder; cam, predict and export take one model and
     say which folders hold one, instead of "no config.yaml"."""
+    import json
     import shutil
 
     from volttl.runs import RunError, load_run
@@ -123,7 +124,6 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
     assert main(package) == 1
     assert "--seed picks one run of a repeat group; a model package holds one" in capsys.readouterr().err
     # and with --seed the group's run is used: export names the folder it came from
-    import json
     assert main(["export", "--run", str(group), "--seed", "1", "--out", str(tmp_path / "pkg")]) == 0
     assert json.loads((tmp_path / "pkg" / "package.json").read_text())["exported_from"] == "seed1"
     shutil.copytree(tiny_run, group / "seed10")
