@@ -41,16 +41,19 @@ def to_original_grid(stored_map: np.ndarray, stored_to_original: np.ndarray,
         out = np.flip(out, axis=flips)
     axes = [(src, abs(scale), offset + scale * (out.shape[2 - o] - 1) if scale < 0 else offset)
             for o, (src, scale, offset) in enumerate(axes)]
-    done = set()
-    if all(abs(axes[o][2] - (0.5 * axes[o][1] - 0.5)) < 1e-9 for o in (0, 1)):  # pixel centres aligned
-        out = _resize_planes(out, (int(original_shape[1]), int(original_shape[2])))
-        done = {0, 1}
+    # pixel centres aligned in-plane: one OpenCV resize per plane, done last, so that the
+    # slice interpolation runs on the small stored planes (the axes are interpolated
+    # separately, so the order does not change the result beyond float rounding)
+    planes = all(abs(axes[o][2] - (0.5 * axes[o][1] - 0.5)) < 1e-9 for o in (0, 1))
     for o, (_, scale, offset) in enumerate(axes):
         length = int(original_shape[2 - o])
         coords = (np.arange(length) - offset) / scale
-        if o in done or (out.shape[2 - o] == length and np.allclose(coords, np.arange(length))):
-            continue  # done by the plane resize, or the identity (slices kept as they were)
+        identity = out.shape[2 - o] == length and np.allclose(coords, np.arange(length))
+        if (planes and o in (0, 1)) or identity:
+            continue  # left to the plane resize, or the identity (slices kept as they were)
         out = linear_along(out, 2 - o, coords)
+    if planes:
+        out = _resize_planes(out, (int(original_shape[1]), int(original_shape[2])))
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
