@@ -572,3 +572,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """``cfg`` with ``--set`` style ``overrides`` applied (``cfg`` itself when there are none)."""
+    return config_from_dict(apply_overrides(config_to_dict(cfg), overrides)) if overrides else cfg

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from volttl.config import Config, apply_overrides, config_from_dict, config_to_dict
+from volttl.config import Config, with_overrides
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.decision import Decision, read_decision
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
@@ -143,8 +143,7 @@ class TrainedRun:
         from volttl.runs import load_run_weights, resolve_device
 
         cfg, model, digest = load_run_weights(run_dir)
-        if overrides:
-            cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+        cfg = with_overrides(cfg, overrides)
         return cls(cfg, model, resolve_device(cfg.runtime.device), Path(run_dir), digest)
 
     def note_missing_decision(self, log) -> None:

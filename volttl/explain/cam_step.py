@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from volttl.addresses import split_hdf5_address
-from volttl.config import apply_overrides, config_from_dict, config_to_dict
+from volttl.config import config_to_dict, with_overrides
 from volttl.errors import VolttlError
 from volttl.explain.gradcam import WindowGradCAM, default_stride, sliding_window_starts, stitch_study
 from volttl.explain.localisation import write_localisation
@@ -200,7 +200,7 @@ def cam_inputs(run: RunDir, studies: list[str] | None, split: str, overrides: li
     """What a cam folder is made from: the run and its best.pt (size and time), the
     operating point that makes the calls (its content), the studies and the cam settings."""
     cfg = run.read_config()
-    cam = config_to_dict(config_from_dict(apply_overrides(config_to_dict(cfg), overrides or [])))["cam"]
+    cam = config_to_dict(with_overrides(cfg, overrides))["cam"]
     return {"run": str(run.path), "checkpoint": file_stamp(run.best), "operating_point":
             content_stamp(run.operating_point), "studies": studies or None, "split": split, "cam": cam}
 
