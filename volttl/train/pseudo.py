@@ -91,7 +91,7 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
             slices = _pseudo_slices_of(cfg, first, record, resume)
         dist.barrier()  # rank 0's record is written
         if not dist.is_main:
-            slices = _read_slices(record)
+            slices, _ = _read_slices(record)
         log.info("data.pseudo_slices: round 2 of 2, from the highest-scoring window of %d training "
                  "positive(s) (%s) into %s", len(slices), record.name, run.path)
         return train_model(cfg, run.path, resume=resume and run.last.exists(), progress=progress,
@@ -100,9 +100,10 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
         dist.close()
 
 
-def _read_slices(record: Path) -> dict[str, list[tuple[int, int]]]:
+def _read_slices(record: Path) -> tuple[dict[str, list[tuple[int, int]]], str | None]:
+    """The recorded pseudo slices and the SHA-256 of the weights they were taken from."""
     kept = read_record(record, "delete it and resume to take the windows again from the first model")
-    return {k: [tuple(r) for r in v] for k, v in kept["studies"].items()}
+    return {k: [tuple(r) for r in v] for k, v in kept["studies"].items()}, kept.get("from_weights_sha256")
 
 
 def _pseudo_slices_of(cfg: Config, first: RunDir, record: Path, resume: bool
@@ -111,9 +112,9 @@ def _pseudo_slices_of(cfg: Config, first: RunDir, record: Path, resume: bool
     they were taken from these weights; else taken now and recorded."""
     trained = TrainedRun.open(first.path)
     if record.is_file() and resume:  # the slices round 2 started from, if made by these weights
-        kept = read_record(record, f"delete it and resume to take the windows again from {first.best}")
-        if kept.get("from_weights_sha256") == trained.weights_sha256:
-            return _read_slices(record)
+        slices, made_by = _read_slices(record)
+        if made_by == trained.weights_sha256:
+            return slices
         log.warning("%s was taken from other weights than %s now: taking the windows again", record.name,
                     first.best)
     log.info("data.pseudo_slices: scoring the training studies with %s on %s", first.best, trained.device)
