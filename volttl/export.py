@@ -111,10 +111,9 @@ def _metrics(run: RunDir) -> dict:
     return out
 
 
-def _training_data(run: RunDir, cfg) -> dict:
-    """Counts per split (and positives and source kinds when the store is still there)."""
-    recorded = (json.loads(run.training_data.read_text(encoding="utf-8")) if run.training_data.is_file()
-                else {})
+def _training_data(recorded: dict, cfg) -> dict:
+    """Counts per split (and positives and source kinds when the store is still there);
+    ``recorded``: the run's training record."""
     out = {"store": recorded.get("store"), "label_mode": cfg.data.labels,
            "synthetic_cohort": recorded.get("synthetic_cohort"),
            "studies": {k: recorded[k] for k in ("train", "val") if k in recorded}}
@@ -172,7 +171,7 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
                   "intensity_shift": cfg.data.intensity_shift, "aggregate": cfg.eval.aggregate},
         "weights": {"pretrained_from": weights_from, "best_epoch": int(ckpt.get("epoch", -1)) + 1,
                     "sha256": ckpt.get("state_sha256"), "run": run.path.name},
-        "training_data": _training_data(run, cfg),
+        "training_data": _training_data(recorded, cfg),
         "metrics": _metrics(run),
         "operating_point": None if decision is None else decision.to_dict(),
         "intended_use": "Ranking CT pulmonary angiography studies by the probability of pulmonary embolism, "
