@@ -106,3 +106,8 @@ def test_only_a_manifest_written_by_synth_counts_as_a_synthetic_cohort(cohort, t
     assert SynthDir.of_manifest(mine) is None
     shutil.copyfile(cohort, tmp_path / "manifest.csv")  # a manifest.csv with no cohort record beside it
     assert SynthDir.of_manifest(tmp_path / "manifest.csv") is None
+    (tmp_path / "cohort.json").write_text("{not json")  # a damaged record is named, not a traceback
+    from volttl.errors import VolttlError
+
+    with pytest.raises(VolttlError, match=r"cohort\.json: unreadable"):
+        SynthDir.of_manifest(tmp_path / "manifest.csv")

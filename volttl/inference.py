@@ -23,6 +23,7 @@ import torch
 from volttl.config import Config, with_overrides
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.decision import Decision, read_decision
+from volttl.errors import VolttlError
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.preprocess.windows import indexed_window_starts
 
@@ -162,7 +163,10 @@ class TrainedRun:
         record = RunDir(self.path).training_data
         if not record.is_file():
             return None
-        return json.loads(record.read_text(encoding="utf-8")).get("synthetic_cohort")
+        try:
+            return json.loads(record.read_text(encoding="utf-8")).get("synthetic_cohort")
+        except json.JSONDecodeError as exc:
+            raise VolttlError(f"{record}: unreadable training record ({exc.msg})") from None
 
     def note_synthetic_training(self, log) -> None:
         """One warning when a model that never saw a patient's CT scores new scans."""

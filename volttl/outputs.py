@@ -138,7 +138,13 @@ class SynthDir(_Folder):
             return None
         import json
 
-        return json.loads(folder.cohort.read_text(encoding="utf-8"))
+        from volttl.errors import VolttlError
+
+        try:
+            return json.loads(folder.cohort.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise VolttlError(f"{folder.cohort}: unreadable ({exc.msg}); delete it, or write the cohort "
+                              "again with volttl synth") from None
 
 
 class PipelineDir(_Folder):
