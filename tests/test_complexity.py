@@ -32,6 +32,25 @@ def test_macs_agree_with_ptflops():
     assert ours == pytest.approx(theirs, rel=1e-6)  # ptflops adds the fc bias: 1 MAC
 
 
+@pytest.mark.parametrize("name", ["resnext3d_50", "penet"])
+def test_the_ptflops_rule_equals_ptflops_module_hooks(name):
+    """The reported rule against ptflops itself, module hooks only (its later counting of
+    torch.nn.functional calls switched off): BatchNorm and GroupNorm, ReLU and LeakyReLU,
+    max and adaptive pooling, convolutions and linear layers with their biases (PENet's
+    squeeze-excitation) all count the same, and the rule adds to the conv-only count."""
+    from volttl.models import get_backbone_spec
+
+    model = get_backbone_spec(name)(num_outputs=1, in_channels=3).eval()
+    ours = count_macs(model, (1, 3, 8, 48, 48), rule="ptflops")
+    theirs, _ = get_model_complexity_info(model, (3, 8, 48, 48), as_strings=False,
+                                          print_per_layer_stat=False, backend="pytorch",
+                                          backend_specific_config={"count_functional": False})
+    assert ours == theirs
+    assert ours > count_macs(model, (1, 3, 8, 48, 48), rule="conv") * 1.005
+    with pytest.raises(ValueError, match="not one of"):
+        count_macs(model, (1, 3, 8, 48, 48), rule="flops")
+
+
 def test_latency_is_the_median_forward_time_after_warmup(monkeypatch):
     """On a fake clock that each forward pass advances by a known time: the warm-up passes
     are left out and the median of the rest is returned, in milliseconds."""

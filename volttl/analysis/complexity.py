@@ -1,7 +1,15 @@
 """Parameters, multiply-accumulates and latency of a model, as the TTL paper tabulates.
 
-MACs count convolutions and linear layers only (groups honoured), which is what the
-paper's figures count; norms, activations and pooling are left out.
+MACs are counted under one of two named rules (``profile.macs_rule``):
+
+- ``ptflops`` (default): the rule of ptflops' module hooks, the counter the TTL paper cites
+  for its MACs column: convolutions and linear layers (groups and biases honoured), a
+  normalisation layer at 2 operations an input element (1 without affine parameters),
+  an activation at 1 an output element, a pooling layer at 1 an input element. At
+  3 x 32 x 208 x 208 this gives the paper's FTL 66.3 G and TF@layer3 64.9 G.
+- ``conv``: convolutions and linear layers only, the arithmetic that dominates run time
+  (used for TFLOP/s in the benchmarks).
+
 Latency is the median of timed forward passes at batch 1 after warm-up, on a named device.
 """
 
@@ -19,25 +27,54 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Conv + linear multiply-accumulates of one forward pass at ``input_shape`` (N, C, D, H, W)."""
+MACS_RULES = ("ptflops", "conv")
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU)
+_POOLS = (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+          nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _conv_macs(m: nn.Conv3d, out: torch.Tensor) -> int:
+    kernel = m.weight.shape[2] * m.weight.shape[3] * m.weight.shape[4]
+    bias = m.out_channels if m.bias is not None else 0
+    per_position = (m.in_channels // m.groups) * kernel * m.out_channels + bias
+    return out.numel() // m.out_channels * per_position
+
+
+def _linear_macs(m: nn.Linear, inp: torch.Tensor) -> int:
+    rows = inp.numel() // m.in_features
+    return rows * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+
+
+def _norm_ops(m: nn.Module, inp: torch.Tensor) -> int:
+    affine = getattr(m, "affine", False) or getattr(m, "elementwise_affine", False)
+    return inp.numel() * (2 if affine else 1)
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], rule: str = "conv") -> int:
+    """Multiply-accumulates of one forward pass at ``input_shape`` (N, C, D, H, W) under
+    ``rule``: ``conv`` (convolutions and linear layers) or ``ptflops`` (those plus norms,
+    activations and pooling as ptflops' module hooks count them); see the module docstring."""
+    if rule not in MACS_RULES:
+        raise ValueError(f"MACs rule '{rule}' is not one of {', '.join(MACS_RULES)}")
     total = 0
 
-    def conv_hook(m: nn.Conv3d, _inp, out) -> None:
+    def hook(m: nn.Module, inp, out) -> None:
         nonlocal total
-        kernel = m.weight.shape[2] * m.weight.shape[3] * m.weight.shape[4]
-        total += out.numel() * (m.in_channels // m.groups) * kernel
-
-    def linear_hook(m: nn.Linear, inp, _out) -> None:
-        nonlocal total
-        total += inp[0].numel() // m.in_features * m.in_features * m.out_features
-
-    handles = []
-    for m in model.modules():
         if isinstance(m, nn.Conv3d):
-            handles.append(m.register_forward_hook(conv_hook))
+            total += _conv_macs(m, out)
         elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+            total += _linear_macs(m, inp[0])
+        elif rule == "ptflops" and isinstance(m, _NORMS):
+            total += _norm_ops(m, inp[0])
+        elif rule == "ptflops" and isinstance(m, _ACTIVATIONS):
+            total += out.numel()
+        elif rule == "ptflops" and isinstance(m, _POOLS):
+            total += inp[0].numel()
+
+    counted = (nn.Conv3d, nn.Linear, *_NORMS, *_ACTIVATIONS, *_POOLS)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
     was_training = model.training
     model.eval()
     try:
@@ -111,9 +148,11 @@ def profile_config(cfg) -> dict:
         rgb.model.stem = "repeat"
         counted = model_from_config(rgb, weights=False, window=tuple(p.input_size)).model.to(device)
         counted_shape = (1, 3, *p.input_size)
-    return {"params_m": count_parameters(counted) / 1e6, "macs_g": count_macs(counted, counted_shape) / 1e9,
+    return {"params_m": count_parameters(counted) / 1e6,
+            "macs_g": count_macs(counted, counted_shape, p.macs_rule) / 1e9,
             "latency_ms": measure_latency(model, shape, device, repeats=p.repeats, warmup=p.warmup),
-            "device": device_name(device), "input": list(shape[1:]), "count_stem": p.count_stem}
+            "device": device_name(device), "input": list(shape[1:]), "count_stem": p.count_stem,
+            "macs_rule": p.macs_rule}
 
 
 def profiled_input(cfg) -> str:
@@ -127,7 +166,10 @@ def convention(cfg) -> str:
     """How the cost columns are counted, for table headers."""
     stem = "3-channel (RGB) stem, as the TTL paper counts" if cfg.profile.count_stem == "rgb" else \
         f"the model as trained (stem: {cfg.model.stem})"
-    return (f"P(M) and MACs(G) (convolutions and linear layers) with the {stem}; T(ms) of the model as "
+    counted = ("ptflops' module rule: convolutions, linear layers, norms at 2 operations an element, "
+               "activations and pooling at 1" if cfg.profile.macs_rule == "ptflops"
+               else "convolutions and linear layers only")
+    return (f"P(M) and MACs(G) ({counted}) with the {stem}; T(ms) of the model as "
             f"trained (stem: {cfg.model.stem})")
 
 
