@@ -251,8 +251,10 @@ def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path, caplog
 
 
 def test_penet_schedule_per_group_at_chosen_example_counts():
-    """PENet's schedule in examples: warm-up over 10k, pretrained weights 10k later, cosine
-    to 0 at 600k; checked against hand-computed rates (lr 0.01 both groups, batch 8)."""
+    """PENet's schedule in examples, as its util/optim_util.py linear_warmup_then_cosine
+    computes it: warm-up over 10k, pretrained weights 10k later, then
+    (1 + cos(pi * (e - 10k) / 600k)) / 2 with e counted from each group's start, 0 from 600k
+    on (610k for the delayed group); hand-computed rates, lr 0.01 both groups, batch 8."""
     import math
 
     import torch
@@ -272,11 +274,12 @@ def test_penet_schedule_per_group_at_chosen_example_counts():
         0: (0.0, 0.0),
         625: (0.0, 0.01 * 5000 / 10000),          # 5k examples: new half-way through warm-up
         1250: (0.0, 0.01),                        # 10k: new warm, pretrained starts
-        1875: (0.01 * 5000 / 10000, 0.01 * 0.5 * (1 + math.cos(math.pi * 5000 / 590000))),
-        2500: (0.01, 0.01 * 0.5 * (1 + math.cos(math.pi * 10000 / 590000))),
-        37500: (0.01 * 0.5 * (1 + math.cos(math.pi * 280000 / 580000)),
-                0.01 * 0.5 * (1 + math.cos(math.pi * 290000 / 590000))),
-        80000: (0.0, 0.0),                        # 640k examples: past the cosine's end
+        1875: (0.01 * 5000 / 10000, 0.01 * 0.5 * (1 + math.cos(math.pi * 5000 / 600000))),
+        2500: (0.01, 0.01 * 0.5 * (1 + math.cos(math.pi * 10000 / 600000))),
+        37500: (0.01 * 0.5 * (1 + math.cos(math.pi * 280000 / 600000)),
+                0.01 * 0.5 * (1 + math.cos(math.pi * 290000 / 600000))),
+        75625: (0.01 * 0.5 * (1 + math.cos(math.pi * 585000 / 600000)), 0.0),  # 605k: new done
+        80000: (0.0, 0.0),                        # 640k examples: past both ends
     }
     step = 0
     for target in sorted(expected):
@@ -287,6 +290,11 @@ def test_penet_schedule_per_group_at_chosen_example_counts():
         got = tuple(g["lr"] for g in opt.param_groups)
         assert got == pytest.approx(expected[target], abs=1e-12), target
     assert opt.param_groups[0]["dampening"] == 0.9
+    from volttl.train.schedule import schedule_end_epoch
+
+    # 610k examples at 24,128 windows an epoch (PENet's training split): 26 epochs
+    assert schedule_end_epoch(cfg, ["pretrained", "new"], steps_per_epoch=3016, examples_per_step=8) == 26
+    assert schedule_end_epoch(cfg, ["new"], steps_per_epoch=3016, examples_per_step=8) == 25
 
 
 def test_more_workers_than_cores_is_said_once_and_capped(caplog):
@@ -298,3 +306,17 @@ def test_more_workers_than_cores_is_said_once_and_capped(caplog):
     said = [r for r in caplog.records if "runtime.workers" in r.getMessage()]
     assert len(said) == 1 and f"runtime.workers {many} is more than" in said[0].getMessage()
     assert usable_workers(0) == 0
+
+
+def test_epochs_past_the_penet_schedules_end_are_said_at_start(store, tmp_path, caplog):
+    """A penet schedule that ends (every group at learning rate 0) inside epoch 1 of 3: the
+    start of training says that epochs 2-3 will not change the weights, and they do not."""
+    cfg = run_cfg(store, tmp_path)
+    cfg.train.schedule, cfg.train.warmup_examples, cfg.train.cosine_examples = "penet", 0, 4
+    cfg.train.epochs = 3
+    with caplog.at_level("WARNING"):
+        train_run(cfg, tmp_path / "run", progress=False, stop_after_epoch=1)
+    said = [r.getMessage() for r in caplog.records if "will not change the weights" in r.getMessage()]
+    assert len(said) == 1 and "epochs 2-3 of train.epochs 3" in said[0]
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1])["lr"] == [0.0]  # epoch 2 ran at learning rate 0

@@ -59,7 +59,7 @@ from volttl.runs import (
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
-from volttl.train.schedule import lr_factors
+from volttl.train.schedule import lr_factors, schedule_end_epoch
 
 log = logging.getLogger("volttl.train")
 
@@ -259,8 +259,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     log.info("process %d of %d: %d windows per micro-batch (train.batch_size %d over %d process(es)), "
              "%d optimiser steps per epoch", dist.rank, dist.world, batch, tc.batch_size, dist.world,
              steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(
-        cfg, [g["name"] for g in optimizer.param_groups], steps_per_epoch, examples_per_step))
+    groups = [g["name"] for g in optimizer.param_groups]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, groups, steps_per_epoch,
+                                                                        examples_per_step))
+    _say_epochs_past_schedule(cfg, schedule_end_epoch(cfg, groups, steps_per_epoch, examples_per_step))
     loss_fn = make_loss(tc.loss, tc.focal_gamma)
     scaler = numerics.grad_scaler(device)
     start_epoch, best = 0, {"study_auroc": -math.inf}
@@ -348,6 +350,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     if dist.is_main and not run.best.exists():  # validation AUROC undefined throughout
         save_checkpoint(run.best, model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
     return best, model
+
+
+def _say_epochs_past_schedule(cfg: Config, end_epoch: int | None) -> None:
+    """Epochs that fall wholly past the schedule's end train at learning rate 0: said at start."""
+    if end_epoch is not None and cfg.train.epochs > end_epoch:
+        log.warning("train.schedule penet reaches learning rate 0 during epoch %d (train.cosine_examples "
+                    "%d): epochs %d-%d of train.epochs %d will not change the weights; set train.epochs "
+                    "to %d to stop there", end_epoch, cfg.train.cosine_examples, end_epoch + 1,
+                    cfg.train.epochs, cfg.train.epochs, end_epoch)
 
 
 def _write_epoch(run: RunDir, cfg: Config, model, optimizer, schedule, scaler, epoch: int, best: dict,

@@ -5,7 +5,8 @@ optimiser step per parameter group, for ``torch.optim.lr_scheduler.LambdaLR``.
   the last epoch (the TTL paper's "cosine annealing").
 - ``penet``: PENet's released ``cosine_warmup`` schedule, counted in training examples:
   warm-up over ``warmup_examples``, pretrained weights held at 0 for
-  ``pretrained_delay_examples``, cosine to 0 at ``cosine_examples``.
+  ``pretrained_delay_examples``, cosine to 0 at ``cosine_examples`` (counted from each
+  group's start); 0 after it, so epochs past its end train nothing (said at start).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from volttl.config import Config
 
 
 def penet_factor(warmup: int, delay: int, total: int):
-    """LR factor at a number of training examples seen, PENet's way: 0 until ``delay``,
-    linear warm-up over ``warmup`` examples, then cosine down to 0 at ``total`` examples
-    (and 0 after)."""
+    """LR factor at a number of training examples seen, as PENet's ``linear_warmup_then_cosine``
+    (``util/optim_util.py``) computes it: 0 until ``delay``; then, counting from the delay, a
+    linear warm-up over ``warmup`` examples and ``(1 + cos(pi * (e - warmup) / total)) / 2``
+    until ``total`` examples, 0 after. A delayed group so ends ``delay`` examples later."""
 
     def factor(examples: float) -> float:
         e = examples - delay
@@ -26,10 +28,22 @@ def penet_factor(warmup: int, delay: int, total: int):
             return 0.0
         if warmup and e < warmup:
             return e / warmup
-        progress = (e - warmup) / max(1.0, total - delay - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if e < total:
+            return 0.5 * (1 + math.cos(math.pi * (e - warmup) / total))
+        return 0.0
 
     return factor
+
+
+def schedule_end_epoch(cfg: Config, group_names: list[str], steps_per_epoch: int,
+                       examples_per_step: int) -> int | None:
+    """The first epoch (1-based) after which every group's learning rate is 0 under
+    ``train.schedule: penet``; None for ``cosine``, which ends with the last epoch."""
+    tc = cfg.train
+    if tc.schedule != "penet":
+        return None
+    delay = tc.pretrained_delay_examples if "pretrained" in group_names else 0
+    return math.ceil((delay + tc.cosine_examples) / (steps_per_epoch * examples_per_step))
 
 
 def cosine_schedule(cfg: Config, group_names: list[str], steps_per_epoch: int,
