@@ -79,6 +79,10 @@ class DataConfig:
     # best) as its PE slices, then train the run's model from those as from slice labels.
     # Twice the training time; maps that find the embolus
     pseudo_slices: bool = False
+    # 0: every training study. N: a fixed subset of N training studies at the split's share
+    # of positives, the same for every run and seed, and nested (the first 10 are among the
+    # first 20): learning curves over the number of training studies
+    train_studies: int = 0
 
 
 @dataclass
@@ -250,6 +254,11 @@ class ProfileConfig:
     # P(M) and MACs: rgb counts the 3-channel Kinetics stem, as the TTL paper's table does;
     # model counts the model as trained (1-channel stem under `model.stem: sum`)
     count_stem: Literal["rgb", "model"] = "rgb"
+    # how MACs(G) are counted: ptflops = the rule of ptflops' module hooks, the counter the TTL
+    # paper cites (convolutions and linear layers, norms at 2 operations an element,
+    # activations and pooling at 1; the paper's FTL 66.3 G and TF@layer3 64.9 G at
+    # 3 x 32 x 208 x 208); conv = convolutions and linear layers only
+    macs_rule: Literal["ptflops", "conv"] = "ptflops"
 
 
 @dataclass
@@ -460,6 +469,7 @@ def check_ranges(cfg: Config) -> None:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{section}.{key}", ">= 0", v)
 
     positive("data", "crop", "bag_windows", "bag_sharpness")
+    non_negative("data", "train_studies")
     positive("preprocess", "slice_thickness", "size", "window", "train_stride", "min_pe_slices")
     non_negative("preprocess", "workers")
     positive("model", "num_outputs")

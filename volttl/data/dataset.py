@@ -28,6 +28,26 @@ from volttl.inference import cut_window, model_window
 from volttl.preprocess.store import Store
 
 
+def study_subset(members: list[int], labels, count: int, where: str) -> list[int]:
+    """``count`` of ``members`` at their share of positives, fixed whatever the run's seed:
+    positives and negatives each in one seeded order, the first of each taken, so a smaller
+    subset lies inside a larger one (``data.train_studies``)."""
+    if count > len(members):
+        raise VolttlError(f"{where}: data.train_studies {count} is more than the {len(members)} "
+                          "studies there")
+    order = np.random.default_rng(0)
+    positives = [i for i in members if labels[i] == 1]
+    negatives = [i for i in members if labels[i] != 1]
+    take_pos = min(len(positives), max(1, round(count * len(positives) / len(members))))
+    take_neg = count - take_pos
+    if take_neg > len(negatives) or (count >= 2 and take_neg < 1):
+        raise VolttlError(f"{where}: data.train_studies {count} cannot hold both classes "
+                          f"({len(positives)} positive, {len(negatives)} negative studies there)")
+    chosen = [positives[i] for i in order.permutation(len(positives))[:take_pos]]
+    chosen += [negatives[i] for i in order.permutation(len(negatives))[:take_neg]]
+    return sorted(chosen)
+
+
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of one split. Evaluation items are ``(window (1, D, crop, crop), label,
     study index)``, normalised; training items are ``(int16 HU (1, D, size, size), label,
@@ -36,7 +56,7 @@ class WindowDataset(torch.utils.data.Dataset):
     def __init__(self, store: str, split: str, train: bool, crop: int,
                  hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
                  augment: AugmentConfig | None = None, seed: int = 0, study_labels: bool = False,
-                 pe_slices: dict[str, list[tuple[int, int]]] | None = None):
+                 pe_slices: dict[str, list[tuple[int, int]]] | None = None, train_studies: int = 0):
         self.store, self.split, self.train, self.crop = store, split, train, crop
         self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
         self.study_labels_only = study_labels  # items carry their study's label (bags)
@@ -53,6 +73,9 @@ class WindowDataset(torch.utils.data.Dataset):
             self.study_labels = s.labels
             self.windows = s.windows(split, train)
             members = s.studies_in(split)
+            if train and train_studies:
+                members = study_subset(members, s.labels, train_studies, f"{store} ({split})")
+                self.windows = self.windows[np.isin(self.windows["study"], members)]
             self.pe_slices = {i: s.meta(self.study_ids[i]).pe_slices for i in members}
             for sid, ranges in (pe_slices or {}).items():  # pseudo slice labels (stored slices)
                 self.pe_slices[self.study_ids.index(sid)] = np.concatenate(
@@ -80,7 +103,7 @@ class WindowDataset(torch.utils.data.Dataset):
         d = cfg.data
         return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, cfg.augment,
                    seed=seed, study_labels=train and d.labels == "study" and pe_slices is None,
-                   pe_slices=pe_slices)
+                   pe_slices=pe_slices, train_studies=d.train_studies if train else 0)
 
     def __len__(self) -> int:
         return len(self.windows)
