@@ -165,3 +165,34 @@ def test_predict_shows_progress_within_a_study_as_plain_lines(cohort, trained, t
     assert "\r" not in err  # not a terminal: whole lines, no carriage-return frames
     window_lines = [line for line in err.splitlines() if "synth003" in line and "window" in line]
     assert window_lines and window_lines[-1].split("|")[0].strip().endswith("100%")
+
+
+def test_a_model_that_gives_nan_calls_nothing_and_writes_valid_json(cohort, trained, tmp_path, capsys):
+    """Weights that give NaN (a checkpoint saved with its digest, so it passes the checks):
+    predict stops with one line naming the run and the NaN, calls nothing and writes no NaN
+    into predictions.json (before: "p(PE) nan", called negative, exit 0); evaluate stops the
+    same way."""
+    import torch
+
+    from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+
+    run = tmp_path / "nan_run"
+    shutil.copytree(trained, run)
+    state, _, ckpt = read_checkpoint(run / "best.pt")
+    state = {k: v.clone() for k, v in state.items()}
+    head = next(k for k in state if k.endswith("fc.weight"))
+    state[head].fill_(float("nan"))
+    holder = torch.nn.Module()
+    holder.state_dict = lambda: state  # save_checkpoint reads the state through state_dict()
+    save_checkpoint(run / "best.pt", holder, **{k: v for k, v in ckpt.items()
+                                                 if k not in ("format", "version", "model_state", "state_sha256")})
+    study = Path(cohort).parent / "studies" / "synth002.nii.gz"
+    capsys.readouterr()
+    rc = main(["predict", "--run", str(run), str(study), "--out", str(tmp_path / "p"), "--no-cam", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{run}: the model gave 7 of 7 window probabilities that are not finite" in err
+    assert len(err.strip().splitlines()) == 1
+    written = tmp_path / "p" / "predictions.json"
+    assert not written.exists() or "NaN" not in written.read_text()
+    assert main(["evaluate", "--run", str(run), "--split", "test"]) == 1
+    assert "not finite" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from volttl.decision import Decision, calibration, choose_decision, rates_with_ci
-from volttl.inference import TrainedRun, study_scores
+from volttl.inference import TrainedRun, require_finite, study_scores
 from volttl.records import write_record
 from volttl.runs import RunDir
 from volttl.train.loop import predict
@@ -52,6 +52,7 @@ def score_split(trained: TrainedRun, split: str, progress: bool = False) -> Spli
     probs, labels, studies = predict(trained.model, ds, trained.device, cfg.train.batch_size,
                                      cfg.runtime.workers, numerics=trained.numerics, progress=progress,
                                      desc=f"evaluate {split}")
+    require_finite(probs, f"{trained.path} ({split} split)")
     index, raw = study_scores(probs, studies, cfg.eval.aggregate)
     return SplitScores(split, probs, labels, studies, index, [ds.study_ids[i] for i in index],
                        np.asarray(ds.study_labels)[index], np.asarray(ds.study_labels), raw)

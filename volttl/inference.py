@@ -94,6 +94,21 @@ def device_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.
     return torch.sigmoid(logits.float())
 
 
+class NonFiniteScore(VolttlError):
+    """The model gave a probability that is not a number: nothing may be called, stored or drawn."""
+
+
+def require_finite(probs: np.ndarray, where: str) -> np.ndarray:
+    """``probs`` unchanged when every one is finite; else a one-line :class:`NonFiniteScore`
+    naming ``where`` (a NaN compares false with every threshold, so it would read as negative)."""
+    bad = int(np.size(probs) - np.isfinite(probs).sum())
+    if bad:
+        raise NonFiniteScore(f"{where}: the model gave {bad} of {np.size(probs)} window probabilities "
+                             "that are not finite (NaN or inf): its weights or input are broken; nothing "
+                             "was called")
+    return probs
+
+
 def window_probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
                          numerics: Numerics = DEFAULT_NUMERICS) -> np.ndarray:
     """:func:`device_probabilities`, read back to the host."""
@@ -201,7 +216,7 @@ class TrainedRun:
                                                          tuple(cfg.data.hu_clip), cfg.data.intensity_shift)))
             if on_batch is not None:
                 on_batch(len(chunk))
-        p = np.concatenate(probs)
+        p = require_finite(np.concatenate(probs), str(self.path))
         probability = float(self.calibrate(aggregate(p, cfg.eval.aggregate)))
         decided = self.decision
         return StudyScore(probability, starts, [float(v) for v in p],

@@ -42,7 +42,7 @@ from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
-from volttl.inference import device_probabilities
+from volttl.inference import device_probabilities, require_finite
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.outputs import SynthDir
@@ -330,6 +330,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
         elapsed = time.perf_counter() - t0
         dist.sync_buffers(model)
         probs, labels, studies = predict(model, val_ds, device, batch, rt.workers, dist, numerics)
+        require_finite(probs, f"{run_dir}: epoch {epoch + 1}, validation (training diverged: a lower "
+                              "learning rate, or train.clip_grad_norm, may hold it)")
         val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
         record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
                   "lr": [g["lr"] for g in optimizer.param_groups],
