@@ -320,3 +320,47 @@ def test_epochs_past_the_penet_schedules_end_are_said_at_start(store, tmp_path, 
     assert len(said) == 1 and "epochs 2-3 of train.epochs 3" in said[0]
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[1])["lr"] == [0.0]  # epoch 2 ran at learning rate 0
+
+
+def _relabelled_store(cohort, tmp_path, relabel) -> Path:
+    """The six-study cohort with ``relabel(row)`` applied to each manifest row, preprocessed."""
+    from volttl.manifests.schema import read_manifest, write_manifest
+
+    rows = read_manifest(cohort)
+    for row in rows:
+        relabel(row)
+        row.path = str((Path(cohort).parent / row.path).resolve())
+    manifest = tmp_path / "m.csv"
+    write_manifest(rows, manifest)
+    store = tmp_path / "s.h5"
+    assert not preprocess_step(small_config(manifest, store, size=40), progress=False).failed
+    return store
+
+
+def test_a_training_split_without_positives_is_refused(cohort, tmp_path):
+    """Every training study negative: training stops before its first epoch with one line
+    naming the store (it trained and reported best val AUROC 1.000)."""
+    from volttl.errors import VolttlError
+
+    def negative_train(row):
+        if row.split == "train":
+            row.label, row.pe_slices = 0, []
+
+    store = _relabelled_store(cohort, tmp_path, negative_train)
+    with pytest.raises(VolttlError, match=f"{store}: the training split's .* hold no positive study"):
+        train_run(run_cfg(store, tmp_path), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_validation_split_of_one_class_is_named(cohort, tmp_path, caplog):
+    def negative_val(row):
+        if row.split == "val":
+            row.label, row.pe_slices = 0, []
+
+    store = _relabelled_store(cohort, tmp_path, negative_val)
+    cfg = run_cfg(store, tmp_path)
+    cfg.train.epochs = 1
+    with caplog.at_level("WARNING"):
+        train_run(cfg, tmp_path / "run", progress=False)
+    said = [r.getMessage() for r in caplog.records if "validation split holds only negative" in r.getMessage()]
+    assert len(said) == 1 and "best.pt will be the last epoch's weights" in said[0]

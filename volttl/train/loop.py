@@ -94,6 +94,26 @@ def datasets(cfg: Config, seed: int, pe_slices: dict | None = None
             WindowDataset.from_config(cfg, "val", train=False))
 
 
+def check_classes(cfg: Config) -> None:
+    """A training split without a positive study (or without a negative one) has nothing to
+    learn: refused. A validation split of one class cannot choose a model: said, since
+    best.pt is then the last epoch's weights."""
+    train = WindowDataset.from_config(cfg, "train", train=True)  # data.train_studies applied
+    members = np.unique(train.windows["study"])
+    positives = int(sum(train.study_labels[i] == 1 for i in members))
+    if positives == 0 or positives == len(members):
+        kind = "positive" if positives == 0 else "negative"
+        raise VolttlError(f"{cfg.data.store}: the training split's {len(members)} studies hold no "
+                          f"{kind} study: there is nothing to learn (check the manifest's label and "
+                          "split columns)")
+    val = WindowDataset.from_config(cfg, "val")
+    labels = {int(val.study_labels[i]) for i in np.unique(val.windows["study"])}
+    if len(labels) < 2:
+        log.warning("%s: the validation split holds only %s studies: its AUROC is undefined, so no "
+                    "epoch can be chosen and best.pt will be the last epoch's weights", cfg.data.store,
+                    "positive" if labels == {1} else "negative")
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -188,6 +208,7 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
 
         return train_with_pseudo_slices(cfg, run_dir, resume, progress, stop_after_epoch)
     cfg = with_store_preprocessing(cfg)
+    check_classes(cfg)
     tc, rt = cfg.train, cfg.runtime
     if RunDir(run_dir).last.exists() and not resume:
         raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
