@@ -230,7 +230,8 @@ def test_pe_yaml_is_the_papers_setting():
     assert (cfg.train.warmup_examples, cfg.train.pretrained_delay_examples, cfg.train.cosine_examples) == (
         10_000, 10_000, 600_000)
     steps = math.ceil(24_128 / cfg.train.batch_size)
-    assert cfg.train.epochs == schedule_end_epoch(cfg, ["pretrained", "new"], steps, cfg.train.batch_size) == 26
+    end = schedule_end_epoch(cfg, ["pretrained", "new"], steps, cfg.train.batch_size)
+    assert cfg.train.epochs == end == 26
     text = PE_YAML.read_text(encoding="utf-8")
     assert "--fine_tuning_lr=1e-2 (line 17)" in text and "--learning_rate=1e-2 (line 22)" in text
     setup = build_transfer_model("resnext3d_101", "ftl", "", stem=cfg.model.stem)

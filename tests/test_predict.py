@@ -184,8 +184,8 @@ def test_a_model_that_gives_nan_calls_nothing_and_writes_valid_json(cohort, trai
     state[head].fill_(float("nan"))
     holder = torch.nn.Module()
     holder.state_dict = lambda: state  # save_checkpoint reads the state through state_dict()
-    save_checkpoint(run / "best.pt", holder, **{k: v for k, v in ckpt.items()
-                                                 if k not in ("format", "version", "model_state", "state_sha256")})
+    kept = {k: v for k, v in ckpt.items() if k not in ("format", "version", "model_state", "state_sha256")}
+    save_checkpoint(run / "best.pt", holder, **kept)
     study = Path(cohort).parent / "studies" / "synth002.nii.gz"
     capsys.readouterr()
     rc = main(["predict", "--run", str(run), str(study), "--out", str(tmp_path / "p"), "--no-cam", "--quiet"])
@@ -196,3 +196,28 @@ def test_a_model_that_gives_nan_calls_nothing_and_writes_valid_json(cohort, trai
     assert not written.exists() or "NaN" not in written.read_text()
     assert main(["evaluate", "--run", str(run), "--split", "test"]) == 1
     assert "not finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,override", [("predict", "eval.aggregate=mean"), ("predict", "data.crop=16"),
+                                              ("cam", "preprocess.slice_thickness=1.0")])
+def test_set_cannot_change_a_trained_models_input_or_decision(cohort, trained, tmp_path, capsys, command,
+                                                               override):
+    """--set on predict and cam may change how and where a run computes and writes,
+    never what its model sees or how it decides (eval.aggregate=mean flipped calls while the
+    operating point chosen under max was still applied): one line naming the key."""
+    study = Path(cohort).parent / "studies" / "synth002.nii.gz"
+    args = {"predict": ["predict", "--run", str(trained), str(study), "--out", str(tmp_path / "p"),
+                        "--no-cam"],
+            "cam": ["cam", "--run", str(trained), "--out", str(tmp_path / "c")]}[command]
+    capsys.readouterr()
+    assert main([*args, "--set", override, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    key = override.partition("=")[0]
+    assert f"--set {key}: {trained} was trained and calibrated with its own {key}" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
+
+
+def test_set_may_change_how_a_run_computes_and_writes(cohort, trained, tmp_path):
+    study = Path(cohort).parent / "studies" / "synth002.nii.gz"
+    assert main(["predict", "--run", str(trained), str(study), "--out", str(tmp_path / "p"), "--no-cam",
+                 "--quiet", "--set", "runtime.device=cpu", "--set", "cam.batch_size=2"]) == 0

@@ -584,6 +584,26 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+# what `--set` may change when a trained run (or package) is read: how and where it computes,
+# what it writes, and which store it reads; never what the model sees or how it decides
+READING_KEYS = ("runtime.", "cam.", "data.store", "data.manifest", "eval.bootstrap", "eval.calibration_bins")
+# evaluate also chooses the operating point and calibration anew on the validation split
+RECHOOSING_KEYS = ("eval.operating_point", "eval.target", "eval.calibration")
+
+
+def check_reading_overrides(overrides: list[str] | None, where: str, rechoose: bool = False) -> None:
+    """Refuse, in one line, a ``--set`` that would change a trained model's input or decision
+    (data, preprocess, model, transfer or train settings, ``eval.aggregate``): the model and
+    its operating point were made under the stored ones."""
+    allowed = READING_KEYS + (RECHOOSING_KEYS if rechoose else ())
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+            raise ConfigError(f"--set {key}: {where} was trained and calibrated with its own {key}, which "
+                              f"sets the model's input or decision; only {names} may change here")
+
+
 def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     """``cfg`` with ``--set`` style ``overrides`` applied (``cfg`` itself when there are none)."""
     return config_from_dict(apply_overrides(config_to_dict(cfg), overrides)) if overrides else cfg

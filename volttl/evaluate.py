@@ -144,7 +144,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     """Study- and window-level metrics of ``best.pt`` on ``split``, the operating point's
     sensitivity, specificity, PPV and NPV and the calibration, written into the run dir."""
     run = RunDir(run_dir)
-    trained = TrainedRun.open(run.path, overrides)  # the model in the run's numerics, on its device
+    trained = TrainedRun.open(run.path, overrides, rechoose=True)  # in the run's numerics, on its device
     cfg = trained.cfg
     scored = score_split(trained, split, progress)
     decision = ensure_decision(trained, scored if split == VALIDATION else None, progress)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from volttl.config import Config, with_overrides
+from volttl.config import Config, check_reading_overrides, with_overrides
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.decision import Decision, read_decision
 from volttl.errors import VolttlError
@@ -154,10 +154,14 @@ class TrainedRun:
         self.model = model.to(device, memory_format=self.numerics.memory_format).eval()
 
     @classmethod
-    def open(cls, run_dir: str | Path, overrides: list[str] | None = None) -> TrainedRun:
-        """The run's config (with ``overrides``) and ``best.pt``, on the configured device."""
+    def open(cls, run_dir: str | Path, overrides: list[str] | None = None,
+             rechoose: bool = False) -> TrainedRun:
+        """The run's config (with ``overrides``, which may change only how and where it
+        computes and writes; with ``rechoose``, as evaluate, the operating point's settings
+        too) and ``best.pt``, on the configured device."""
         from volttl.runs import load_run_weights, resolve_device
 
+        check_reading_overrides(overrides, str(run_dir), rechoose)
         cfg, model, digest = load_run_weights(run_dir)
         cfg = with_overrides(cfg, overrides)
         return cls(cfg, model, resolve_device(cfg.runtime.device), Path(run_dir), digest)
