@@ -362,5 +362,5 @@ def test_a_validation_split_of_one_class_is_named(cohort, tmp_path, caplog):
     cfg.train.epochs = 1
     with caplog.at_level("WARNING"):
         train_run(cfg, tmp_path / "run", progress=False)
-    said = [m for m in (r.getMessage() for r in caplog.records) if "validation split holds only negative" in m]
+    said = [m for m in (r.getMessage() for r in caplog.records) if "split holds only negative" in m]
     assert len(said) == 1 and "best.pt will be the last epoch's weights" in said[0]
