@@ -2,17 +2,20 @@
 in Hara et al.'s published checkpoint layout, so the demo can show transfer learning
 without Kinetics weights.
 
-The source task: 3D windows of noisy soft-tissue texture (HU) holding one bright
-contrast-filled structure, a ball, a tube along a random direction, or a plate, or
-nothing; the network names which (4 classes). It has to learn 3D edge, blob and tube
-detectors, the low- and mid-level features transfer learning is meant to reuse, and
-nothing about emboli (dark defects inside vessels). Windows are drawn on the fly from a
-generator keyed on (seed, epoch, index), normalised as CT windows are.
+The source task: 3D windows of noisy lung or soft-tissue texture (HU), crossed by
+contrast-filled tubes, holding one shape, a ball, a tube along a random direction or a
+plate, bright or dark inside contrast, or nothing; the network names which shape (4
+classes). It has to learn 3D edge, blob and tube detectors of both polarities, the low- and
+mid-level features transfer learning is meant to reuse; no class is defined by emboli.
+Windows are drawn on the fly from a generator keyed on (seed, epoch, index), normalised
+as CT windows are.
 
-Only the units up to ``pretrain.depth`` (a block cut point) are trained, to fit a CPU
-budget; deeper units keep their initialisation. The checkpoint is nonetheless the whole
-network in the published layout (``{epoch, arch, state_dict with module. keys,
-optimizer}``, a 4-way ``fc``), which ``model.pretrained`` loads like a Kinetics file.
+The units up to ``pretrain.depth`` (a block cut point; the last block, the default, trains
+them all, as a Kinetics file is trained) are trained; deeper units keep their
+initialisation. Each residual branch starts at zero scale, so the deep network trains
+from scratch stably. The checkpoint is the whole network in the published layout
+(``{epoch, arch, state_dict with module. keys, optimizer}``, a 4-way ``fc``), which
+``model.pretrained`` loads like a Kinetics file.
 """
 
 from __future__ import annotations
@@ -37,29 +40,54 @@ log = logging.getLogger("volttl.pretrain")
 CLASSES = ("none", "ball", "tube", "plate")
 
 
-def source_window(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    """One source-task window in HU ``(D, H, W)`` and its class index."""
+def _shape_mask(rng: np.random.Generator, shape: tuple[int, int, int], kind: str, size: float,
+                centre: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """Voxels of a ball, a tube along ``axis`` or a plate across it, of half-size ``size``."""
     d, h, w = shape
-    hu = rng.normal(40.0, 25.0, size=shape).astype(np.float32)  # soft tissue with noise
+    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    offset = np.stack([z - centre[0], y - centre[1], x - centre[2]], axis=-1)
+    along = offset @ axis
+    if kind == "ball":
+        return np.linalg.norm(offset, axis=-1) < size
+    if kind == "tube":  # distance from the axis line
+        return np.linalg.norm(offset - along[..., None] * axis, axis=-1) < size * 0.6
+    return np.abs(along) < size * 0.35  # plate: distance from the plane through the centre
+
+
+def source_window(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+    """One source-task window in HU ``(D, H, W)`` and its class index: which shape it holds.
+
+    The background is lung (-850 HU) or soft tissue (40 HU) with noise, crossed by up to
+    two contrast-filled tubes (250-400 HU) in every class. The shape is either bright
+    (contrast on the background) or dark (20-60 HU) inside a contrast-filled pool around
+    it: the edges, blobs and tubes of both polarities that CT shows, with no class
+    defined by anything PE-like (a dark object inside contrast counts as its shape)."""
+    d, h, w = shape
+    lung = rng.random() < 0.5
+    hu = rng.normal(-850.0 if lung else 40.0, 30.0 if lung else 25.0, size=shape).astype(np.float32)
     hu += np.linspace(-30, 30, w, dtype=np.float32)[None, None, :] * rng.uniform(-1, 1)  # a gradient
+
+    def somewhere() -> np.ndarray:
+        return np.array([rng.uniform(0.3, 0.7) * d, rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w])
+
+    def direction() -> np.ndarray:
+        v = rng.normal(size=3)
+        return v / np.linalg.norm(v)
+
+    for _ in range(int(rng.integers(0, 3))):  # vessels: in every class, so no class cue
+        vessel = _shape_mask(rng, shape, "tube", rng.uniform(2.0, 4.0), somewhere(), direction())
+        hu[vessel] = rng.uniform(250.0, 400.0)
     label = int(rng.integers(0, len(CLASSES)))
     if label == 0:
         return hu, label
-    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
-    centre = np.array([rng.uniform(0.3, 0.7) * d, rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w])
-    offset = np.stack([z - centre[0], y - centre[1], x - centre[2]], axis=-1)
-    size = rng.uniform(2.5, 5.0)
-    if CLASSES[label] == "ball":
-        inside = np.linalg.norm(offset, axis=-1) < size
-    else:
-        axis = rng.normal(size=3)
-        axis /= np.linalg.norm(axis)
-        along = offset @ axis
-        if CLASSES[label] == "tube":  # distance from the axis line
-            inside = np.linalg.norm(offset - along[..., None] * axis, axis=-1) < size * 0.6
-        else:  # plate: distance from the plane through the centre
-            inside = np.abs(along) < size * 0.35
-    hu[inside] += rng.uniform(200.0, 400.0)
+    centre, axis, size = somewhere(), direction(), rng.uniform(2.5, 5.0)
+    inside = _shape_mask(rng, shape, CLASSES[label], size, centre, axis)
+    if rng.random() < 0.5:  # bright shape
+        hu[inside] = rng.uniform(200.0, 400.0) + rng.normal(0, 15, size=int(inside.sum()))
+    else:  # dark shape inside a contrast-filled pool
+        pool = _shape_mask(rng, shape, CLASSES[label], size + 2.5, centre, axis)
+        hu[pool] = rng.uniform(250.0, 400.0)
+        hu[inside] = rng.uniform(20.0, 60.0) + rng.normal(0, 10, size=int(inside.sum()))
     return hu, label
 
 
@@ -137,8 +165,16 @@ def train_source_task(cfg: Config, progress: bool = True) -> dict:
     keep = spec.cut_point(p.depth).keep  # fail early, naming the valid cuts
     torch.manual_seed(p.seed)
     model = spec(num_outputs=len(CLASSES), in_channels=3)  # the published 3-channel stem
-    channels = spec.cut_point(p.depth).channels  # pooled features, normalised, then linear
-    head = torch.nn.Sequential(torch.nn.BatchNorm1d(channels), torch.nn.Linear(channels, len(CLASSES)))
+    for norm in model.residual_branch_norms():  # each block starts as the identity: a deep
+        torch.nn.init.zeros_(norm.weight)          # network trains from scratch stably
+    channels = spec.cut_point(p.depth).channels  # pooled features, then linear
+    # a linear head from zero on the pooled features scaled by 4 / sqrt(channels): unscaled
+    # (or batch-normalised), every step moved the logits by about lr x channels (2048 after
+    # layer4) and the deep run diverged (loss 4, against ln 4 for a guess)
+    scale = 4.0 / math.sqrt(channels)
+    head = torch.nn.Linear(channels, len(CLASSES))
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
     params = [q for u in model.units[:keep] for path in u.paths
               for q in model.get_submodule(path).parameters()] + list(head.parameters())
     optimizer = torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=1e-4)
@@ -156,7 +192,7 @@ def train_source_task(cfg: Config, progress: bool = True) -> dict:
                                disable=not progress)
         for x, y in batches:
             feats = model.forward_features(x, upto=keep)
-            logits = head(torch.flatten(torch.nn.functional.adaptive_avg_pool3d(feats, 1), 1))
+            logits = head(torch.flatten(torch.nn.functional.adaptive_avg_pool3d(feats, 1), 1) * scale)
             loss = torch.nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

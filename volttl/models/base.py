@@ -130,6 +130,11 @@ class Backbone3D(nn.Module):
         planes; returns it and its output channels."""
         raise NotImplementedError
 
+    def residual_branch_norms(self) -> list[nn.Module]:
+        """The last norm layer of each residual branch: training from scratch may start them
+        at zero scale, so that every block starts as the identity (Goyal et al. 2017)."""
+        return []
+
     @classmethod
     def cut_points(cls) -> list[CutPoint]:
         raise NotImplementedError

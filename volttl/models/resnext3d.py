@@ -106,6 +106,9 @@ class ResNeXt3D(Backbone3D):
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
+    def residual_branch_norms(self) -> list[nn.Module]:
+        return [m.bn3 for m in self.modules() if isinstance(m, ResNeXtBottleneck)]
+
     def make_block(self, unit_name: str, in_channels: int, width: float) -> tuple[nn.Module, int]:
         stage, index = unit_name.removeprefix("layer").split(".")
         s, b = int(stage) - 1, int(index)
