@@ -282,3 +282,26 @@ def test_gantry_tilt_is_refused_by_name(tmp_path):
     _shift_positions(tmp_path / "s", lambda k: np.array([0.0, k * shear, 0.0]))
     with pytest.raises(StudyReadError, match=r"gantry tilt of 20\.0 degrees .* does not correct tilt"):
         read_study(tmp_path / "s")
+
+
+def test_a_series_description_never_reaches_a_note_or_an_error(tmp_path):
+    """SeriesDescription is free text and can hold a patient's name: the series are named
+    by UID, number and size only, in the refusal and in the note alike."""
+    make_series(tmp_path / "s")
+    other = tmp_path / "other"
+    small = Geometry((3, 12, 10), (0.7, 0.65, 2.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    write_dicom_series(np.zeros(small.shape, np.int16), small, other, np.random.default_rng(5), index=8,
+                       seed=1, with_scout=True)
+    for f in [*other.glob("*.dcm"), *(tmp_path / "s").glob("*.dcm")]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = "CTPA DOE^JANE 1970"
+        ds.save_as(f)
+    for f in other.glob("*.dcm"):
+        f.rename(tmp_path / "s" / f"x{f.name}")
+    message = expect_error(tmp_path / "s", r"2 CT series, none chosen")
+    assert "DOE" not in message and "(number" in message
+    for f in (tmp_path / "s").glob("x*.dcm"):
+        if f.name != "xscout.dcm":
+            f.unlink()
+    notes = read_study(tmp_path / "s").notes
+    assert notes and not any("DOE" in n for n in notes)

@@ -213,10 +213,10 @@ def _is_localizer(s: _Slice) -> bool:
 
 
 def _describe(uid: str, slices: list[_Slice]) -> str:
-    ds = slices[0].ds
-    number = getattr(ds, "SeriesNumber", "")
-    description = str(getattr(ds, "SeriesDescription", "") or "no description")[:64]
-    return f"{uid} (number {number}, '{description}', {len(slices)} slices)"
+    """A series as the manifest's ``series_uid`` names it, with its number and size; never
+    its free-text description, which can hold a patient's name."""
+    number = getattr(slices[0].ds, "SeriesNumber", "")
+    return f"{uid} (number {number}, {len(slices)} slices)"
 
 
 def _choose_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None
