@@ -80,6 +80,7 @@ def test_the_report_holds_the_result_and_the_capture_the_preview(predicted):
     sc = pydicom.dcmread(out / "synth000_cam_sc.dcm")
     assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[-1] == 3
     assert sc.StudyInstanceUID == series_headers(source)[0].StudyInstanceUID
+    assert sc.BurnedInAnnotation == "NO"  # its text: letters, view names, p(PE); no study id
 
 
 @pytest.mark.slow

@@ -221,3 +221,17 @@ def test_set_may_change_how_a_run_computes_and_writes(cohort, trained, tmp_path)
     study = Path(cohort).parent / "studies" / "synth002.nii.gz"
     assert main(["predict", "--run", str(trained), str(study), "--out", str(tmp_path / "p"), "--no-cam",
                  "--quiet", "--set", "runtime.device=cpu", "--set", "cam.batch_size=2"]) == 0
+
+
+def test_the_preview_picture_carries_no_study_id(cohort, trained, tmp_path, monkeypatch):
+    """The preview's pixels become the Secondary Capture of --dicom, and a study id is often
+    a folder named after the patient: the burned-in title is the probability alone."""
+    import volttl.explain.cam_step as cam_step
+
+    titles = []
+    drawn = cam_step.write_preview
+    monkeypatch.setattr(cam_step, "write_preview", lambda *a: (titles.append(a[-1]), drawn(*a)))
+    folder = tmp_path / "DOE_JANE"
+    shutil.copytree(Path(cohort).parent / "studies" / "synth000", folder)
+    assert main(["predict", "--run", str(trained), str(folder), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert len(titles) == 1 and titles[0].startswith("p(PE) = ") and "DOE" not in titles[0]

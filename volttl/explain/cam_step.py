@@ -118,8 +118,10 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         stored_peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(result.stored_map)),
                                                              result.stored_map.shape))
         spacing = tuple(float(v) for v in np.linalg.norm(meta.stored_affine_ras[:3, :3], axis=0))
+        # no study id in the picture: folders are often named after patients, and the
+        # Secondary Capture of --dicom carries this picture's pixels
         write_preview(hu, result.stored_map, stored_peak, spacing, folder.preview(sid),
-                      f"{sid}: p(PE) = {probability:.3f}")
+                      f"p(PE) = {probability:.3f}")
         files["preview"] = folder.preview_name(sid)
     source = Path(meta.source) if meta.source_kind == "nifti" else None  # the CT the overlay sits on
     ct_path = folder.ct(sid) if "ct" in files else source

@@ -99,11 +99,15 @@ def secondary_capture(header: Dataset, rgb: np.ndarray):
     """The preview picture (RGB, 8 bit) for viewers that cannot show parametric maps."""
     import highdicom as hd
 
-    return hd.sc.SCImage.from_ref_dataset(
+    sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header, pixel_array=np.ascontiguousarray(rgb[..., :3]), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBERS["capture"], sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, patient_orientation=("L", "P"))
+    # the picture's text is orientation letters, view names, p(PE) and the colour bar's
+    # label: nothing that identifies the patient or the date (the preview leaves the study id out)
+    sc.BurnedInAnnotation = "NO"
+    return sc
 
 
 def report(headers: list[Dataset], record: dict, frame_of_reference: str, centre_lps: list[float] | None):
