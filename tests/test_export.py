@@ -105,3 +105,27 @@ def test_the_package_holds_a_card_a_trace_and_checksums(evaluated, tmp_path, cap
     assert "not a model package (no package.json" in capsys.readouterr().err
     assert main(["export", "--run", str(evaluated), "--out", str(model)]) == 1  # never over a folder
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r.update(files={}), "best.pt, config.yaml, operating_point.json, training_data.json not"),
+    (lambda r: r["files"].pop("training_data.json"), "training_data.json not among the package's checked"),
+    (lambda r: r.update(version=99), "a package of another layout (version 99)"),
+    (lambda r: r.update(runtime="anything"), "unknown keys runtime"),
+])
+def test_a_package_lists_every_file_it_is_read_from_in_a_known_layout(evaluated, tmp_path, capsys, edit,
+                                                                      message):
+    """package.json edited and its checksum recomputed, as a hand-made package would be: an
+    empty file list (another run's weights would load unverified), the training record left
+    out (it silenced the synthetic-cohort warning), a future version, unknown keys: refused."""
+    from volttl.records import read_record, write_record
+
+    model = tmp_path / "model"
+    assert main(["export", "--run", str(evaluated), "--out", str(model)]) == 0
+    record = read_record(model / "package.json", "")
+    edit(record)
+    write_record(model / "package.json", record)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), str(tmp_path), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

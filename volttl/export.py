@@ -29,8 +29,8 @@ import torch
 
 from volttl.errors import VolttlError
 from volttl.evaluate import fmt_rate
-from volttl.records import read_record, write_record
-from volttl.runs import BEST, CONFIG, OPERATING_POINT, RunDir, install_record
+from volttl.records import CHECKSUM_KEY, read_record, write_record
+from volttl.runs import BEST, CONFIG, OPERATING_POINT, TRAINING_DATA, RunDir, install_record
 
 log = logging.getLogger("volttl.export")
 
@@ -39,6 +39,8 @@ TORCHSCRIPT = "model.torchscript.pt"
 EXPORTED = "model.pt2"
 CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
 FORMAT = "volttl-model-package"
+VERSION = 1  # the package layout this volttl writes and reads
+PACKAGE_KEYS = {"format", "version", "exported_from", "files", CHECKSUM_KEY}
 SPLITS = ("train", "val", "test")
 
 
@@ -63,7 +65,21 @@ def verify_package(path: str | Path) -> Path:
     record = read_record(manifest, "export the run again")
     if record.get("format") != FORMAT:
         raise PackageError(f"{manifest}: not a volttl model package (format {record.get('format')!r})")
-    for name, expected in record.get("files", {}).items():
+    if record.get("version") != VERSION or set(record) - PACKAGE_KEYS:
+        extra = sorted(set(record) - PACKAGE_KEYS)
+        what = f"version {record.get('version')!r}" + (f", unknown keys {', '.join(extra)}" if extra else "")
+        raise PackageError(f"{manifest}: a package of another layout ({what}); this volttl reads version "
+                           f"{VERSION}: export the run again, or use the volttl that wrote it")
+    files = record.get("files")
+    if not isinstance(files, dict):
+        raise PackageError(f"{manifest}: damaged: no list of files; export the run again")
+    # every file the package is read from is listed, so none is taken unverified
+    read = {CONFIG, BEST, TRAINING_DATA} | {n for n in (OPERATING_POINT,) if (path / n).exists()}
+    unlisted = sorted(read - set(files))
+    if unlisted:
+        raise PackageError(f"{manifest}: {', '.join(unlisted)} not among the package's checked files; "
+                           "export the run again")
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise PackageError(f"{file}: missing from the package; export the run again")
@@ -257,9 +273,14 @@ def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) ->
     shutil.copyfile(run.config, out / CONFIG)
     shutil.copyfile(run.best, out / BEST)
     files = [CONFIG, BEST]
-    if run.training_data.is_file():  # what the run learnt from: predict --model says if it was synthetic
-        shutil.copyfile(run.training_data, out / run.training_data.name)
-        files.append(run.training_data.name)
+    # what the run learnt from (predict --model says when it was synthetic); a run from before
+    # the record was kept says so, and the file is there either way, listed and checked
+    if run.training_data.is_file():
+        shutil.copyfile(run.training_data, out / TRAINING_DATA)
+    else:
+        (out / TRAINING_DATA).write_text(json.dumps({"note": "the run kept no record of its training data"}),
+                                         encoding="utf-8")
+    files.append(TRAINING_DATA)
     if trained.decision is not None:
         write_record(out / OPERATING_POINT, trained.decision.to_dict())
         files.append(OPERATING_POINT)
@@ -271,6 +292,6 @@ def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) ->
     (out / CARD_JSON).write_text(json.dumps(card, indent=2), encoding="utf-8")
     (out / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
     files += [CARD_JSON, CARD_MD]
-    write_record(out / PACKAGE, {"format": FORMAT, "version": 1, "exported_from": run.path.name,
+    write_record(out / PACKAGE, {"format": FORMAT, "version": VERSION, "exported_from": run.path.name,
                                  "files": {name: _sha256(out / name) for name in files}})
     return out
