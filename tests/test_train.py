@@ -364,3 +364,30 @@ def test_a_validation_split_of_one_class_is_named(cohort, tmp_path, caplog):
         train_run(cfg, tmp_path / "run", progress=False)
     said = [m for m in (r.getMessage() for r in caplog.records) if "split holds only negative" in m]
     assert len(said) == 1 and "best.pt will be the last epoch's weights" in said[0]
+
+
+def test_one_scan_under_two_ids_is_refused_across_splits_and_said_within_one(cohort, tmp_path, caplog):
+    """The same DICOM folder under a second id (spelt with a trailing slash) in the test split:
+    preprocess stores everything, then refuses in one line naming both ids; training on that
+    store refuses too. In the same split it is only said."""
+    from volttl.errors import VolttlError
+    from volttl.manifests.schema import StudyRow, read_manifest, write_manifest
+
+    rows = read_manifest(cohort)
+    for row in rows:
+        row.path = str((Path(cohort).parent / row.path).resolve())
+    source = next(r for r in rows if r.split == "train" and r.label == 1)
+    copy = StudyRow("copy_of_it", source.path + "/", source.label, "test", list(source.pe_slices))
+    manifest, store = tmp_path / "m.csv", tmp_path / "s.h5"
+    write_manifest([*rows, copy], manifest)
+    with pytest.raises(VolttlError, match=rf"{store}: 1 scan\(s\) stored under ids in different splits.*"
+                                          rf"{source.study_id} \(train\) = copy_of_it \(test\)"):
+        preprocess_step(small_config(manifest, store, size=40), progress=False)
+    assert (tmp_path / "s" / "copy_of_it.h5").is_file() or any(tmp_path.rglob("copy_of_it.h5"))
+    with pytest.raises(VolttlError, match="evaluation would see training data"):
+        train_run(run_cfg(store, tmp_path), tmp_path / "run", progress=False)
+    copy.split = "train"
+    write_manifest([*rows, copy], manifest)
+    with caplog.at_level("WARNING"):
+        assert not preprocess_step(small_config(manifest, store, size=40), progress=False).failed
+    assert any("stored under more than one id within a split" in r.getMessage() for r in caplog.records)

@@ -22,7 +22,15 @@ from volttl.config import Config, config_to_yaml
 from volttl.errors import VolttlError
 from volttl.manifests.schema import ManifestError, read_manifest
 from volttl.preprocess.prepare import source_stamp, study_settings
-from volttl.preprocess.store import Store, StudyRecord, read_record, remove_stale_temps, write_index
+from volttl.preprocess.store import (
+    Store,
+    StudyRecord,
+    describe_same_scans,
+    read_record,
+    remove_stale_temps,
+    same_scans,
+    write_index,
+)
 from volttl.preprocess.workers import run_isolated, run_one
 from volttl.progress import progress_bar
 
@@ -179,4 +187,19 @@ def preprocess_step(cfg: Config, progress: bool = True) -> PreprocessSummary:
         run_isolated(todo, p.workers, finish)
     index.write()
     bar.close()
+    _check_same_scans(store, [records[r.study_id] for r in rows if r.study_id in records])
     return summary
+
+
+def _check_same_scans(store: str, records: list[StudyRecord]) -> None:
+    """One scan stored under two ids: across splits the evaluation would test on training
+    data (refused, everything stored is kept); within one split it counts twice (said)."""
+    groups = same_scans([r.content_hash for r in records])
+    across, within = describe_same_scans(groups, [r.study_id for r in records], [r.split for r in records])
+    if within:
+        log.warning("%s: %d scan(s) stored under more than one id within a split (they count twice): %s",
+                    store, len(within), _first(within))
+    if across:
+        raise ManifestError(f"{store}: {len(across)} scan(s) stored under ids in different splits, so the "
+                            f"evaluation would see training data: {_first(across)}; keep one id per scan in "
+                            "the manifest")

@@ -197,8 +197,17 @@ class StudyMeta:
         )
 
 
-def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int) -> None:
-    """Write one study file atomically (temporary file, then rename)."""
+def content_hash(hu: np.ndarray) -> str:
+    """A digest of a stored volume's voxels and shape: the same scan stored under two ids
+    (a copied folder, a path spelt twice) has the same one."""
+    digest = hashlib.blake2b(str(hu.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(hu).tobytes())
+    return digest.hexdigest()
+
+
+def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int) -> str:
+    """Write one study file atomically (temporary file, then rename); returns its
+    :func:`content_hash`."""
     study_id = meta.study_id
     path = study_file(store, study_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +216,10 @@ def write_study(store: str | Path, hu: np.ndarray, meta: StudyMeta, window: int)
         dset = f.create_dataset("hu", data=hu, chunks=chunks, compression="lzf", shuffle=True)
         for key, value in meta.to_attrs().items():
             f.attrs[key] = value
+        digest = f.attrs["content_hash"] = content_hash(hu)
         f.flush()
         f.attrs[CHECKSUM] = chunk_checksum(dset)
+    return digest
 
 
 @dataclass
@@ -222,6 +233,7 @@ class StudyRecord:
     settings: str
     source_stamp: str = ""  # "" in files written before stamps were recorded
     adjusted: str = ""  # what preprocess.penet_rules changed ("" when nothing)
+    content_hash: str = ""  # "" in files written before it was recorded
 
 
 def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyRecord | None:
@@ -239,7 +251,7 @@ def read_record(store: str | Path, study_id: str, verify: bool = True) -> StudyR
             flags[np.asarray(f.attrs["pe_slices"], dtype=int)] = True
             return StudyRecord(study_id, str(f.attrs["split"]), int(f.attrs["label"]), flags,
                                str(f.attrs["settings"]), str(f.attrs.get("source_stamp", "")),
-                               str(f.attrs.get("adjusted", "")))
+                               str(f.attrs.get("adjusted", "")), str(f.attrs.get("content_hash", "")))
     except (OSError, KeyError):
         return None
 
@@ -265,6 +277,7 @@ def write_index(store: str | Path, records: list[StudyRecord], window: int, trai
         idx.create_dataset("study_ids", data=[r.study_id for r in records], dtype=strings)
         idx.create_dataset("splits", data=[r.split for r in records], dtype=strings)
         idx.create_dataset("labels", data=np.asarray([r.label for r in records], np.int8))
+        idx.create_dataset("content_hashes", data=[r.content_hash for r in records], dtype=strings)
         ev = [study_windows(i, r.pe_flags, r.label, window, window, min_pe_slices)
               for i, r in enumerate(records)]
         tr = [study_windows(i, r.pe_flags, r.label, window, train_stride, min_pe_slices)
@@ -272,6 +285,26 @@ def write_index(store: str | Path, records: list[StudyRecord], window: int, trai
         empty = np.zeros(0, dtype=WINDOW_DTYPE)
         idx.create_dataset("windows_eval", data=np.concatenate(ev) if ev else empty)
         idx.create_dataset("windows_train", data=np.concatenate(tr) if tr else empty)
+
+
+def same_scans(hashes: list[str]) -> list[list[int]]:
+    """Indices sharing a (recorded) content hash, in groups of two or more."""
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        if h:
+            groups.setdefault(h, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def describe_same_scans(groups: list[list[int]], study_ids: list[str], splits: list[str]
+                        ) -> tuple[list[str], list[str]]:
+    """The groups that span splits (a test split holding training data) and those within
+    one, each as ``"a (train) = b (test)"``."""
+    across, within = [], []
+    for g in groups:
+        text = " = ".join(f"{study_ids[i]} ({splits[i]})" for i in g)
+        (across if len({splits[i] for i in g}) > 1 else within).append(text)
+    return across, within
 
 
 class StoreError(VolttlError):
@@ -312,6 +345,8 @@ class Store:
             self.study_ids: list[str] = [s.decode() for s in f["index/study_ids"][...]]
             self.splits: list[str] = [s.decode() for s in f["index/splits"][...]]
             self.labels = np.asarray(f["index/labels"][...], dtype=np.int64)
+            hashes = f["index/content_hashes"][...] if "content_hashes" in f["index"] else []
+            self.content_hashes: list[str] = [h.decode() for h in hashes] or [""] * len(self.study_ids)
         except KeyError as exc:
             f.close()
             raise StoreError(f"{self.path}: incomplete store index ({exc}); rerun `volttl preprocess`"
@@ -325,6 +360,11 @@ class Store:
 
     def close(self) -> None:
         self._file.close()
+
+    def same_scans(self) -> list[list[int]]:
+        """Groups of two or more studies (indices into :attr:`study_ids`) whose stored volumes
+        are identical: one scan under several ids."""
+        return same_scans(self.content_hashes)
 
     def studies_in(self, split: str) -> list[int]:
         """Indices (into :attr:`study_ids`) of the studies of ``split``."""

@@ -28,9 +28,9 @@ def process_study(row: StudyRow, store: str, thickness: float, size: int, window
     reading, so a source changed while it was read is read again next time."""
     study = prepare_study(row, thickness, size, window, settings, penet_rules)
     study.meta.source_stamp = stamp
-    write_study(store, study.hu, study.meta, window)
+    digest = write_study(store, study.hu, study.meta, window)
     record = StudyRecord(row.study_id, row.split, row.label, study.pe_flags, settings, stamp,
-                         study.adjusted)
+                         study.adjusted, digest)
     return record, study.warnings
 
 

@@ -46,7 +46,7 @@ from volttl.inference import device_probabilities, require_finite
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
 from volttl.outputs import SynthDir
-from volttl.preprocess.store import Store
+from volttl.preprocess.store import Store, describe_same_scans
 from volttl.progress import progress_bar
 from volttl.runs import (
     RunDir,
@@ -94,10 +94,17 @@ def datasets(cfg: Config, seed: int, pe_slices: dict | None = None
             WindowDataset.from_config(cfg, "val", train=False))
 
 
-def check_classes(cfg: Config) -> None:
+def check_training_data(cfg: Config) -> None:
     """A training split without a positive study (or without a negative one) has nothing to
-    learn: refused. A validation split of one class cannot choose a model: said, since
-    best.pt is then the last epoch's weights."""
+    learn, and one scan under ids in two splits leaks training data into evaluation: both
+    refused. A validation split of one class cannot choose a model: said, since best.pt is
+    then the last epoch's weights."""
+    with Store(cfg.data.store) as store:
+        across, _ = describe_same_scans(store.same_scans(), store.study_ids, store.splits)
+    if across:
+        raise VolttlError(f"{cfg.data.store}: {len(across)} scan(s) stored under ids in different splits, so "
+                          f"evaluation would see training data: {'; '.join(across[:5])}; keep one id per "
+                          "scan in the manifest and preprocess again")
     train = WindowDataset.from_config(cfg, "train", train=True)  # data.train_studies applied
     members = np.unique(train.windows["study"])
     positives = int(sum(train.study_labels[i] == 1 for i in members))
@@ -208,7 +215,7 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
 
         return train_with_pseudo_slices(cfg, run_dir, resume, progress, stop_after_epoch)
     cfg = with_store_preprocessing(cfg)
-    check_classes(cfg)
+    check_training_data(cfg)
     tc, rt = cfg.train, cfg.runtime
     if RunDir(run_dir).last.exists() and not resume:
         raise VolttlError(f"{run_dir}: a run is already there (use --resume, or another run dir)")
