@@ -235,3 +235,37 @@ def test_the_preview_picture_carries_no_study_id(cohort, trained, tmp_path, monk
     shutil.copytree(Path(cohort).parent / "studies" / "synth000", folder)
     assert main(["predict", "--run", str(trained), str(folder), "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert len(titles) == 1 and titles[0].startswith("p(PE) = ") and "DOE" not in titles[0]
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_written(cohort, trained, tmp_path):
+    """A NIfTI named in another locale's bytes (Latin-1 e-acute): scored with its overlay,
+    its id readable (_xe9), and predictions.csv and .json agree (before: a TypeError in the
+    plot, or a UnicodeEncodeError in the CSV after the JSON was written)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    name = os.fsdecode(b"ren\xe9.nii.gz")
+    shutil.copy(Path(cohort).parent / "studies" / "synth002.nii.gz", folder / name)
+    assert main(["predict", "--run", str(trained), str(folder), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    records = json.loads((tmp_path / "p" / "predictions.json").read_text(encoding="utf-8"))
+    with (tmp_path / "p" / "predictions.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["study_id"] for r in records] == [r["study_id"] for r in rows] == ["ren_xe9"]
+    assert rows[0]["source"].endswith("ren_xe9.nii.gz") and (tmp_path / "p" / "ren_xe9_cam.nii.gz").is_file()
+
+
+def test_a_second_predict_into_the_same_folder_meanwhile_is_refused(cohort, trained, tmp_path, capsys):
+    """While one predict writes into --out (its lock held), another into the same folder
+    stops in one line and writes nothing there (before: they shared one temporary file, and
+    one lost its table or silently replaced the other's)."""
+    from volttl.outputs import PredictDir
+    from volttl.records import writing_alone
+
+    out = PredictDir(tmp_path / "p")
+    study = Path(cohort).parent / "studies" / "synth002.nii.gz"
+    with writing_alone(out.path, out.lock.name, "volttl predict"):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(trained), str(study), "--out", str(out.path), "--no-cam"]) == 1
+        assert "another volttl predict is writing into this folder now" in capsys.readouterr().err
+        assert not out.json.exists()
+    assert main(["predict", "--run", str(trained), str(study), "--out", str(out.path), "--no-cam",
+                 "--quiet"]) == 0 and out.json.exists()

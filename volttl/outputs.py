@@ -77,6 +77,10 @@ class PredictDir(CamDir):
     """`volttl predict --out`: the predictions table, and the overlays of :class:`CamDir`."""
 
     @property
+    def lock(self) -> Path:
+        return self.path / ".volttl-predict.lock"
+
+    @property
     def csv(self) -> Path:
         return self.path / "predictions.csv"
 
@@ -103,6 +107,26 @@ class SearchDir(_Folder):
     @property
     def trials_csv(self) -> Path:
         return self.path / "trials.csv"
+
+
+class CompareDir(_Folder):
+    """A pipeline's ``compare`` step: the transfer comparison's table and learning curve."""
+
+    @property
+    def table_md(self) -> Path:
+        return self.path / "compare_table.md"
+
+    @property
+    def table_json(self) -> Path:
+        return self.path / "compare_table.json"
+
+    @property
+    def curve_png(self) -> Path:
+        return self.path / "learning_curve.png"
+
+    @property
+    def curve_json(self) -> Path:
+        return self.path / "learning_curve.json"
 
 
 class SvccaDir(_Folder):

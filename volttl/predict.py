@@ -15,8 +15,10 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
+from volttl.config import check_reading_overrides
 from volttl.errors import VolttlError
 from volttl.inference import TrainedRun, window_location
 from volttl.io.studies import ITK_SUFFIXES
@@ -24,7 +26,7 @@ from volttl.manifests.schema import StudyRow
 from volttl.outputs import PredictDir
 from volttl.preprocess.prepare import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
-from volttl.records import write_text_atomically
+from volttl.records import write_text_atomically, writing_alone
 from volttl.runs import RunDir
 
 log = logging.getLogger("volttl.predict")
@@ -82,7 +84,7 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
         raise PredictError(f"no DICOM series, NIfTI or NRRD file found in {', '.join(map(str, paths))}")
     out, seen = [], {}
     for path in found:
-        name = path.name
+        name = readable(path.name)  # undecodable bytes of a file name: as \xNN text
         for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
@@ -90,6 +92,13 @@ def find_studies(paths: list[str | Path]) -> list[tuple[str, Path]]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", path))
     return out
+
+
+def readable(name: str | Path) -> str:
+    """A file name as text that UTF-8 files, JSON and plots take: bytes that are not UTF-8
+    (a name from another locale, read by Python as surrogates) become ``_xNN``."""
+    raw = os.fsencode(str(name))
+    return raw.decode("utf-8", "backslashreplace").replace("\\x", "_x")
 
 
 def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, package: bool = False,
@@ -113,7 +122,10 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
     else:
         run_dir = RunDir(source).one_run(seed).path
     overrides = [*(overrides or []), *(["cam.dicom=true"] if dicom else [])]
-    return _score_scans(run_dir, paths, Path(out), cam, overrides, progress)
+    check_reading_overrides(overrides, str(run_dir))  # refused before the output folder is made
+    folder = PredictDir(out)
+    with writing_alone(folder.path, folder.lock.name, "volttl predict"):
+        return _score_scans(run_dir, paths, folder.path, cam, overrides, progress)
 
 
 def __getattr__(name: str):
@@ -153,7 +165,7 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
         with progress_bar(total=windows_per_study(study.hu.shape[0], cfg, cam), desc=f"  {sid}",
                           unit="window", leave=False, disable=not progress) as bar:
             score = run.score_study(study.hu, on_batch=bar.update)
-            record = {"study_id": sid, "source": str(path), "probability": round(score.probability, 6),
+            record = {"study_id": sid, "source": readable(path), "probability": round(score.probability, 6),
                       "predicted_label": score.predicted_label, "threshold": score.threshold,
                       "calibration_temperature": run.decision.temperature if run.decision else None,
                       "aggregate": cfg.eval.aggregate,

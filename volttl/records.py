@@ -10,9 +10,13 @@ that replaces the record in one step, so a kill never leaves half a record.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from volttl.errors import VolttlError
@@ -33,7 +37,8 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     """``text`` to ``path`` through a temporary file beside it, renamed into place: a kill
     or a full disk never leaves the file cut short, and no temporary file stays."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of this writer's own: two processes writing one file never share a temporary
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -64,3 +69,23 @@ def read_record(path: str | Path, repair: str) -> dict:
         raise RecordError(f"{path}: damaged: its content does not match the checksum written with it "
                           f"(the file changed after volttl wrote it); {repair}")
     return record
+
+
+@contextmanager
+def writing_alone(folder: str | Path, lock_name: str, what: str) -> Iterator[None]:
+    """Hold ``folder``'s lock file while ``what`` writes there: a second writer started
+    meanwhile is refused in one line rather than replacing this one's results."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / lock_name).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise VolttlError(f"{folder}: another {what} is writing into this folder now; wait for it to "
+                          "finish, or give another output folder") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
