@@ -168,3 +168,16 @@ def test_evaluate_chooses_on_val_and_predict_and_cam_apply_the_same_call(tiny_ru
     # evaluating with the run's own settings chooses again (uncalibrated) and says so in the file
     evaluate_run(tiny_run, "val", bootstrap=0)
     assert read_record(tiny_run / "operating_point.json", "")["temperature"] is None
+
+
+def test_a_temperature_at_the_searchs_bound_is_said_to_be_no_fit():
+    """Validation probabilities whose ranking is inverted: the likelihood keeps improving
+    towards the largest temperature, so the search ends at its bound, and the decision says
+    the calibration is a limit, not a fit (it was reported as fitted); a real fit says nothing."""
+    labels = np.array([0, 1] * 10)
+    inverted = np.where(labels == 1, 0.2, 0.8)
+    d = choose_decision(labels, inverted, "sensitivity", 0.9, "temperature", None)
+    assert d.temperature == pytest.approx(20.0, rel=0.01) and "stopped at its bound" in d.note
+    z = np.random.default_rng(0).normal(0, 3, 400)
+    fair = (np.random.default_rng(1).random(len(z)) < 1 / (1 + np.exp(-z / 2.5))).astype(int)
+    assert choose_decision(fair, 1 / (1 + np.exp(-z)), "sensitivity", 0.9, "temperature", None).note == ""

@@ -44,9 +44,12 @@ def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-_logit(p) / temperature))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
     """The temperature that minimises the binary cross-entropy of ``labels`` under the
-    tempered ``probs`` (searched over 0.05 .. 20 on a log scale)."""
+    tempered ``probs`` (searched over :data:`TEMPERATURE_BOUNDS` on a log scale)."""
     from scipy.optimize import minimize_scalar
 
     y, z = np.asarray(labels, dtype=np.float64), _logit(probs)
@@ -55,7 +58,8 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
         q = np.clip(1.0 / (1.0 + np.exp(-z / math.exp(log_t))), _EPS, 1 - _EPS)
         return float(-(y * np.log(q) + (1 - y) * np.log1p(-q)).mean())
 
-    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    low, high = TEMPERATURE_BOUNDS
+    result = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded")
     return float(math.exp(result.x))
 
 
@@ -170,7 +174,14 @@ def choose_decision(labels: np.ndarray, raw_probs: np.ndarray, rule: str, target
     temperature = fit_temperature(labels, raw_probs) if calibration_kind == "temperature" else None
     probs = apply_temperature(raw_probs, temperature) if temperature is not None else raw_probs
     threshold = choose_threshold(labels, probs, rule, target)
-    return Decision(rule, target, calibration_kind, temperature, threshold, split, n, best_sha256)
+    note = ""
+    low, high = TEMPERATURE_BOUNDS
+    if temperature is not None and not low * 1.01 < temperature < high / 1.01:
+        note = (f"the temperature search stopped at its bound ({temperature:.3g}, searched "
+                f"{low}-{high}): no temperature fits the {split} "
+                "probabilities, so this calibration is a limit, not a fit (the model may separate the "
+                f"{n} {split} studies perfectly, or not at all)")
+    return Decision(rule, target, calibration_kind, temperature, threshold, split, n, best_sha256, note=note)
 
 
 def read_decision(path, weights_sha256: str | None) -> Decision | None:

@@ -8,6 +8,7 @@ and the pipelines cannot drift apart (they had: the pipeline skipped the pre-che
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class TrainOutcome:
     def summary(self) -> str:
         if self.skipped:
             return f"skipped: {self.run_dir} has finished its epochs"
+        if not math.isfinite(self.study_auroc):
+            return ("no validation study AUROC (the validation split holds one class): best.pt is the "
+                    "last epoch's weights")
         if self.std is not None:
             return (f"best validation study AUROC {self.study_auroc:.3f} +- {self.std:.3f} over "
                     f"{self.seeds} seeds")
