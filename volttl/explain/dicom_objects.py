@@ -29,8 +29,10 @@ IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
 GEOMETRY_AND_IDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
                     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
                     "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-                    "BitsStored", "HighBit", "PixelRepresentation", "InstanceNumber", "SeriesNumber")
+                    "BitsStored", "HighBit", "PixelRepresentation", "InstanceNumber", "SeriesNumber",
+                    "Laterality")
 SERIES_NUMBERS = {"map": 9901, "capture": 9902, "report": 9903}
+PM_MAX = 65535  # the Parametric Map's stored value for a map value of 1
 MANUFACTURER = "volttl"
 _LOCAL = "99VOLTTL"  # the private coding scheme of this report's own concepts
 
@@ -75,17 +77,20 @@ def parametric_map(headers: list[Dataset], cam: np.ndarray, geo: Geometry, descr
         raise DicomOutputError(f"the map's grid {cam.shape} is not the source series' {geo.shape}")
     direction = np.asarray(geo.direction, dtype=float)
     orientation = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
-    stored = np.rint(np.clip(cam, 0, 1) * 255).astype(np.uint8)
+    # integer Pixel Data of a Parametric Map is 16 bits (PS3.3 C.8.32.2); the real-world
+    # value mapping takes it back to the map's 0..1
+    stored = np.rint(np.clip(cam, 0, 1) * PM_MAX).astype(np.uint16)
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     mapping = hd.pm.RealWorldValueMapping(lut_label="GradCAM", lut_explanation="Grad-CAM relevance, 0 to 1",
-                                          unit=unit, value_range=(0, 255), slope=1 / 255, intercept=0.0)
+                                          unit=unit, value_range=(0, PM_MAX), slope=1 / PM_MAX, intercept=0.0)
     return hd.pm.ParametricMap(
         source_images=headers, pixel_array=stored, series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBERS["map"], sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="volttl Grad-CAM", software_versions=__version__,
         device_serial_number="0", contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=127.5, window_width=255.0)],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=PM_MAX / 2,
+                                                          window_width=float(PM_MAX))],
         plane_positions=_plane_positions(geo),
         plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation),
         pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=[float(geo.spacing[1]), float(geo.spacing[0])],
@@ -139,9 +144,22 @@ def report(headers: list[Dataset], record: dict, frame_of_reference: str, centre
             frame_of_reference_uid=frame_of_reference, relationship_type=contains))
     root = hd.sr.ContainerContentItem(name=concept("REPORT", "volttl pulmonary embolism analysis"))
     root.ContentSequence = hd.sr.ContentSequence(items)
-    return hd.sr.Comprehensive3DSR(evidence=headers, content=root, series_instance_uid=hd.UID(),
-                                   series_number=SERIES_NUMBERS["report"], sop_instance_uid=hd.UID(),
-                                   instance_number=1, manufacturer=MANUFACTURER)
+    sr = hd.sr.Comprehensive3DSR(evidence=headers, content=root, series_instance_uid=hd.UID(),
+                                 series_number=SERIES_NUMBERS["report"], sop_instance_uid=hd.UID(),
+                                 instance_number=1, manufacturer=MANUFACTURER)
+    # the private scheme of the report's own concepts, declared as PS3.3 C.12.1.1.2 asks
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = _LOCAL
+    scheme.CodingSchemeName = "volttl pulmonary embolism analysis concepts"
+    scheme.CodingSchemeResponsibleOrganization = "volttl"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+def _laterality_as_source(obj: Dataset, source: Dataset) -> None:
+    """General Series' Laterality (Type 2C): the source's, or sent empty (unknown), as a
+    derived image of a thorax series should carry it."""
+    obj.Laterality = source.get("Laterality") or None
 
 
 def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png, best_centre_ras,
@@ -174,13 +192,16 @@ def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png
     except (AttributeError, ValueError, TypeError, KeyError) as exc:  # highdicom's checks of the source
         raise DicomOutputError(f"{meta.source}: no Parametric Map could be derived from this series "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    _laterality_as_source(pm, headers[0])
     pm.save_as(folder.parametric_map(meta.study_id))
     files["parametric_map"] = folder.parametric_map(meta.study_id).name
     if preview_png is not None and Path(preview_png).is_file():
         from matplotlib.image import imread
 
         rgb = np.rint(imread(preview_png)[..., :3] * 255).astype(np.uint8)
-        secondary_capture(headers[0], rgb).save_as(folder.secondary_capture(meta.study_id))
+        sc = secondary_capture(headers[0], rgb)
+        _laterality_as_source(sc, headers[0])
+        sc.save_as(folder.secondary_capture(meta.study_id))
         files["secondary_capture"] = folder.secondary_capture(meta.study_id).name
     r, a, s = best_centre_ras
     sr = report(headers, record, str(headers[0].FrameOfReferenceUID), [-r, -a, s])
