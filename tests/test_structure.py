@@ -5,8 +5,6 @@ still import (with a warning)."""
 import ast
 import importlib
 import re
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -67,31 +65,15 @@ def test_the_command_and_the_pipeline_call_the_same_step_function(step):
         assert function in calls(runner, f"_{step}")
 
 
-@pytest.mark.parametrize(("old", "names"), [
-    ("volttl.preprocess.run", ("preprocess", "prepare_study", "PreparedStudy")),
-    ("volttl.explain.run", ("cam_run", "cam_study", "overlay_on_original", "EMPTY_MAP")),
-    ("volttl.analysis.svcca_run", ("svcca_run", "collect_features")),
-])
-def test_a_renamed_module_still_imports_with_a_warning(old, names):
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    assert any(issubclass(w.category, DeprecationWarning) and "renamed" in str(w.message) for w in caught)
-    for name in names:
-        assert hasattr(module, name), name
-
-
-def test_renamed_step_functions_still_answer_with_a_warning():
+@pytest.mark.parametrize("old", ["volttl.preprocess.run", "volttl.explain.run", "volttl.analysis.svcca_run"])
+def test_the_old_step_modules_are_gone(old):
+    """Scaffolding down (version 0.1.0, no release): one name per step module."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
     import volttl.predict
     import volttl.search
 
-    with pytest.warns(DeprecationWarning, match="renamed search_step"):
-        assert volttl.search.search_run is volttl.search.search_step
-    with pytest.warns(DeprecationWarning, match="renamed predict_step"):
-        assert callable(volttl.predict.predict_run)
-    with pytest.raises(AttributeError):
-        volttl.search.no_such_name  # noqa: B018
+    assert not hasattr(volttl.search, "search_run") and not hasattr(volttl.predict, "predict_run")
 
 
 def test_only_a_manifest_written_by_synth_counts_as_a_synthetic_cohort(cohort, tmp_path):

@@ -128,16 +128,6 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
         return _score_scans(run_dir, paths, folder.path, cam, overrides, progress)
 
 
-def __getattr__(name: str):
-    if name == "predict_run":  # the step's old name
-        import warnings
-
-        warnings.warn("volttl.predict.predict_run is renamed predict_step", DeprecationWarning, stacklevel=2)
-        return lambda run_dir, paths, out, cam=True, overrides=None, progress=True: _score_scans(
-            Path(run_dir), paths, Path(out), cam, overrides, progress)
-    raise AttributeError(f"module 'volttl.predict' has no attribute {name!r}")
-
-
 def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, overrides: list[str] | None,
                  progress: bool) -> tuple[list[dict], dict[str, str]]:
     """Score (and with ``cam`` explain) every study at ``paths`` with the run at ``run_dir``."""
