@@ -183,3 +183,38 @@ def test_a_pipeline_train_step_makes_the_checks_volttl_train_makes(tmp_path, cap
                  "--set", "model.pretrained=missing.pth", "--quiet"]) == 1
     assert "missing.pth: pretrained checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "cli_run").exists()
+
+
+@pytest.mark.slow
+def test_the_compare_step_tables_paired_rows_and_a_curve_that_reuses_them(tmp_path):
+    """A source checkpoint, then scratch, FTL and TTL over 2 seeds on the same test studies:
+    the table has one row each with paired differences against FTL and scratch (none against
+    itself), P(M) and MACs; the learning curve at 2 and 4 training studies reuses the 4-study
+    trials (no new folder for them) and draws its figure; a rerun trains nothing."""
+    steps = [{"synth": {"studies": 12, "matrix": 48, "workers": 1}}, {"preprocess": {}}, {"pretrain": {}},
+             {"compare": {"rows": ["scratch", "ftl", "ttl@stem"], "train_studies": [2, 4],
+                          "curve_rows": ["scratch", "ftl"], "resamples": 50}},
+             {"report": {}}]
+    path = _write(tmp_path, steps)
+    spec = yaml.safe_load(path.read_text())
+    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.window=[8, 24, 24]", "pretrain.windows=16",
+                    "pretrain.epochs=1", "pretrain.batch_size=8", "model.pretrained=weights/src.pth",
+                    "train.repeats=2", "data.train_studies=4"]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_pipeline(path, progress=False)
+    work = tmp_path / "work"
+    table = json.loads((work / "compare" / "compare_table.json").read_text())
+    assert [t["row"] for t in table] == ["scratch", "FTL", "TTL@stem"]
+    assert all(t["seeds"] == 2 and t["test_studies"] == 3 for t in table)
+    assert "vs_scratch" not in table[0] and "vs_FTL" not in table[1] and "vs_FTL" in table[2]
+    assert table[1]["vs_scratch"]["lo"] <= table[1]["vs_scratch"]["mean"] <= table[1]["vs_scratch"]["hi"]
+    assert table[2]["params_m"] < table[1]["params_m"]
+    curve = json.loads((work / "compare" / "learning_curve.json").read_text())
+    assert [p["train_studies"] for p in curve["FTL"]] == [2, 4] and len(curve["FTL"][0]["test_auroc"]) == 2
+    assert (work / "compare" / "learning_curve.png").stat().st_size > 1000
+    assert sorted(p.name for p in (work / "compare").iterdir() if p.is_dir()) == ["ftl", "scratch", "train2",
+                                                                                  "ttl_stem"]
+    assert "## Transfer comparison" in (work / "report.md").read_text()
+    trained = (work / "compare" / "ftl" / "seed0" / "last.pt").stat().st_mtime_ns
+    run_pipeline(path, progress=False)
+    assert (work / "compare" / "ftl" / "seed0" / "last.pt").stat().st_mtime_ns == trained

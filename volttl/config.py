@@ -306,7 +306,8 @@ class PretrainConfig:
     """`volttl pretrain`: a synthetic source task (not PE) for a demo that really transfers."""
 
     out: str = ""  # the checkpoint to write, in the 3D-ResNets layout
-    depth: str = "layer2"  # train the units up to this block cut; deeper ones keep their init
+    depth: str = ""  # empty: every block trained, as a Kinetics file is; a block cut: up to it
+                     # (deeper blocks keep their initialisation)
     window: tuple[int, int, int] = (16, 48, 48)  # source-task windows (slices, rows, cols)
     windows: int = 1024  # source windows per epoch
     epochs: int = 3

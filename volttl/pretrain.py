@@ -10,7 +10,7 @@ mid-level features transfer learning is meant to reuse; no class is defined by e
 Windows are drawn on the fly from a generator keyed on (seed, epoch, index), normalised
 as CT windows are.
 
-The units up to ``pretrain.depth`` (a block cut point; the last block, the default, trains
+The units up to ``pretrain.depth`` (a block cut point; empty, the default, trains
 them all, as a Kinetics file is trained) are trained; deeper units keep their
 initialisation. Each residual branch starts at zero scale, so the deep network trains
 from scratch stably. The checkpoint is the whole network in the published layout
@@ -162,12 +162,13 @@ def train_source_task(cfg: Config, progress: bool = True) -> dict:
     last epoch's training loss and accuracy."""
     p = cfg.pretrain
     spec = get_backbone_spec(cfg.model.name)
-    keep = spec.cut_point(p.depth).keep  # fail early, naming the valid cuts
+    depth = p.depth or [c.name for c in spec.cut_points() if c.level == "block"][-1]  # "": every block
+    keep = spec.cut_point(depth).keep  # fail early, naming the valid cuts
     torch.manual_seed(p.seed)
     model = spec(num_outputs=len(CLASSES), in_channels=3)  # the published 3-channel stem
     for norm in model.residual_branch_norms():  # each block starts as the identity: a deep
         torch.nn.init.zeros_(norm.weight)          # network trains from scratch stably
-    channels = spec.cut_point(p.depth).channels  # pooled features, then linear
+    channels = spec.cut_point(depth).channels  # pooled features, then linear
     # a linear head from zero on the pooled features scaled by 4 / sqrt(channels): unscaled
     # (or batch-normalised), every step moved the logits by about lr x channels (2048 after
     # layer4) and the deep run diverged (loss 4, against ln 4 for a guess)
@@ -208,4 +209,4 @@ def train_source_task(cfg: Config, progress: bool = True) -> dict:
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     torch.save(hara_layout(model, p.epochs, cfg.model.name), tmp)
     os.replace(tmp, out)
-    return {**result, "checkpoint": str(out), "trained_through": p.depth, "classes": list(CLASSES)}
+    return {**result, "checkpoint": str(out), "trained_through": depth, "classes": list(CLASSES)}

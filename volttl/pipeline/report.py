@@ -13,6 +13,11 @@ def report_step(work: Path, report: dict) -> Path:
     lines = [f"# {report['name']}", ""]
     if "table" in report:
         lines += ["## Results", "", report["table"].strip(), ""]
+    if "compare" in report:
+        c = report["compare"]
+        lines += ["## Transfer comparison", "", c["table"].strip(), ""]
+        if c.get("curve_png"):
+            lines += [f"![test AUROC against training studies]({c['curve_png']})", ""]
     if "evaluate" in report:
         e = report["evaluate"]
         lines += [f"## Evaluation of {e['run']} ({e['split']} split)", "", e["table"], ""]

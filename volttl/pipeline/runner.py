@@ -42,12 +42,12 @@ import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
-from volttl.outputs import CamDir, PipelineDir, SearchDir
+from volttl.outputs import CamDir, CompareDir, PipelineDir, SearchDir
 from volttl.provenance import MadeFromOtherInputs, keep_if_made_from, record_inputs
 
 log = logging.getLogger("volttl.pipeline")
-STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "svcca", "cam",
-         "report")
+STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "compare", "svcca",
+         "cam", "report")
 
 
 class PipelineError(VolttlError):
@@ -248,6 +248,22 @@ def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
     return f"{len(rows)} table rows in {SearchDir(cfg.search.out_dir).table_md}"
 
 
+def _compare(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
+    """``compare: {rows: [scratch, ftl, ttl@layer2], train_studies: [10, 20], curve_rows: [...]}``:
+    the transfer comparison into ``<workdir>/<out>`` (default compare)."""
+    from volttl.analysis.compare import compare_step
+
+    if not args.get("rows"):
+        raise PipelineError("compare: give its rows, e.g. rows: [scratch, ftl, ttl@layer2]")
+    outcome = compare_step(cfg, list(args["rows"]), work / str(args.get("out", "compare")),
+                           curve_rows=args.get("curve_rows"), train_studies=args.get("train_studies"),
+                           resamples=int(args.get("resamples", 2000)), progress=progress)
+    report["compare"] = {"table": CompareDir(outcome.folder).table_md.read_text(encoding="utf-8"),
+                         "rows": outcome.table, "curve": outcome.curve,
+                         "curve_png": str(CompareDir(outcome.folder).curve_png) if outcome.curve else None}
+    return outcome.summary()
+
+
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """SVCCA of the run (``train.seed``'s of a repeat group) into ``<workdir>/svcca``."""
     from volttl.analysis.svcca_step import svcca_step
@@ -290,5 +306,5 @@ def _report(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -
 
 
 _STEP_FUNCS = {"synth": _synth, "manifest": _manifest, "preprocess": _preprocess, "pretrain": _pretrain,
-               "train": _train,
-               "evaluate": _evaluate, "search": _search, "svcca": _svcca, "cam": _cam, "report": _report}
+               "train": _train, "evaluate": _evaluate, "search": _search, "compare": _compare,
+               "svcca": _svcca, "cam": _cam, "report": _report}
