@@ -280,11 +280,12 @@ def compare_step(cfg: Config, rows: list[str], out: str | Path, curve_rows: list
     curve = None
     if train_studies:
         points: dict[str, list[tuple[int, list[float]]]] = {}
+        table_size = cfg.data.train_studies or _training_studies(cfg)
         for n in sorted(int(v) for v in train_studies):
             # the table's own size is the table's trials, reused as they are
-            where = folder.path if n == cfg.data.train_studies else folder.path / f"train{n}"
-            part = compare_rows(cfg, curve_rows or rows, where, train_studies=n, resamples=0,
-                                progress=progress)
+            same = n == table_size
+            part = compare_rows(cfg, curve_rows or rows, folder.path if same else folder.path / f"train{n}",
+                                train_studies=None if same else n, resamples=0, progress=progress)
             for t in part:
                 tests = [auroc(s["labels"], s["probs"]) for s in _seed_records(t["dir"], cfg)]
                 points.setdefault(t["row"], []).append((n, tests))
@@ -294,6 +295,13 @@ def compare_step(cfg: Config, rows: list[str], out: str | Path, curve_rows: list
         plot_curve(points, folder.curve_png, f"{table[0]['test_studies']} test studies, "
                                              f"{table[0]['seeds']} seeds (mean and range)")
     return CompareOutcome(folder.path, table, curve)
+
+
+def _training_studies(cfg: Config) -> int:
+    from volttl.preprocess.store import Store
+
+    with Store(cfg.data.store) as store:
+        return len(store.studies_in("train"))
 
 
 def _seed_records(trial_dir: str, cfg: Config) -> list[dict]:
