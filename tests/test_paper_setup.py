@@ -32,15 +32,17 @@ ADJUSTED = {"1122", "922", "1257", "167"}
 
 def _penet_stand_in(tmp_path: Path, keep=None) -> Path:
     """PENet's real label file over tiny stand-in volumes (each study's real slice count,
-    8 x 8 pixels) in a data.hdf5 of PENet's layout; returns the manifest."""
+    8 x 8 pixels, one voxel holding the study's number so that no two are the same scan) in
+    a data.hdf5 of PENet's layout; returns the manifest."""
     series = penet_filter(load_series_list(shared_path("reference", "penet_series_list.pkl")))
     if keep is not None:
         series = [s for s in series if str(s.study_num) in keep]
     data = tmp_path / "data.hdf5"
     with h5py.File(data, "w") as f:
         for s in series:
-            f.create_dataset(str(s.study_num), shape=(s.num_slices, 8, 8), dtype=np.int16, fillvalue=40,
-                             chunks=(min(64, s.num_slices), 8, 8), compression="gzip")
+            volume = f.create_dataset(str(s.study_num), shape=(s.num_slices, 8, 8), dtype=np.int16,
+                                      fillvalue=40, chunks=(min(64, s.num_slices), 8, 8), compression="gzip")
+            volume[0, 0, 0] = 100 + int(s.study_num)
     write_manifest(penet_rows(series, data), tmp_path / "penet.csv")
     return tmp_path / "penet.csv"
 

@@ -67,7 +67,7 @@ def test_bad_pipeline_files_fail_with_the_file_named(tmp_path):
         load_pipeline(path)
 
 
-@pytest.mark.parametrize("name", ["demo_table.yaml", "pe_table2.yaml", "demo_transfer.yaml"])
+@pytest.mark.parametrize("name", ["demo_table.yaml", "pe_table2.yaml"])
 def test_shipped_pipelines_load(name):
     from pathlib import Path
 
@@ -77,6 +77,23 @@ def test_shipped_pipelines_load(name):
     steps = [next(iter(s)) for s in spec["steps"]]
     assert steps[-1] == "report" and "search" in steps and "svcca" in steps
     assert set(cfg.search.strategies) == {"tf", "lwft", "ttl"}
+
+
+@pytest.mark.parametrize("name", ["demo_transfer.yaml", "demo_transfer_curve.yaml"])
+def test_the_transfer_pipelines_load_and_share_their_inputs(name):
+    """Both compare scratch and FTL from a source checkpoint in their work folder, with the
+    same settings, so the curve reuses the table's data, checkpoint and trials."""
+    from pathlib import Path
+
+    from volttl.config import config_to_dict
+
+    folder = Path(__file__).resolve().parents[1] / "pipelines"
+    spec, work, cfg = load_pipeline(folder / name)
+    _, table_work, table_cfg = load_pipeline(folder / "demo_transfer.yaml")
+    assert work == table_work and cfg.model.pretrained.startswith(str(work))
+    assert config_to_dict(cfg) == config_to_dict(table_cfg)
+    compare = next(s["compare"] for s in spec["steps"] if "compare" in s)
+    assert {"scratch", "ftl"} <= set(compare["rows"]) and spec["steps"][-1] == {"report": {}}
 
 
 @pytest.mark.slow
@@ -205,7 +222,11 @@ def test_the_compare_step_tables_paired_rows_and_a_curve_that_reuses_them(tmp_pa
     work = tmp_path / "work"
     table = json.loads((work / "compare" / "compare_table.json").read_text())
     assert [t["row"] for t in table] == ["scratch", "FTL", "TTL@stem"]
-    assert all(t["seeds"] == 2 and t["test_studies"] == 3 for t in table)
+    from volttl.preprocess.store import Store
+
+    with Store(work / "store" / "s.h5") as store:
+        tested = len(store.studies_in("test"))
+    assert all(t["seeds"] == 2 and t["test_studies"] == tested for t in table)
     assert "vs_scratch" not in table[0] and "vs_FTL" not in table[1] and "vs_FTL" in table[2]
     assert table[1]["vs_scratch"]["lo"] <= table[1]["vs_scratch"]["mean"] <= table[1]["vs_scratch"]["hi"]
     assert table[2]["params_m"] < table[1]["params_m"]

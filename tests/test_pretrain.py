@@ -6,20 +6,30 @@ import torch
 from volttl.cli import main
 from volttl.models.checkpoints import load_pretrained
 from volttl.models.resnext3d import ResNeXt3D50
-from volttl.pretrain import CLASSES, source_window
+from volttl.pretrain import CLASSES, source_sample, source_window
 
 
 def test_source_windows_are_deterministic_and_the_classes_differ():
+    """The same key gives the same window; class 0 holds no shape, the others one, drawn
+    bright (contrast) or dark (20-60 HU) inside a contrast pool, both kinds occurring; and
+    contrast-filled vessels cross windows of every class, so brightness names no class."""
     rng = lambda i: np.random.default_rng([0, 0, i])  # noqa: E731
     a, la = source_window(rng(3), (8, 24, 24))
     b, lb = source_window(rng(3), (8, 24, 24))
     assert la == lb and np.array_equal(a, b)
-    by_class = {}
+    kinds, bright_none = set(), []
     for i in range(200):
-        hu, label = source_window(rng(i), (8, 24, 24))
-        by_class.setdefault(label, []).append(float((hu > 200).mean()))
-    assert set(by_class) == set(range(len(CLASSES)))
-    assert max(by_class[0]) < 0.01 < min(np.mean(by_class[k]) for k in (1, 2, 3))  # nothing vs a structure
+        hu, label, inside = source_sample(rng(i), (8, 24, 24))
+        if label == 0:
+            assert not inside.any()
+            bright_none.append(float((hu > 200).mean()))
+            continue
+        assert inside.any()
+        mean = float(hu[inside].mean())
+        assert mean > 150 or 0 < mean < 90, mean
+        kinds.add((label, "bright" if mean > 150 else "dark"))
+    assert {k for k, _ in kinds} == {1, 2, 3} and {p for _, p in kinds} == {"bright", "dark"}
+    assert max(bright_none) > 0.01  # vessels in windows of class 0 too
 
 
 def test_pretrain_writes_a_3d_resnets_checkpoint_that_loads(tmp_path, capsys):

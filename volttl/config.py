@@ -587,7 +587,8 @@ def config_to_yaml(cfg: Config) -> str:
 
 # what `--set` may change when a trained run (or package) is read: how and where it computes,
 # what it writes, and which store it reads; never what the model sees or how it decides
-READING_KEYS = ("runtime.", "cam.", "data.store", "data.manifest", "eval.bootstrap", "eval.calibration_bins")
+READING_KEYS = ("runtime.", "cam.", "profile.", "data.store", "data.manifest", "eval.bootstrap",
+                "eval.calibration_bins")
 # evaluate also chooses the operating point and calibration anew on the validation split
 RECHOOSING_KEYS = ("eval.operating_point", "eval.target", "eval.calibration")
 

@@ -55,7 +55,15 @@ def _shape_mask(rng: np.random.Generator, shape: tuple[int, int, int], kind: str
 
 
 def source_window(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    """One source-task window in HU ``(D, H, W)`` and its class index: which shape it holds.
+    """One source-task window in HU ``(D, H, W)`` and its class index (:func:`source_sample`)."""
+    hu, label, _ = source_sample(rng, shape)
+    return hu, label
+
+
+def source_sample(rng: np.random.Generator, shape: tuple[int, int, int]
+                  ) -> tuple[np.ndarray, int, np.ndarray]:
+    """One source-task window in HU ``(D, H, W)``, its class index (which shape it holds) and
+    the shape's voxels (none for class 0).
 
     The background is lung (-850 HU) or soft tissue (40 HU) with noise, crossed by up to
     two contrast-filled tubes (250-400 HU) in every class. The shape is either bright
@@ -79,7 +87,7 @@ def source_window(rng: np.random.Generator, shape: tuple[int, int, int]) -> tupl
         hu[vessel] = rng.uniform(250.0, 400.0)
     label = int(rng.integers(0, len(CLASSES)))
     if label == 0:
-        return hu, label
+        return hu, label, np.zeros(shape, dtype=bool)
     centre, axis, size = somewhere(), direction(), rng.uniform(2.5, 5.0)
     inside = _shape_mask(rng, shape, CLASSES[label], size, centre, axis)
     if rng.random() < 0.5:  # bright shape
@@ -88,7 +96,7 @@ def source_window(rng: np.random.Generator, shape: tuple[int, int, int]) -> tupl
         pool = _shape_mask(rng, shape, CLASSES[label], size + 2.5, centre, axis)
         hu[pool] = rng.uniform(250.0, 400.0)
         hu[inside] = rng.uniform(20.0, 60.0) + rng.normal(0, 10, size=int(inside.sum()))
-    return hu, label
+    return hu, label, inside
 
 
 class SourceTask(torch.utils.data.Dataset):
