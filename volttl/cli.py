@@ -427,7 +427,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 @_command("pretrain", help="train a backbone on a synthetic source task (not PE), saved as a "
           "3D-ResNets checkpoint", description="Trains model.name on synthetic 3D windows "
-          "(a ball, a tube, a plate or nothing in noisy tissue) up to pretrain.depth and "
+          "(which shape: a ball, a tube, a plate or none, bright or dark inside contrast, in lung "
+          "or tissue crossed by vessels), every block or up to pretrain.depth, and "
           "writes pretrain.out in the published 3D-ResNets layout, for model.pretrained: a "
           "source task for demonstrating transfer without Kinetics weights.")
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
