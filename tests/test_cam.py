@@ -137,13 +137,80 @@ def test_default_target_layer_is_the_last_unit_for_any_strategy(name, strategy, 
     layer = default_target_layer(model)
     assert layer == model.units[-1].paths[0]
     cam = WindowGradCAM(model, "")
-    seen = []  # the gradient of the positive logit at the target layer, seen through torch alone
-    hook = model.get_submodule(layer).register_full_backward_hook(lambda m, gi, go: seen.append(go[0]))
+    assert cam.from_scoring_pass  # average pooling and a linear head: no backward pass
     maps, probs = cam(torch.randn(2, 1, 8, 32, 32))
-    hook.remove()
     assert maps.shape == (2, 8, 32, 32) and probs.shape == (2,)
     assert maps.min() >= 0
-    assert len(seen) == 1 and float(seen[0].abs().max()) > 0  # the positive logit reached the layer
+
+
+def _library_cam(model, layer: str, x: torch.Tensor, method) -> np.ndarray:
+    """pytorch-grad-cam's own map on the target layer's cells: its hooks, a backward pass
+    through the whole network, its CAM rule, without its per-map rescaling and zoom."""
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    cam = method(model=model, target_layers=[model.get_submodule(layer)])
+    cam.activations_and_grads.release()
+    hooks = ActivationsAndGradients(model, [model.get_submodule(layer)], None)
+    targets = [BinaryClassifierOutputTarget(1)] * len(x)
+    try:
+        outputs = hooks(x)
+        model.zero_grad()
+        sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward()
+        acts, grads = hooks.activations[0].numpy(), hooks.gradients[0].numpy()
+    finally:
+        hooks.release()
+        model.zero_grad(set_to_none=True)
+    return np.maximum(cam.get_cam_image(x, cam.target_layers[0], targets, acts, grads, False), 0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "gradcam++", "layercam"])
+@pytest.mark.parametrize("name,strategy,cut,norm", [("resnext3d_50", "ttl", "layer1", True),
+                                                    ("resnext3d_50", "ftl", "", False),
+                                                    ("penet", "tf", "encoders.1", False)])
+def test_the_map_from_the_scoring_pass_is_pytorch_grad_cams(method, name, strategy, cut, norm):
+    """At the default target (average pooling, an optional BatchNorm and the linear head
+    above it) the map comes from the forward pass alone, and equals the library's map with
+    a backward pass through the whole network, for each of its CAM rules; a trained head
+    BatchNorm (running statistics, scale and shift away from their start) included."""
+    import pytorch_grad_cam as pgc
+
+    from volttl.transfer import build_transfer_model
+
+    methods = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
+               "layercam": pgc.LayerCAM}
+    torch.manual_seed(0)
+    model = build_transfer_model(name, strategy, cut, head_norm=norm).model
+    if norm:
+        bn = model.head_norm
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    head = model.get_submodule(model.head_path)
+    head.weight.data = head.weight.data.abs()  # some positive evidence in every window: maps not all 0
+    x = torch.randn(3, 1, 16, 64, 64)  # layer4 of FTL keeps 1 x 2 x 2 cells
+    cam = WindowGradCAM(model, "", method=method)
+    assert cam.from_scoring_pass
+    cells, probs = cam.cell_maps(x)
+    expected = _library_cam(model.eval(), cam.target_layer, x, methods[method])
+    assert expected.max() > 0
+    np.testing.assert_allclose(cells.numpy(), expected, rtol=1e-4, atol=1e-5 * float(expected.max()))
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.sigmoid(model(x)[:, 0]).numpy(), rtol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_other_targets_and_heads_take_the_backward_pass():
+    """An earlier block, or a max-pooled head, does not see the same gradient at every
+    position: those maps keep the backward pass from the target layer."""
+    from volttl.transfer import build_transfer_model
+
+    avg = build_transfer_model("resnext3d_50", "ttl", "layer1").model
+    assert WindowGradCAM(avg, "").from_scoring_pass
+    assert not WindowGradCAM(avg, "layer1.1").from_scoring_pass
+    peak = build_transfer_model("resnext3d_50", "ttl", "layer1", pool="max").model
+    assert not WindowGradCAM(peak, "").from_scoring_pass
 
 
 def test_window_maps_are_grad_cam_without_per_window_rescaling():
@@ -381,10 +448,11 @@ def _share_at_period(profile: np.ndarray, period: int) -> float:
     return float(power[max(k - 1, 1): k + 2].sum() / power[1:].sum())
 
 
-def test_default_stride_leaves_no_bands_on_a_real_ct():
+def test_a_quarter_window_stride_leaves_no_bands_on_a_real_ct():
     """On the real CT: the stitched map's slice profile has at most 2% of its spectrum at
-    the stride period with the default (a quarter window); half a window showed bands."""
-    from volttl.explain.gradcam import default_stride
+    the stride period with a quarter-window stride (``cam.stride`` for a seamless map);
+    half a window showed bands."""
+    from volttl.explain.gradcam import seamless_stride
     from volttl.io.orientation import to_canonical
     from volttl.preprocess.resample import resample_to_store
     from volttl.runs import model_from_config
@@ -397,10 +465,11 @@ def test_default_stride_leaves_no_bands_on_a_real_ct():
     torch.manual_seed(0)
     cam = WindowGradCAM(model_from_config(cfg, weights=False).model)
     shares = {}
-    for stride in (default_stride(16), 8):
+    for stride in (seamless_stride(16), 8, 0):
         result = stitch_study(hu, cam, 16, 48, stride, batch_size=8)
-        shares[stride] = _share_at_period(result.stored_map.mean(axis=(1, 2)), stride)
-    assert default_stride(16) == 4
+        shares[stride] = _share_at_period(result.stored_map.mean(axis=(1, 2)), stride or 16)
+    print(shares)
+    assert seamless_stride(16) == 4
     assert shares[4] <= 0.02 < shares[8]
 
 

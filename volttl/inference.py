@@ -220,10 +220,16 @@ class TrainedRun:
                                                          tuple(cfg.data.hu_clip), cfg.data.intensity_shift)))
             if on_batch is not None:
                 on_batch(len(chunk))
-        p = require_finite(np.concatenate(probs), str(self.path))
-        probability = float(self.calibrate(aggregate(p, cfg.eval.aggregate)))
+        return self.study_score(starts, np.concatenate(probs))
+
+    def study_score(self, starts: list[int], window_probs: np.ndarray) -> StudyScore:
+        """The study's score from the probabilities of its evaluation windows at ``starts``
+        (scored here, or by the pass that also drew the map): the run's aggregate,
+        calibrated when the run is, and the call at its operating point."""
+        p = require_finite(np.asarray(window_probs), str(self.path))
+        probability = float(self.calibrate(aggregate(p, self.cfg.eval.aggregate)))
         decided = self.decision
-        return StudyScore(probability, starts, [float(v) for v in p],
+        return StudyScore(probability, list(starts), [float(v) for v in p],
                           decided.label(probability) if decided else None,
                           decided.threshold if decided else None)
 

@@ -131,7 +131,7 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
 def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, overrides: list[str] | None,
                  progress: bool) -> tuple[list[dict], dict[str, str]]:
     """Score (and with ``cam`` explain) every study at ``paths`` with the run at ``run_dir``."""
-    from volttl.explain.cam_step import EMPTY_MAP, cam_study, windows_per_study
+    from volttl.explain.cam_step import EMPTY_MAP, cam_study, score_and_map, windows_per_study
     from volttl.explain.gradcam import WindowGradCAM
 
     run = TrainedRun.open(run_dir, overrides)
@@ -154,7 +154,10 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
             continue
         with progress_bar(total=windows_per_study(study.hu.shape[0], cfg, cam), desc=f"  {sid}",
                           unit="window", leave=False, disable=not progress) as bar:
-            score = run.score_study(study.hu, on_batch=bar.update)
+            if grad_cam is not None:  # one pass scores the windows and maps them (cam.stride 0)
+                score, stitched = score_and_map(run, grad_cam, study.hu, bar.update)
+            else:
+                score = run.score_study(study.hu, on_batch=bar.update)
             record = {"study_id": sid, "source": readable(path), "probability": round(score.probability, 6),
                       "predicted_label": score.predicted_label, "threshold": score.threshold,
                       "calibration_temperature": run.decision.temperature if run.decision else None,
@@ -169,8 +172,7 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
                 log.warning("%s: %s", sid, w)
             if grad_cam is not None:
                 try:
-                    overlay = cam_study(study.meta, study.hu, p.window, grad_cam, cfg, out, score, None,
-                                        bar.update)
+                    overlay = cam_study(study.meta, study.hu, stitched, grad_cam, cfg, out, score, None)
                 except OSError as exc:  # a full disk or a read-only file: the prediction still stands
                     record["files"], record["peak_ras_mm"] = {}, None
                     record["overlay_error"] = f"{exc.filename or out}: {exc.strerror or exc}"

@@ -24,7 +24,7 @@ import numpy as np
 from volttl.addresses import split_hdf5_address
 from volttl.config import config_to_dict, with_overrides
 from volttl.errors import VolttlError
-from volttl.explain.gradcam import WindowGradCAM, default_stride, sliding_window_starts, stitch_study
+from volttl.explain.gradcam import StudyCAM, WindowGradCAM, cam_window_starts, stitch_study
 from volttl.explain.localisation import write_localisation
 from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
@@ -70,13 +70,30 @@ def _read_source_ct(meta: StudyMeta) -> np.ndarray | None:
 
 
 def windows_per_study(slices: int, cfg, cam: bool = True) -> int:
-    """The windows a study of ``slices`` stored slices goes through: the evaluation
-    windows it is scored on and, with ``cam``, Grad-CAM's sliding windows (the total of
-    the per-study progress bar: a 300-slice study on a CPU takes minutes)."""
+    """The windows a study of ``slices`` stored slices goes through (the total of the
+    per-study progress bar: a 300-slice study on a CPU takes minutes): the evaluation
+    windows it is scored on, which also give the map at the default ``cam.stride`` 0; with
+    ``cam`` at another stride, Grad-CAM's sliding windows as well."""
     window = cfg.preprocess.window
     n = len(evaluation_starts(slices, window))
-    return n + (len(sliding_window_starts(slices, window, cfg.cam.stride or default_stride(window)))
-                if cam else 0)
+    return n + (len(cam_window_starts(slices, window, cfg.cam.stride)) if cam and cfg.cam.stride else 0)
+
+
+def score_and_map(run: TrainedRun, cam: WindowGradCAM, hu: np.ndarray, on_batch=None
+                  ) -> tuple[StudyScore, StudyCAM]:
+    """A study's score and its stitched map. At the default ``cam.stride`` 0 the map's
+    windows are the scoring windows, batched as scoring batches them, so one pass gives
+    both (the probabilities are the ones :meth:`TrainedRun.score_study` gives); at another
+    stride the study is scored on its own windows first."""
+    cfg = run.cfg
+    window = cfg.preprocess.window
+    score = None if cfg.cam.stride == 0 else run.score_study(hu, on_batch=on_batch)
+    stitched = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
+                            cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend,
+                            on_batch)
+    if score is None:
+        score = run.study_score(stitched.starts, stitched.window_probs)
+    return score, stitched
 
 
 def select_studies(store: Store, studies: list[str] | None, split: str) -> list[str]:
@@ -88,17 +105,14 @@ def select_studies(store: Store, studies: list[str] | None, split: str) -> list[
     return [store.study_ids[i] for i in store.studies_in(split)]
 
 
-def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, cfg, out: Path,
-              score: StudyScore, label: int | None, on_batch=None) -> dict:
-    """Everything `volttl cam` writes for one study (its stored HU ``hu`` and metadata);
-    returns its JSON record. ``score``: the study scored by the run
-    (:meth:`TrainedRun.score_study`), so the probability is the one every command reports;
-    ``label``: the study's label, None for a scan that has none (predict); ``on_batch(n)``
-    after each batch of ``n`` Grad-CAM windows."""
+def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGradCAM, cfg, out: Path,
+              score: StudyScore, label: int | None) -> dict:
+    """Everything `volttl cam` writes for one study (its stored HU ``hu``, metadata and
+    stitched map, :func:`score_and_map`); returns its JSON record. ``score``: the study as
+    the run scores it, so the probability is the one every command reports; ``label``: the
+    study's label, None for a scan that has none (predict)."""
     sid = meta.study_id
-    result = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
-                          cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend,
-                          on_batch)
+    window = cfg.preprocess.window
     cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
@@ -142,7 +156,8 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, window: int, cam: WindowGradCAM, 
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
         "target_layer": cam.target_layer, "method": cam.method,
-        "stride": cfg.cam.stride or default_stride(window), "stitch": cfg.cam.stitch,
+        # 0: the scoring windows, one pass; else the slices between sliding windows
+        "stride": cfg.cam.stride, "stitch": cfg.cam.stitch,
         "blend": cfg.cam.blend,
         "window_starts": score.window_starts,  # the evaluation windows the probability comes from
         # the model's own window probabilities; the study probability is their aggregate,
@@ -241,9 +256,8 @@ def write_overlays(run_dir: Path, out: Path, studies: list[str] | None, split: s
             meta, hu = store.meta(sid), store.hu(sid)[...]
             with progress_bar(total=windows_per_study(hu.shape[0], cfg), desc=f"  {sid}", unit="window",
                               leave=False, disable=not progress) as bar:
-                score = run.score_study(hu, on_batch=bar.update)
-                records.append(cam_study(meta, hu, store.window, cam, cfg, out, score, meta.label,
-                                         bar.update))
+                score, stitched = score_and_map(run, cam, hu, bar.update)
+                records.append(cam_study(meta, hu, stitched, cam, cfg, out, score, meta.label))
     CamDir(out).summary.write_text(json.dumps(records, indent=2), encoding="utf-8")
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)
