@@ -83,3 +83,49 @@ def test_an_all_zero_map_gets_a_scene_without_a_peak(tmp_path):
 def test_names_that_need_escaping_stay_valid_xml(tmp_path, name):
     (tmp_path / f"{name}_cam.nii.gz").write_bytes(b"x")
     check_scene(write_scene(tmp_path, name, f"{name}_cam.nii.gz", None, [0.0, 0.0, 0.0], 0.5))
+
+
+# What Slicer's own source reads, per XML tag (checked against the Slicer repository): the tag
+# is the class's GetNodeTagName(), the attributes are those its ReadXMLAttributes (and its
+# superclasses') reads. vtkMRMLNode: id, name, singletonTag, references (Libs/MRML/Core/
+# vtkMRMLNode.cxx); vtkMRMLStorageNode: fileName, useCompression; vtkMRMLDisplayNode:
+# colorNodeID (vtkMRMLDisplayNode.cxx); vtkMRMLScalarVolumeDisplayNode ("VolumeDisplay"):
+# window, level, upperThreshold, lowerThreshold, interpolate, autoWindowLevel, applyThreshold,
+# autoThreshold (vtkMRMLScalarVolumeDisplayNode.cxx); vtkMRMLColorTableNode ("ColorTable"):
+# type, numcolors; vtkMRMLSliceCompositeNode ("SliceComposite"): foregroundOpacity, layoutName,
+# and backgroundVolumeID / foregroundVolumeID as the MRML attribute names of its node
+# reference roles (vtkMRMLSliceCompositeNode.cxx); the Markups JSON storage node is
+# "MarkupsJsonStorage" (Modules/Loadable/Markups/MRML/vtkMRMLMarkupsJsonStorageNode.h); the
+# "MarkupsFiducialStorage" tag is the legacy .fcsv reader, which cannot read a .mrk.json.
+NODE = {"id", "name", "singletonTag", "references"}
+SLICER_READS = {
+    "Volume": ("vtkMRMLScalarVolumeNode", NODE),
+    "VolumeDisplay": ("vtkMRMLScalarVolumeDisplayNode", NODE | {
+        "colorNodeID", "window", "level", "upperThreshold", "lowerThreshold", "interpolate",
+        "autoWindowLevel", "applyThreshold", "autoThreshold"}),
+    "VolumeArchetypeStorage": ("vtkMRMLVolumeArchetypeStorageNode", NODE | {"fileName", "useCompression"}),
+    "ColorTable": ("vtkMRMLColorTableNode", NODE | {"type", "numcolors"}),
+    "ColorTableStorage": ("vtkMRMLColorTableStorageNode", NODE | {"fileName"}),
+    "MarkupsFiducial": ("vtkMRMLMarkupsFiducialNode", NODE),
+    "MarkupsJsonStorage": ("vtkMRMLMarkupsJsonStorageNode", NODE | {"fileName"}),
+    "SliceComposite": ("vtkMRMLSliceCompositeNode", NODE | {
+        "layoutName", "backgroundVolumeID", "foregroundVolumeID", "foregroundOpacity"}),
+}
+
+
+def test_every_node_and_attribute_is_one_slicer_reads(tmp_path):
+    """Each node is written under its class's own tag (its id names the class), with only
+    attributes that Slicer's ReadXMLAttributes reads; the slice views' composite nodes carry
+    their singleton tag, as Slicer's own scenes do, so the views take them instead of
+    gaining a second node."""
+    (tmp_path / "s1_cam.nii.gz").write_bytes(b"x")
+    (tmp_path / "s1_ct.nii.gz").write_bytes(b"x")
+    nodes = check_scene(write_scene(tmp_path, "s1", "s1_cam.nii.gz", tmp_path / "s1_ct.nii.gz",
+                                    [1.0, 2.0, 3.0], 0.5))
+    assert {n.tag for n in nodes.values()} == set(SLICER_READS)
+    for node_id, node in nodes.items():
+        cls, reads = SLICER_READS[node.tag]
+        assert node_id.startswith(cls), (node.tag, node_id)
+        assert set(node.attrib) <= reads, (node.tag, set(node.attrib) - reads)
+    for view in ("Red", "Yellow", "Green"):
+        assert nodes[f"vtkMRMLSliceCompositeNode{view}"].get("singletonTag") == view

@@ -53,7 +53,7 @@ def _volume(root: ET.Element, n: int, name: str, file: str, display: dict) -> st
                              f"vtkMRMLVolumeArchetypeStorageNode{n}")
     _node(root, "VolumeArchetypeStorage", id=stored, name=f"{name} storage", fileName=file,
           useCompression="1")
-    _node(root, "ScalarVolumeDisplay", id=shown, name=f"{name} display", interpolate="1",
+    _node(root, "VolumeDisplay", id=shown, name=f"{name} display", interpolate="1",
           autoWindowLevel="0", **display)
     _node(root, "Volume", id=volume, name=name, references=f"display:{shown};storage:{stored};")
     return volume
@@ -82,13 +82,17 @@ def write_scene(folder: Path, study_id: str, cam_file: str, ct_path: Path | None
     if peak_ras is not None:
         peak_file = CamDir(folder).peak(study_id).name
         write_peak(folder / peak_file, peak_ras, f"Grad-CAM peak, p(PE) = {probability:.3f}")
-        _node(root, "MarkupsFiducialStorage", id="vtkMRMLMarkupsFiducialStorageNode1", name="peak storage",
+        # the .mrk.json reader; MarkupsFiducialStorage is the legacy .fcsv (CSV) reader
+        _node(root, "MarkupsJsonStorage", id="vtkMRMLMarkupsJsonStorageNode1", name="peak storage",
               fileName=peak_file)
         _node(root, "MarkupsFiducial", id="vtkMRMLMarkupsFiducialNode1", name=f"{study_id} peak",
-              references="storage:vtkMRMLMarkupsFiducialStorageNode1;")
+              references="storage:vtkMRMLMarkupsJsonStorageNode1;")
     for view in ("Red", "Yellow", "Green"):
-        _node(root, "SliceComposite", id=f"vtkMRMLSliceCompositeNode{view}", layoutName=view,
-              backgroundVolumeID=background, foregroundVolumeID=foreground, foregroundOpacity=CAM_OPACITY)
+        # singletonTag: the view's own composite node takes these settings (Slicer writes it so);
+        # without it the scene adds a second node that no view shows
+        _node(root, "SliceComposite", id=f"vtkMRMLSliceCompositeNode{view}", singletonTag=view,
+              layoutName=view, backgroundVolumeID=background, foregroundVolumeID=foreground,
+              foregroundOpacity=CAM_OPACITY)
     ET.indent(root)
     path = CamDir(folder).scene(study_id)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
