@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from volttl.cli import main
 
@@ -129,3 +130,47 @@ def test_a_package_lists_every_file_it_is_read_from_in_a_known_layout(evaluated,
     assert main(["predict", "--model", str(model), str(tmp_path), "--out", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_monai_bundle_runs_under_monai_as_predict_does(evaluated, cohort, tmp_path):
+    """`volttl export --format monai-bundle`: `python -m monai.bundle run` on the synthetic
+    studies (NIfTI files and DICOM series) writes the probabilities `volttl predict` gives,
+    and MONAI's own `verify_net_in_out` accepts the network its metadata describes."""
+    import subprocess
+    import sys
+
+    studies = Path(cohort).parent / "studies"
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--run", str(evaluated), "--out", str(bundle), "--format", "monai-bundle"]) == 0
+    assert main(["predict", "--run", str(evaluated), str(studies), "--out", str(tmp_path / "by_run"),
+                 "--no-cam", "--quiet"]) == 0
+    inference, metadata = bundle / "configs" / "inference.json", bundle / "configs" / "metadata.json"
+    monai_run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(inference),
+         "--bundle_root", str(bundle), "--input", str(studies), "--output_dir", str(tmp_path / "by_bundle")],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert monai_run.returncode == 0, monai_run.stderr[-2000:]
+    by_run, by_bundle = _predictions(tmp_path / "by_run"), _predictions(tmp_path / "by_bundle")
+    assert by_run.keys() == by_bundle.keys() and len(by_run) == 6
+    for sid, row in by_run.items():
+        assert float(by_bundle[sid]["probability"]) == pytest.approx(float(row["probability"]), abs=1e-4)
+        assert by_bundle[sid]["predicted_label"] == row["predicted_label"] != ""
+
+    verify = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+         str(metadata), "--config_file", str(inference), "--bundle_root", str(bundle), "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert verify.returncode == 0, verify.stderr[-2000:]
+    assert "verified with no error" in verify.stdout + verify.stderr
+
+    meta = json.loads(metadata.read_text())
+    package = bundle / "models" / "package"
+    cfg = yaml.safe_load((package / "config.yaml").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == [cfg["preprocess"]["window"], cfg["data"]["crop"], cfg["data"]["crop"]]
+    assert image["num_channels"] == 1 and meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 1
+    point = json.loads((package / "operating_point.json").read_text())
+    assert meta["operating_point"]["threshold"] == point["threshold"]
+    assert "Research use only" in " ".join(meta["limitations"]) and meta["intended_use"]
+    assert (bundle / "docs" / "README.md").read_text().startswith("# Model card")

@@ -396,6 +396,13 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from volttl.export import CARD_MD, export_run
 
+    if args.format == "monai-bundle":
+        from volttl.bundle import INFERENCE, README, export_bundle
+
+        out = export_bundle(args.run, args.out, seed=args.seed)
+        print(f"MONAI bundle: {out} (model card: {out / README}); run it with `python -m monai.bundle run "
+              f"--config_file {out / INFERENCE} --bundle_root {out} --input PATH --output_dir DIR`")
+        return 0
     out = export_run(args.run, args.out, seed=args.seed)
     print(f"model package: {out} (model card: {out / CARD_MD}); "
           f"run it with `volttl predict --model {out} PATH... --out DIR`")
@@ -407,12 +414,16 @@ def cmd_export(args: argparse.Namespace) -> int:
           "point and calibration, a TorchScript trace for other tools, a model card "
           "(model_card.md and .json: training data, metrics with CIs, limits, install) and "
           "package.json with every file's SHA-256. `volttl predict --model DIR` runs from it "
-          "alone and gives the probabilities `--run` gives.")
+          "alone and gives the probabilities `--run` gives. With --format monai-bundle the "
+          "package goes inside a MONAI bundle (configs/metadata.json, configs/inference.json, "
+          "docs/README.md) that `python -m monai.bundle run` executes.")
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True,
                    help="run dir written by `volttl train` (evaluated first, for metrics and a threshold)")
     _seed(p)
     p.add_argument("--out", required=True, help="a new folder for the package")
+    p.add_argument("--format", choices=("package", "monai-bundle"), default="package",
+                   help="volttl's model package (default), or the same inside a MONAI bundle")
     p.set_defaults(func=cmd_export)
 
 
@@ -476,7 +487,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 @_command("pipeline", help="run a multi-step study from a YAML file (pipelines/)",
           description="Run the steps of a pipeline file (synth, manifest, preprocess, "
-          "pretrain, train, evaluate, search, svcca, cam, report) in order; steps whose "
+          "pretrain, train, evaluate, search, compare, svcca, cam, report) in order; steps whose "
           "outputs exist are skipped (evaluate and report are rewritten), so a killed "
           "pipeline is rerun with the same command.")
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
