@@ -279,7 +279,7 @@ def test_resume_with_other_training_settings_is_refused_and_runtime_ones_are_not
 def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):
     from volttl.config import load_config
     from volttl.runs import RunError, check_resumable
-    from volttl.train.repeats import train_repeats
+    from volttl.train.step import train_repeats
 
     cfg_path, run = trained
     cfg = load_config(cfg_path)

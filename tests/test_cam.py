@@ -28,7 +28,7 @@ from volttl.io.nifti import write_nifti
 from volttl.models.checkpoints import state_digest
 from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import StudyMeta
-from volttl.train.loop import train_run
+from volttl.train.step import train_run
 
 from .conftest import shared_path, small_config
 

@@ -12,7 +12,7 @@ from volttl.errors import VolttlError
 from volttl.numerics import Numerics
 from volttl.runs import model_from_config
 from volttl.train import loop
-from volttl.train.loop import train_run
+from volttl.train.step import train_run
 
 from .test_train import run_cfg, store  # noqa: F401  (the module's preprocessed store)
 

@@ -93,3 +93,54 @@ def test_only_a_manifest_written_by_synth_counts_as_a_synthetic_cohort(cohort, t
 
     with pytest.raises(VolttlError, match=r"cohort\.json: unreadable"):
         SynthDir.of_manifest(tmp_path / "manifest.csv")
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every volttl module and the volttl modules it imports anywhere in its body (imports
+    inside functions included: they hide a loop from Python, not from a reader)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                found = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for target in found:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """No import loop among volttl's modules: a module that needs another's work imports
+    it, and the other does not import it back (two loops hid behind imports inside
+    functions: evaluate <-> train.repeats and train.loop <-> train.pseudo)."""
+    graph = _module_imports()
+    assert {"volttl.train.step", "volttl.evaluate"} <= set(graph)
+    loops = []
+    for start in graph:  # a path back to the start through the import graph
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    loops.append(" -> ".join((*path, start)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert not loops, "import loops:\n" + "\n".join(sorted(set(loops))[:10])

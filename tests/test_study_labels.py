@@ -89,6 +89,7 @@ def _study_label_config(cohort, tmp_path):
 def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_path, monkeypatch):
     cfg = _study_label_config(cohort, tmp_path)
     import volttl.train.loop as loop
+    from volttl.train.step import train_run
 
     seen = []
     real = loop.make_loss
@@ -103,7 +104,7 @@ def test_training_from_study_labels_sees_one_pooled_logit_per_study(cohort, tmp_
 
     monkeypatch.setattr(loop, "make_loss", spy)
     (tmp_path / "c.yaml").write_text(config_to_yaml(cfg))
-    best = loop.train_run(cfg, tmp_path / "run", progress=False)
+    best = train_run(cfg, tmp_path / "run", progress=False)
     assert seen and all(shape == (2,) for shape, _ in seen)  # 4 windows per batch -> 2 studies
     assert "study_auroc" in best
 
@@ -164,8 +165,8 @@ def test_pseudo_slices_train_bags_then_the_run_from_their_windows(cohort, tmp_pa
     import json
 
     from volttl.models.checkpoints import read_checkpoint
-    from volttl.train.loop import train_run
     from volttl.train.pseudo import PSEUDO_SLICES
+    from volttl.train.step import train_run
 
     cfg = _study_label_config(cohort, tmp_path)
     cfg.data.pseudo_slices = True
@@ -194,11 +195,11 @@ def test_pseudo_slices_need_study_labels():
 
 def test_study_labels_without_pseudo_slices_warn_that_maps_will_not_localise(cohort, tmp_path, caplog,
                                                                               monkeypatch):
-    import volttl.train.loop as loop
+    import volttl.train.step as step
     from volttl.train.step import train_step
 
     cfg = _study_label_config(cohort, tmp_path)
-    monkeypatch.setattr(loop, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
+    monkeypatch.setattr(step, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
     for pseudo in (False, True):
         caplog.clear()
         cfg.data.pseudo_slices = pseudo
@@ -211,7 +212,7 @@ def test_study_labels_say_when_training_positives_have_pe_slices_they_do_not_use
                                                                                  monkeypatch):
     """A cohort with slices for some studies trained with study labels: the slices are not
     used, and the log says how many."""
-    import volttl.train.loop as loop
+    import volttl.train.step as step
     from volttl.train.step import train_step
 
     with open(cohort) as fh:
@@ -223,7 +224,7 @@ def test_study_labels_say_when_training_positives_have_pe_slices_they_do_not_use
     cfg.data.labels, cfg.data.crop = "study", 32
     assert not preprocess_step(cfg, progress=False).failed
     positives = sum(r["split"] == "train" and r["label"] == "1" for r in rows)
-    monkeypatch.setattr(loop, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
+    monkeypatch.setattr(step, "train_run", lambda *a, **k: {"study_auroc": 0.5, "epoch": 0})
     with caplog.at_level("WARNING", logger="volttl.train"):
         train_step(cfg, tmp_path / "run", resume=False, progress=False)
     assert f"the pe_slices of 1 of the {positives} training positive(s) are not used" in caplog.text

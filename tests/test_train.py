@@ -18,10 +18,10 @@ from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
 from volttl.runs import model_from_config
-from volttl.train.loop import train_run
 from volttl.train.losses import binary_focal_loss
 from volttl.train.metrics import bootstrap_ci, summarise
 from volttl.train.schedule import warmup_cosine
+from volttl.train.step import train_run
 
 from .conftest import small_config
 
@@ -222,7 +222,8 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, com
 
 @pytest.mark.slow
 def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path, caplog):
-    from volttl.train.repeats import evaluate_repeats, train_repeats
+    from volttl.evaluate import evaluate_repeats
+    from volttl.train.step import train_repeats
 
     cfg = run_cfg(store, tmp_path)
     cfg.train.epochs, cfg.train.repeats = 1, 2

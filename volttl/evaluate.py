@@ -24,6 +24,7 @@ from volttl.records import write_record
 from volttl.runs import RunDir
 from volttl.train.loop import predict
 from volttl.train.metrics import summarise
+from volttl.train.repeats import AT_OPERATING_POINT, REPORTED, mean_std
 
 log = logging.getLogger("volttl.evaluate")
 VALIDATION = "val"
@@ -216,8 +217,33 @@ def evaluate_step(run_dir: str | Path, split: str = "test", overrides: list[str]
                   progress: bool = False) -> dict:
     """The evaluate step, as `volttl evaluate` and a pipeline's ``evaluate`` step both run
     it: a repeat group seed by seed (with its mean +- std), or one run."""
-    from volttl.train.repeats import evaluate_repeats
-
     if RunDir(run_dir).is_repeat_group():
         return evaluate_repeats(run_dir, split, progress=progress, overrides=overrides)
     return evaluate_run(run_dir, split, overrides=overrides, progress=progress)
+
+
+def evaluate_repeats(group_dir: str | Path, split: str = "test", progress: bool = False,
+                     overrides: list[str] | None = None) -> dict:
+    """Evaluate each seed's best model; write the group's ``metrics_<split>.json`` and a
+    markdown table with one row per seed and the mean +- std."""
+    group = RunDir(group_dir)
+    runs = json.loads(group.repeats.read_text(encoding="utf-8"))["runs"]
+    per_run = {name: evaluate_run(group.path / name, split, overrides=overrides, progress=progress)
+               for name in runs}
+    at_point = lambda m, k: m["operating_point"].get(k, float("nan"))  # noqa: E731
+    summary = {"split": split, "runs": per_run,
+               **{k: mean_std([m[k] for m in per_run.values()]) for k in REPORTED},
+               **{k: mean_std([at_point(m, k) for m in per_run.values()]) for k in AT_OPERATING_POINT}}
+    group.metrics_json(split).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    lines = ["| run | studies | study AUROC | study AUPRC | window AUROC | sensitivity | specificity |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in per_run.items():
+        lines.append(f"| {name} | {m['studies']} | {m['study_auroc']:.3f} | {m['study_auprc']:.3f} "
+                     f"| {m['window_auroc']:.3f} | {at_point(m, 'sensitivity'):.3f} "
+                     f"| {at_point(m, 'specificity'):.3f} |")
+    fmt = lambda k: f"{summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}"  # noqa: E731
+    lines.append(f"| mean +- std | | {fmt('study_auroc')} | {fmt('study_auprc')} | {fmt('window_auroc')} "
+                 f"| {fmt('sensitivity')} | {fmt('specificity')} |")
+    lines.append("\nSensitivity and specificity at each run's operating point, chosen on its val split.")
+    group.metrics_md(split).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return summary

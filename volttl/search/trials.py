@@ -68,7 +68,8 @@ def check_trained_on(cfg: Config, trial_dir: Path) -> None:
 def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     """Train, evaluate and profile one trial (or return its finished result)."""
     from volttl.analysis.complexity import profile_config
-    from volttl.train.repeats import evaluate_repeats, train_repeats
+    from volttl.evaluate import evaluate_repeats
+    from volttl.train.step import train_repeats
 
     trial_dir_path = Path(trial_dir)
     done = trial_dir_path / RESULT

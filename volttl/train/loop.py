@@ -33,6 +33,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,23 +198,16 @@ def _summary_writer(run: RunDir):
     return SummaryWriter(str(run.tensorboard))
 
 
-def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
-              stop_after_epoch: int | None = None) -> dict:
-    """Train one run into ``run_dir``; returns the best validation metrics."""
-    return train_model(cfg, run_dir, resume, progress, stop_after_epoch)[0]
-
-
 def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
                 stop_after_epoch: int | None = None, pe_slices: dict | None = None
                 ) -> tuple[dict, torch.nn.Module]:
-    """:func:`train_run`, also returning the trained model (this process's replica).
+    """One training round into ``run_dir``: the best validation metrics and the trained model
+    (this process's replica); :func:`volttl.train.step.train_run` chooses the rounds.
     ``pe_slices``: pseudo slice labels of the training positives (study id -> ranges of
     first and last stored slice), given by :mod:`volttl.train.pseudo` for ``data.pseudo_slices``."""
     run_dir = Path(run_dir)
-    if cfg.data.pseudo_slices and pe_slices is None:  # two rounds: bags, then pseudo slice labels
-        from volttl.train.pseudo import train_with_pseudo_slices
-
-        return train_with_pseudo_slices(cfg, run_dir, resume, progress, stop_after_epoch)
+    if cfg.data.pseudo_slices and pe_slices is None:
+        raise ValueError("data.pseudo_slices trains two rounds: call volttl.train.step.train_run")
     cfg = with_store_preprocessing(cfg)
     check_training_data(cfg)
     tc, rt = cfg.train, cfg.runtime
@@ -246,25 +240,74 @@ def train_model(cfg: Config, run_dir: str | Path, resume: bool = False, progress
         dist.close()
 
 
+@dataclass
+class Round:
+    """Everything one training round works with, built once from the config: the model in
+    the run's numerics, its optimiser and schedule, the datasets and the training order."""
+
+    cfg: Config
+    dist: DistContext
+    numerics: Numerics
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: object
+    train_ds: WindowDataset
+    val_ds: WindowDataset
+    sampler: object
+    bags: bool  # study labels: batches of whole bags, one pooled logit per study
+    batch: int  # windows per micro-batch on this process
+    drop_last: bool
+    examples_per_step: int
+
+
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_epoch: int | None,
            dist: DistContext, pe_slices: dict | None = None) -> tuple[dict, torch.nn.Module]:
-    tc, rt, device, run = cfg.train, cfg.runtime, dist.device, RunDir(run_dir)
+    """One round, phase by phase: the folder, the round's pieces, where it starts, each
+    epoch (train, then validate and save), the best checkpoint."""
+    run = RunDir(run_dir)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and run.config.is_file():  # what may change on resume is logged when it does
-            for key, (before, now) in resumable_changes(run.read_config(), cfg).items():
-                log.info("resumed with %s %r (was %r)", key, now, before)
-        run.config.write_text(config_to_yaml(cfg), encoding="utf-8")
-        if not (resume and run.last.exists()):  # what the run learns from, checked on resume
-            with Store(cfg.data.store) as store:
-                record = {**store.training_data(), "install": install_record()}  # for the model card
-                cohort = SynthDir.of_manifest(cfg.data.manifest)
-                if cohort is not None:  # said by predict and the model card
-                    record["synthetic_cohort"] = cohort
-                run.training_data.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        _prepare_folder(cfg, run, resume)
+    r = _build_round(cfg, dist, pe_slices)
+    start_epoch, best = _resume_or_start(r, run, resume)
+    replica = _replica(r)
+    writer = _summary_writer(run) if dist.is_main else None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loss, seen, elapsed = _train_epoch(r, replica, epoch, progress)
+        best = _validate_and_save(r, run, epoch, train_loss, seen / elapsed, best, writer)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    if writer is not None:
+        writer.close()
+    if dist.is_main and not run.best.exists():  # validation AUROC undefined throughout
+        save_checkpoint(run.best, r.model, config=config_to_dict(cfg), epoch=cfg.train.epochs - 1)
+    return best, r.model
+
+
+def _prepare_folder(cfg: Config, run: RunDir, resume: bool) -> None:
+    """The run folder with its config and, for a new run, a record of what it learns from
+    (checked on resume, shown in the model card)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    if resume and run.config.is_file():  # what may change on resume is logged when it does
+        for key, (before, now) in resumable_changes(run.read_config(), cfg).items():
+            log.info("resumed with %s %r (was %r)", key, now, before)
+    run.config.write_text(config_to_yaml(cfg), encoding="utf-8")
+    if not (resume and run.last.exists()):
+        with Store(cfg.data.store) as store:
+            record = {**store.training_data(), "install": install_record()}
+            cohort = SynthDir.of_manifest(cfg.data.manifest)
+            if cohort is not None:  # said by predict and the model card
+                record["synthetic_cohort"] = cohort
+            run.training_data.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def _build_round(cfg: Config, dist: DistContext, pe_slices: dict | None) -> Round:
+    """The model, optimiser, schedule, loss, datasets and training order of a round."""
+    tc, device = cfg.train, dist.device
     torch.manual_seed(tc.seed)
     setup = model_from_config(cfg)
-    numerics = Numerics.of(rt)
+    numerics = Numerics.of(cfg.runtime)
     numerics.configure(device)
     model = setup.model.to(device, memory_format=numerics.memory_format)
     optimizer = torch.optim.SGD(setup.param_groups(tc.lr_pretrained, tc.lr_new), lr=tc.lr_new,
@@ -291,95 +334,115 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_after_
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, groups, steps_per_epoch,
                                                                         examples_per_step))
     _say_epochs_past_schedule(cfg, schedule_end_epoch(cfg, groups, steps_per_epoch, examples_per_step))
-    loss_fn = make_loss(tc.loss, tc.focal_gamma)
-    scaler = numerics.grad_scaler(device)
-    start_epoch, best = 0, {"study_auroc": -math.inf}
+    return Round(cfg, dist, numerics, model, optimizer, schedule, numerics.grad_scaler(device),
+                 make_loss(tc.loss, tc.focal_gamma), train_ds, val_ds, sampler, bags, batch, drop_last,
+                 examples_per_step)
+
+
+def _resume_or_start(r: Round, run: RunDir, resume: bool) -> tuple[int, dict]:
+    """The first epoch to train and the best so far: from ``last.pt`` when resuming (model,
+    optimiser, schedule, grad scaler), else 0, after recalibrating frozen norms if asked."""
     if resume and run.last.exists():
         _, _, ckpt = read_checkpoint(run.last)
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if ckpt.get("grad_scaler") and scaler.is_enabled():  # empty unless the run was fp16
-            scaler.load_state_dict(ckpt["grad_scaler"])
-        start_epoch, best = int(ckpt["epoch"]) + 1, dict(ckpt["best"])
-        log.info("resuming %s after epoch %d", run_dir, start_epoch - 1)
-    if start_epoch == 0 and model.frozen_units and model.frozen_norm == "recalibrate":
+        r.model.load_state_dict(ckpt["model_state"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.schedule.load_state_dict(ckpt["schedule"])
+        if ckpt.get("grad_scaler") and r.scaler.is_enabled():  # empty unless the run was fp16
+            r.scaler.load_state_dict(ckpt["grad_scaler"])
+        log.info("resuming %s after epoch %d", run.path, int(ckpt["epoch"]))
+        return int(ckpt["epoch"]) + 1, dict(ckpt["best"])
+    model, rt = r.model, r.cfg.runtime
+    if model.frozen_units and model.frozen_norm == "recalibrate":
         seen = model.recalibrate_frozen_norms(_recalibration_batches(
-            train_ds, cfg.transfer.recalibrate_windows, batch, rt.workers, device, numerics))
+            r.train_ds, r.cfg.transfer.recalibrate_windows, r.batch, rt.workers, r.dist.device, r.numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
-    # compiled first, then wrapped (DDP's gradient hooks stay outside the compiled graph);
-    # the compiled module shares the model's parameters, and checkpoints save `model` itself
-    replica = torch.compile(model) if rt.compile else model
-    if dist.active:
+    return 0, {"study_auroc": -math.inf}
+
+
+def _replica(r: Round) -> torch.nn.Module:
+    """The module that trains: compiled first, then wrapped (DDP's gradient hooks stay
+    outside the compiled graph); it shares the model's parameters, and checkpoints save the
+    model itself."""
+    replica = torch.compile(r.model) if r.cfg.runtime.compile else r.model
+    if r.dist.active:
+        device = r.dist.device
         replica = torch.nn.parallel.DistributedDataParallel(
             replica, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _summary_writer(run) if dist.is_main else None
-    for epoch in range(start_epoch, tc.epochs):
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        torch.manual_seed(tc.seed * 100_003 + epoch * dist.world + dist.rank)  # dropout, drop-path
-        replica.train()
-        optimizer.zero_grad(set_to_none=True)
-        seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
-        loader = _loader(train_ds, 0 if bags else batch, sampler, rt.workers, device, drop_last)
-        bar = progress_bar(loader,
-                   disable=not progress,
-                   desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
-        for step, (hu, y, _, params) in enumerate(bar):
-            # workers only read int16 windows; the batch is augmented here, on the device
-            x = numerics.prepare(train_ds.model_input(hu, params, device))
-            y = y.to(device, non_blocking=True)
-            stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
-            # gradients are averaged across ranks only on the micro-batch that steps
-            with replica.no_sync() if dist.active and not stepping else nullcontext():
-                with numerics.autocast(device):
-                    logits = replica(x)[:, 0]
-                if bags:  # the loss sees one pooled logit per study, against the study label
-                    k = cfg.data.bag_windows
-                    logits = pool_bags(logits.float(), k, cfg.data.bag_pool, cfg.data.bag_sharpness)
-                    y = y.view(-1, k)[:, 0]
-                loss = loss_fn(logits.float(), y) / tc.grad_accum
-                scaler.scale(loss).backward()
-            if stepping:
-                if tc.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)  # the norm is the true gradient's (fp16)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-                scaler.step(optimizer)  # skipped when fp16 gradients overflowed
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-            seen += len(x) * dist.world
-            losses.append(loss.detach() * tc.grad_accum)
-            if progress and (step % PROGRESS_EVERY == PROGRESS_EVERY - 1 or step + 1 == len(bar)):
-                bar.set_postfix(loss=f"{torch.stack(losses[-PROGRESS_EVERY:]).mean().item():.4f}",
-                                lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
-                                win_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        train_loss = torch.stack(losses).double().mean().item()  # waits for the epoch's last step
-        elapsed = time.perf_counter() - t0
-        dist.sync_buffers(model)
-        probs, labels, studies = predict(model, val_ds, device, batch, rt.workers, dist, numerics)
-        require_finite(probs, f"{run_dir}: epoch {epoch + 1}, validation (training diverged: a lower "
-                              "learning rate, or train.clip_grad_norm, may hold it)")
-        val = summarise(labels, probs, studies, val_ds.study_labels, cfg.eval.aggregate)
-        record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
-                  "lr": [g["lr"] for g in optimizer.param_groups],
-                  "optimizer_steps": int(schedule.last_epoch), "examples_per_step": examples_per_step,
-                  "windows_per_s": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
-        improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
-        if improved:
-            best = {"epoch": epoch, **val}
-        if dist.is_main:
-            _write_epoch(run, cfg, model, optimizer, schedule, scaler, epoch, best, record, improved, writer)
-        dist.barrier()  # no rank runs ahead of the checkpoint it might resume from
-        log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
-                 val["study_auroc"], " (best)" if improved else "")
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            break
-    if writer is not None:
-        writer.close()
-    if dist.is_main and not run.best.exists():  # validation AUROC undefined throughout
-        save_checkpoint(run.best, model, config=config_to_dict(cfg), epoch=tc.epochs - 1)
-    return best, model
+    return replica
+
+
+def _train_epoch(r: Round, replica: torch.nn.Module, epoch: int, progress: bool) -> tuple[float, int, float]:
+    """One epoch of optimiser steps: the mean training loss, the windows seen (all ranks)
+    and the seconds it took."""
+    cfg, dist, tc, device = r.cfg, r.dist, r.cfg.train, r.dist.device
+    r.train_ds.set_epoch(epoch)
+    r.sampler.set_epoch(epoch)
+    torch.manual_seed(tc.seed * 100_003 + epoch * dist.world + dist.rank)  # dropout, drop-path
+    replica.train()
+    r.optimizer.zero_grad(set_to_none=True)
+    seen, t0, losses = 0, time.perf_counter(), []  # losses stay on the device
+    loader = _loader(r.train_ds, 0 if r.bags else r.batch, r.sampler, cfg.runtime.workers, device,
+                     r.drop_last)
+    bar = progress_bar(loader, disable=not progress, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                       unit="batch")
+    for step, (hu, y, _, params) in enumerate(bar):
+        # workers only read int16 windows; the batch is augmented here, on the device
+        x = r.numerics.prepare(r.train_ds.model_input(hu, params, device))
+        y = y.to(device, non_blocking=True)
+        stepping = (step + 1) % tc.grad_accum == 0 or step + 1 == len(bar)
+        # gradients are averaged across ranks only on the micro-batch that steps
+        with replica.no_sync() if dist.active and not stepping else nullcontext():
+            with r.numerics.autocast(device):
+                logits = replica(x)[:, 0]
+            if r.bags:  # the loss sees one pooled logit per study, against the study label
+                k = cfg.data.bag_windows
+                logits = pool_bags(logits.float(), k, cfg.data.bag_pool, cfg.data.bag_sharpness)
+                y = y.view(-1, k)[:, 0]
+            loss = r.loss_fn(logits.float(), y) / tc.grad_accum
+            r.scaler.scale(loss).backward()
+        if stepping:
+            if tc.clip_grad_norm > 0:
+                r.scaler.unscale_(r.optimizer)  # the norm is the true gradient's (fp16)
+                torch.nn.utils.clip_grad_norm_(r.model.parameters(), tc.clip_grad_norm)
+            r.scaler.step(r.optimizer)  # skipped when fp16 gradients overflowed
+            r.scaler.update()
+            r.optimizer.zero_grad(set_to_none=True)
+            r.schedule.step()
+        seen += len(x) * dist.world
+        losses.append(loss.detach() * tc.grad_accum)
+        if progress and (step % PROGRESS_EVERY == PROGRESS_EVERY - 1 or step + 1 == len(bar)):
+            bar.set_postfix(loss=f"{torch.stack(losses[-PROGRESS_EVERY:]).mean().item():.4f}",
+                            lr=f"{r.optimizer.param_groups[-1]['lr']:.2e}",
+                            win_s=f"{seen / (time.perf_counter() - t0):.1f}")
+    train_loss = torch.stack(losses).double().mean().item()  # waits for the epoch's last step
+    return train_loss, seen, time.perf_counter() - t0
+
+
+def _validate_and_save(r: Round, run: RunDir, epoch: int, train_loss: float, windows_per_s: float,
+                       best: dict, writer) -> dict:
+    """Validation study AUROC after an epoch, the epoch's record and checkpoints (rank 0);
+    returns the best so far."""
+    cfg, dist = r.cfg, r.dist
+    dist.sync_buffers(r.model)
+    probs, labels, studies = predict(r.model, r.val_ds, dist.device, r.batch, cfg.runtime.workers, dist,
+                                     r.numerics)
+    require_finite(probs, f"{run.path}: epoch {epoch + 1}, validation (training diverged: a lower "
+                          "learning rate, or train.clip_grad_norm, may hold it)")
+    val = summarise(labels, probs, studies, r.val_ds.study_labels, cfg.eval.aggregate)
+    record = {"epoch": epoch, "train_loss": dist.mean(train_loss),
+              "lr": [g["lr"] for g in r.optimizer.param_groups],
+              "optimizer_steps": int(r.schedule.last_epoch), "examples_per_step": r.examples_per_step,
+              "windows_per_s": windows_per_s, **{f"val_{k}": v for k, v in val.items()}}
+    improved = not math.isnan(val["study_auroc"]) and val["study_auroc"] > best["study_auroc"]
+    if improved:
+        best = {"epoch": epoch, **val}
+    if dist.is_main:
+        _write_epoch(run, cfg, r.model, r.optimizer, r.schedule, r.scaler, epoch, best, record, improved,
+                     writer)
+    dist.barrier()  # no rank runs ahead of the checkpoint it might resume from
+    log.info("epoch %d: loss %.4f, val study AUROC %.3f%s", epoch + 1, record["train_loss"],
+             val["study_auroc"], " (best)" if improved else "")
+    return best
 
 
 def _say_epochs_past_schedule(cfg: Config, end_epoch: int | None) -> None:

@@ -2,18 +2,28 @@
 checks before any work, then one run or a repeat group, resumed where a kill left it.
 
 One function owns the pre-checks and the single-or-repeats choice, so the command line
-and the pipelines cannot drift apart (they had: the pipeline skipped the pre-checks).
+and the pipelines cannot drift apart (they had: the pipeline skipped the pre-checks). This
+module alone chooses between one run, a repeat group and the pseudo-slice rounds; the
+rounds themselves are :mod:`volttl.train.loop` (one round) and :mod:`volttl.train.pseudo`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from volttl.config import Config
 from volttl.errors import VolttlError
+from volttl.models.checkpoints import read_checkpoint
+from volttl.runs import RunDir, check_resumable
+from volttl.train.loop import train_model
+from volttl.train.pseudo import train_with_pseudo_slices
+from volttl.train.repeats import REPORTED, mean_std, seed_configs
 
 log = logging.getLogger("volttl.train")
 
@@ -88,10 +98,6 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
     ``reuse_finished`` (pipelines) a finished single run is reused as it is after the checks
     of :func:`volttl.runs.check_resumable`; without it (``volttl train --resume``) it is
     reopened, which records a changed runtime setting in its log."""
-    from volttl.runs import RunDir, check_resumable
-    from volttl.train.loop import train_run
-    from volttl.train.repeats import train_repeats
-
     run = RunDir(run_dir)
     check_before_training(cfg, run.path, resume)
     if cfg.data.labels == "study":
@@ -109,3 +115,46 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
         return TrainOutcome(run.path, float("nan"), skipped=True)
     best = train_run(cfg, run.path, resume=resume and run.last.exists(), progress=progress)
     return TrainOutcome(run.path, best.get("study_auroc", float("nan")), epoch=best.get("epoch"))
+
+
+def train_rounds(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                 stop_after_epoch: int | None = None) -> tuple[dict, torch.nn.Module]:
+    """Train one run into ``run_dir``: one round, or with ``data.pseudo_slices`` two (bags,
+    then pseudo slice labels). Returns the best validation metrics and the trained model
+    (this process's replica)."""
+    if cfg.data.pseudo_slices:
+        return train_with_pseudo_slices(cfg, Path(run_dir), resume, progress, stop_after_epoch)
+    return train_model(cfg, run_dir, resume, progress, stop_after_epoch)
+
+
+def train_run(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+              stop_after_epoch: int | None = None) -> dict:
+    """:func:`train_rounds`' best validation metrics."""
+    return train_rounds(cfg, run_dir, resume, progress, stop_after_epoch)[0]
+
+
+def train_repeats(cfg: Config, group_dir: str | Path, resume: bool = False,
+                  progress: bool = True) -> dict:
+    """Train every seed of the group; returns (and writes) the summary of best validation
+    metrics per seed with their mean and std."""
+    group = RunDir(group_dir)
+    configs = seed_configs(cfg)
+    runs = [group.seed(c.train.seed) for c in configs]
+    log.info("train.repeats %d: training %d models, one per seed (%s), into %s; each takes as long as "
+                "a single run", len(configs), len(configs), ", ".join(str(c.train.seed) for c in configs),
+                group.path)
+    if not resume and any(r.last.exists() for r in runs):
+        raise VolttlError(f"{group_dir}: runs are already there (use --resume, or another run dir)")
+    best = []
+    for one, run in zip(configs, runs, strict=True):
+        if run.finished_epochs() >= one.train.epochs:  # done before: its best is in last.pt
+            check_resumable(run.path, one)  # reused only with these settings and data
+            best.append(dict(read_checkpoint(run.last)[2]["best"]))
+            continue
+        best.append(train_run(one, run.path, resume=run.last.exists(), progress=progress))
+    summary = {"seeds": [c.train.seed for c in configs], "runs": [r.path.name for r in runs],
+               "best": best, **{f"val_{k}": mean_std([b.get(k, float("nan")) for b in best])
+                                for k in REPORTED}}
+    group.path.mkdir(parents=True, exist_ok=True)
+    group.repeats.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
