@@ -44,6 +44,8 @@ STEPS = {  # step: (module, function); the command and the pipeline step call th
     "svcca": ("volttl.analysis.svcca_step", "svcca_step"),
     "pretrain": ("volttl.pretrain", "pretrain_step"),
     "report": ("volttl.pipeline.report", "report_step"),
+    "synth": ("volttl.synth", "synth_step"),
+    "manifest": ("volttl.manifests.step", "manifest_step"),
 }
 
 

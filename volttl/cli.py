@@ -73,13 +73,13 @@ def _run_overrides(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from volttl.synth import synth_cohort
+    from volttl.synth import synth_step
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CommandError(f"{args.out}: --out must be a folder, and this is a file")
-    manifest = synth_cohort(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix,
-                            workers=args.workers)
-    print(f"wrote {args.studies} synthetic studies; manifest: {manifest}")
+    outcome = synth_step(args.out, studies=args.studies, seed=args.seed, matrix=args.matrix,
+                         workers=args.workers)
+    print(f"{outcome.summary()}; manifest: {outcome.manifest}")
     return 0
 
 
@@ -125,13 +125,11 @@ def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from volttl.manifests import import_manifest, split_counts, write_manifest
+    from volttl.manifests.step import manifest_step
 
     options = {k: v for k, v in vars(args).items()
                if k in ("series_list", "hdf5", "all_types", "root", "csv", "val", "test", "seed", "input")}
-    rows = import_manifest(args.format, **options)
-    write_manifest(rows, args.out)
-    print(f"wrote {len(rows)} studies to {args.out}: {split_counts(rows)}")
+    print(manifest_step(args.out, args.format, options).summary())
     return 0
 
 

@@ -43,7 +43,7 @@ import yaml
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
 from volttl.outputs import CamDir, CompareDir, PipelineDir, SearchDir
-from volttl.provenance import MadeFromOtherInputs, keep_if_made_from, record_inputs
+from volttl.provenance import MadeFromOtherInputs
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "compare", "svcca",
@@ -149,40 +149,23 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
     return PipelineDir(work).report_md if any("report" in step for step in spec["steps"]) else None
 
 
-def _keep_upstream(output: Path, step: str, inputs: dict) -> str | None:
-    """The 'skipped' outcome when an output that later steps build on (a manifest) exists
-    from these inputs (:func:`volttl.provenance.keep_if_made_from`), else None."""
-    return f"skipped: {output} exists" if keep_if_made_from(output, inputs, step) else None
-
-
 def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.synth import synth_cohort
+    from volttl.synth import synth_step
 
     manifest = Path(cfg.data.manifest)
-    inputs = {"studies": int(args.get("studies", 40)), "seed": int(args.get("seed", 0)),
-              "matrix": int(args.get("matrix", 160))}
-    skipped = _keep_upstream(manifest, "synth", inputs)
-    if skipped:
-        return skipped
-    synth_cohort(manifest.parent, **inputs, progress=progress,
-                 workers=int(args.get("workers", cfg.preprocess.workers)))
-    record_inputs(manifest, inputs)
-    return f"wrote {inputs['studies']} synthetic studies"
+    return synth_step(manifest.parent, int(args.get("studies", 40)), int(args.get("seed", 0)),
+                      int(args.get("matrix", 160)), int(args.get("workers", cfg.preprocess.workers)),
+                      progress=progress, reuse=True).summary()
 
 
 def _manifest(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """``manifest: {format: penet|rsna|csv, ...}`` with `volttl manifest`'s options as keys."""
-    from volttl.manifests import import_manifest, split_counts, write_manifest
+    from volttl.manifests.step import manifest_step
 
-    manifest = Path(cfg.data.manifest)
-    skipped = _keep_upstream(manifest, "manifest", dict(args))
-    if skipped:
-        return skipped
     options = dict(args)
-    rows = import_manifest(options.pop("format", "penet"), **options)
-    write_manifest(rows, manifest)
-    record_inputs(manifest, dict(args))
-    return f"wrote {len(rows)} studies to {manifest}: {split_counts(rows)}"
+    fmt = options.pop("format", "penet")
+    # recorded as the pipeline file gives them, as before, so a workdir made earlier is kept
+    return manifest_step(cfg.data.manifest, fmt, options, reuse=True, recorded=dict(args)).summary()
 
 
 def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
