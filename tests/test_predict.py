@@ -12,8 +12,9 @@ import pytest
 import SimpleITK as sitk
 
 from volttl.cli import main
+from volttl.inference import window_location
 from volttl.manifests.schema import StudyRow
-from volttl.predict import find_studies, window_location
+from volttl.predict import find_studies
 from volttl.preprocess.prepare import prepare_study
 
 from .conftest import shared_path, train_tiny_run
@@ -269,3 +270,36 @@ def test_a_second_predict_into_the_same_folder_meanwhile_is_refused(cohort, trai
         assert not out.json.exists()
     assert main(["predict", "--run", str(trained), str(study), "--out", str(out.path), "--no-cam",
                  "--quiet"]) == 0 and out.json.exists()
+
+
+def test_a_new_field_of_the_study_result_reaches_every_file(cohort, trained, tmp_path, monkeypatch):
+    """One per-study record: a field added to StudyResult (here by a subclass with a
+    default) appears in predict's CSV and JSON, in cam's JSON and in evaluate's per-split
+    CSV, with no other edit; and the fields those files share have the same values."""
+    import dataclasses
+
+    import volttl.study_result as results
+
+    extended = dataclasses.make_dataclass(
+        "ExtendedResult", [("reviewer_note", str, dataclasses.field(default="seen by a reader"))],
+        bases=(results.StudyResult,))
+    monkeypatch.setattr(results, "StudyResult", extended)
+    scan = Path(cohort).parent / "studies" / "synth003.nii.gz"  # a test-split study, label 1
+    assert main(["predict", "--run", str(trained), str(scan), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    (record,) = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    with open(tmp_path / "p" / "predictions.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    cam_record = json.loads((tmp_path / "p" / "synth003_cam.json").read_text())
+    note = "seen by a reader"
+    assert record["reviewer_note"] == row["reviewer_note"] == cam_record["reviewer_note"] == note
+    assert main(["evaluate", "--run", str(trained), "--split", "test", "--quiet"]) == 0
+    with open(trained / "predictions_test.csv") as fh:
+        evaluated = {r["study_id"]: r for r in csv.DictReader(fh)}
+    assert all(r["reviewer_note"] == note for r in evaluated.values())
+    assert set(row) == set(evaluated["synth003"])  # the same columns, by the same names
+    # the same study scored by both: the same numbers under the same names
+    for key in ("probability", "best_window_first_stored_slice", "best_window_centre_r_mm",
+                "best_window_first_source_slice"):
+        assert float(evaluated["synth003"][key]) == pytest.approx(float(row[key]), abs=1e-5), key
+    assert (evaluated["synth003"]["label"], row["label"]) == ("1", "")  # predict's scan has no label
+

@@ -9,6 +9,7 @@ a test split is always judged at a threshold chosen without it.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from volttl.decision import Decision, calibration, choose_decision, rates_with_c
 from volttl.inference import TrainedRun, require_finite, study_scores
 from volttl.records import write_record
 from volttl.runs import RunDir
+from volttl.study_result import StudyResult, csv_columns, study_result
 from volttl.train.loop import predict
 from volttl.train.metrics import summarise
 from volttl.train.repeats import AT_OPERATING_POINT, REPORTED, mean_std
@@ -43,6 +45,29 @@ class SplitScores:
     study_labels: np.ndarray  # the scored studies' labels
     all_study_labels: np.ndarray  # indexed by store study index
     raw: np.ndarray  # aggregated study probabilities, before any calibration
+    window_starts: np.ndarray  # the stored slice each window starts at
+
+
+def study_results(trained: TrainedRun, scored: SplitScores, probs: np.ndarray) -> list[StudyResult]:
+    """Each scored study's result (``probs``: its probabilities as the run reports them),
+    with its windows and where its best one lies in the scan, as predict reports a study."""
+    from volttl.inference import StudyScore
+    from volttl.preprocess.store import Store
+
+    decision, out = trained.decision, []
+    with Store(trained.cfg.data.store) as store:
+        for index, sid, label, p in zip(scored.study_index, scored.study_ids, scored.study_labels, probs,
+                                        strict=True):
+            mine = scored.window_studies == index
+            order = np.argsort(scored.window_starts[mine], kind="stable")
+            starts, window_probs = scored.window_starts[mine][order], scored.window_probs[mine][order]
+            score = StudyScore(float(p), [int(v) for v in starts], [float(v) for v in window_probs],
+                               decision.label(float(p)) if decision else None,
+                               decision.threshold if decision else None)
+            meta = store.meta(sid)
+            slices = store.hu(sid).shape[0]
+            out.append(study_result(trained, sid, meta.source, int(label), meta, score, slices))
+    return out
 
 
 def score_split(trained: TrainedRun, split: str, progress: bool = False) -> SplitScores:
@@ -56,7 +81,8 @@ def score_split(trained: TrainedRun, split: str, progress: bool = False) -> Spli
     require_finite(probs, f"{trained.path} ({split} split)")
     index, raw = study_scores(probs, studies, cfg.eval.aggregate)
     return SplitScores(split, probs, labels, studies, index, [ds.study_ids[i] for i in index],
-                       np.asarray(ds.study_labels)[index], np.asarray(ds.study_labels), raw)
+                       np.asarray(ds.study_labels)[index], np.asarray(ds.study_labels), raw,
+                       np.asarray(ds.windows["start"], dtype=np.int64))
 
 
 def ensure_decision(trained: TrainedRun, val: SplitScores | None = None, progress: bool = False) -> Decision:
@@ -164,12 +190,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", bootstrap: int | None
     curve = calibration(labels, probs, cfg.eval.calibration_bins) if len(labels) else {}
     metrics["calibration"] = {"method": decision.calibration, "temperature": decision.temperature, **curve}
     run.metrics_json(split).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    with run.predictions_csv(split).open("w", encoding="utf-8") as fh:
-        fh.write("study_id,label,probability,predicted_label,threshold\n")
-        for sid, label, p in zip(scored.study_ids, labels, probs, strict=True):
-            called = decision.label(float(p))
-            fh.write(f"{sid},{label},{p:.6f},{'' if called is None else called},"
-                     f"{'' if decision.threshold is None else f'{decision.threshold:.6f}'}\n")
+    with run.predictions_csv(split).open("w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=csv_columns())
+        w.writeheader()
+        w.writerows(r.csv_row() for r in study_results(trained, scored, probs))
     table = _table(split, metrics, decision, run.reliability_png(split).name)
     run.metrics_md(split).write_text(table, encoding="utf-8")
     if len(np.unique(labels)) == 2:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from volttl.config import check_reading_overrides
 from volttl.errors import VolttlError
-from volttl.inference import TrainedRun, window_location
+from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
 from volttl.outputs import PredictDir
@@ -28,6 +28,7 @@ from volttl.preprocess.prepare import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
 from volttl.records import write_text_atomically, writing_alone
 from volttl.runs import RunDir
+from volttl.study_result import StudyResult, csv_columns, study_result
 
 log = logging.getLogger("volttl.predict")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
@@ -144,7 +145,7 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
     if cam:
         grad_cam = WindowGradCAM(run.model, cfg.cam.target_layer, run.device, cfg.cam.method, run.numerics)
     p = cfg.preprocess
-    records, failed = [], {}
+    records, results, failed = [], [], {}
     for sid, path in progress_bar(studies, desc="predict", unit="study", disable=not progress):
         try:
             study: PreparedStudy = prepare_study(StudyRow(sid, str(path), 0, "test", []), p.slice_thickness,
@@ -158,21 +159,13 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
                 score, stitched = score_and_map(run, grad_cam, study.hu, bar.update)
             else:
                 score = run.score_study(study.hu, on_batch=bar.update)
-            record = {"study_id": sid, "source": readable(path), "probability": round(score.probability, 6),
-                      "predicted_label": score.predicted_label, "threshold": score.threshold,
-                      "calibration_temperature": run.decision.temperature if run.decision else None,
-                      "aggregate": cfg.eval.aggregate,
-                      **window_location(study.meta, score.best_window, p.window, cfg.data.crop,
-                                        study.hu.shape[0]),
-                      "window_probabilities": [round(v, 6) for v in score.window_probabilities],
-                      "model": cfg.model.name, "strategy": cfg.transfer.strategy,
-                      "cut": cfg.transfer.cut if cfg.transfer.strategy != "ftl" else "",
-                      "run": str(Path(run_dir))}
+            result = study_result(run, sid, readable(path), None, study.meta, score, study.hu.shape[0])
+            record = result.to_json()
             for w in study.warnings:
                 log.warning("%s: %s", sid, w)
             if grad_cam is not None:
                 try:
-                    overlay = cam_study(study.meta, study.hu, stitched, grad_cam, cfg, out, score, None)
+                    overlay = cam_study(study.meta, study.hu, stitched, grad_cam, cfg, out, score, result)
                 except OSError as exc:  # a full disk or a read-only file: the prediction still stands
                     record["files"], record["peak_ras_mm"] = {}, None
                     record["overlay_error"] = f"{exc.filename or out}: {exc.strerror or exc}"
@@ -184,43 +177,21 @@ def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, o
                     if overlay["peak_ras_mm"] is None:
                         log.warning("%s: %s", sid, EMPTY_MAP)
         records.append(record)
-        _write(records, out)  # after every study: a later failure keeps the predictions made so far
-    _write(records, out)  # also when nothing was scored: the files say so
+        results.append(result)
+        _write(results, records, out)  # after every study: a later failure keeps the predictions made so far
+    _write(results, records, out)  # also when nothing was scored: the files say so
     return records, failed
 
 
-CSV_COLUMNS = ("study_id", "source", "probability", "predicted_label", "threshold", "aggregate",
-               "best_window_first_source_slice",
-               "best_window_last_source_slice", "best_window_centre_r_mm", "best_window_centre_a_mm",
-               "best_window_centre_s_mm", "best_window_first_stored_slice", "best_window_last_stored_slice",
-               "best_window_padding", "model", "strategy", "cut", "run")
-
-
-def csv_row(record: dict) -> dict:
-    """One value per cell: the best window's source slices, centre (R, A, S mm) and stored
-    slices spread over columns of their own; empty where there is no value (no slice range
-    on a non-axial file; no predicted label or threshold while the run has no operating
-    point). predictions.json keeps the record whole."""
-    source = record["best_window_source_slices"] or ["", ""]
-    centre = record["best_window_centre_ras_mm"]
-    stored = record["best_window_stored_slices"]
-    blank = lambda v: "" if v is None else v  # noqa: E731
-    values = (record["study_id"], record["source"], record["probability"], blank(record["predicted_label"]),
-              blank(record["threshold"]), record["aggregate"],
-              source[0], source[1], centre[0], centre[1], centre[2], stored[0], stored[1],
-              record["best_window_padding"], record["model"], record["strategy"], record["cut"],
-              record["run"])
-    return dict(zip(CSV_COLUMNS, values, strict=True))
-
-
-def _write(records: list[dict], out: Path) -> None:
-    """predictions.json and predictions.csv, each replaced whole, so an interrupted write
-    never leaves a file cut short."""
+def _write(results: list[StudyResult], records: list[dict], out: Path) -> None:
+    """predictions.json (``records``: each study's result with its overlay files) and
+    predictions.csv (one value per cell, :meth:`StudyResult.csv_row`), each replaced whole,
+    so an interrupted write never leaves a file cut short."""
     folder = PredictDir(out)
     table = io.StringIO(newline="")
-    w = csv.DictWriter(table, fieldnames=CSV_COLUMNS)  # a key outside the columns is an error
+    w = csv.DictWriter(table, fieldnames=csv_columns())  # a key outside the columns is an error
     w.writeheader()
-    w.writerows(csv_row(r) for r in records)
+    w.writerows(r.csv_row() for r in results)
     try:
         write_text_atomically(folder.json, json.dumps(records, indent=2))
         write_text_atomically(folder.csv, table.getvalue())

@@ -38,6 +38,7 @@ from volttl.preprocess.store import Store, StudyMeta
 from volttl.progress import progress_bar
 from volttl.provenance import content_stamp, file_stamp, forget_inputs, made_from, record_inputs
 from volttl.runs import RunDir
+from volttl.study_result import StudyResult, study_result
 
 log = logging.getLogger("volttl.cam")
 
@@ -106,11 +107,10 @@ def select_studies(store: Store, studies: list[str] | None, split: str) -> list[
 
 
 def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGradCAM, cfg, out: Path,
-              score: StudyScore, label: int | None) -> dict:
+              score: StudyScore, study: StudyResult) -> dict:
     """Everything `volttl cam` writes for one study (its stored HU ``hu``, metadata and
-    stitched map, :func:`score_and_map`); returns its JSON record. ``score``: the study as
-    the run scores it, so the probability is the one every command reports; ``label``: the
-    study's label, None for a scan that has none (predict)."""
+    stitched map, :func:`score_and_map`); returns its JSON record: the study's result
+    (``study``, as predict reports it, from ``score``) and the map's own fields."""
     sid = meta.study_id
     window = cfg.preprocess.window
     cam_map, geo = overlay_on_original(result.stored_map, meta)
@@ -150,19 +150,13 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGrad
         dicom_error = dicom.pop("dicom_error", None)
         files.update(dicom)
     record = {
-        "study_id": sid, "source": meta.source, "label": label, "probability": round(probability, 6),
-        "predicted_label": score.predicted_label, "threshold": score.threshold,
-        "aggregate": cfg.eval.aggregate,
+        **study.to_json(),
         "peak_ras_mm": [round(float(v), 3) for v in peak_ras] if has_peak else None,
         "peak_voxel_ijk": [i, j, k] if has_peak else None,
         "target_layer": cam.target_layer, "method": cam.method,
         # 0: the scoring windows, one pass; else the slices between sliding windows
         "stride": cfg.cam.stride, "stitch": cfg.cam.stitch,
         "blend": cfg.cam.blend,
-        "window_starts": score.window_starts,  # the evaluation windows the probability comes from
-        # the model's own window probabilities; the study probability is their aggregate,
-        # calibrated when the run has a temperature
-        "window_probabilities": [round(float(p), 6) for p in score.window_probabilities],
         "files": files,
         **({"dicom_error": dicom_error} if dicom_error else {}),
     }
@@ -257,7 +251,8 @@ def write_overlays(run_dir: Path, out: Path, studies: list[str] | None, split: s
             with progress_bar(total=windows_per_study(hu.shape[0], cfg), desc=f"  {sid}", unit="window",
                               leave=False, disable=not progress) as bar:
                 score, stitched = score_and_map(run, cam, hu, bar.update)
-                records.append(cam_study(meta, hu, stitched, cam, cfg, out, score, meta.label))
+                study = study_result(run, sid, meta.source, meta.label, meta, score, hu.shape[0])
+                records.append(cam_study(meta, hu, stitched, cam, cfg, out, score, study))
     CamDir(out).summary.write_text(json.dumps(records, indent=2), encoding="utf-8")
     if Path(cfg.data.manifest).is_file():  # lesion masks in the manifest: localisation.json
         write_localisation(out, cfg.data.manifest, records)
