@@ -132,8 +132,8 @@ def _readme(card_md: str) -> str:
     return card_md + """
 ## Running the bundle
 
-Needs volttl installed (`pip install volttl`, the version in `configs/metadata.json`), which
-brings MONAI, nibabel, pydicom and SimpleITK.
+Needs volttl installed (the version in `configs/metadata.json`, installed from its source as
+its README says), which brings MONAI, nibabel, pydicom and SimpleITK.
 
     python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
         --input STUDY --output_dir OUT
