@@ -30,14 +30,13 @@ import yaml
 from volttl.analysis.complexity import device_name
 from volttl.config import config_from_dict, config_to_dict
 from volttl.explain import cam_step, gradcam
-from volttl.inference import TrainedRun
+from volttl.inference import TrainedRun, model_from_config
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.manifests import StudyRow, write_manifest
 from volttl.models.checkpoints import save_checkpoint
 from volttl.predict import predict_step
 from volttl.preprocess.step import preprocess_step
-from volttl.runs import model_from_config
 from volttl.synth import render_study
 
 

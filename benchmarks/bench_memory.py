@@ -44,7 +44,7 @@ def _peak(device: str) -> float:
 def _train_step(batch: int, device: str) -> float:
     import torch
 
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     cfg = _config(batch)
     model = model_from_config(cfg).model.to(device).train()
@@ -61,7 +61,7 @@ def _train_step(batch: int, device: str) -> float:
 def _inference(batch: int, device: str) -> float:
     import torch
 
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     model = model_from_config(_config(batch)).model.to(device).eval()
     with torch.no_grad():
@@ -73,7 +73,7 @@ def _gradcam(batch: int, device: str) -> float:
     import torch
 
     from volttl.explain.gradcam import WindowGradCAM
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     model = model_from_config(_config(batch)).model.to(device).eval()
     cam = WindowGradCAM(model, "", torch.device(device), "gradcam")

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from volttl.analysis.complexity import count_macs, device_name
 from volttl.config import config_from_dict
+from volttl.inference import model_from_config
 from volttl.numerics import Numerics
-from volttl.runs import model_from_config
 from volttl.train.losses import make_loss
 
 # dense tensor-core peaks in TFLOP/s from the vendors' data sheets, by precision; the

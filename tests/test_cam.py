@@ -453,9 +453,9 @@ def test_a_quarter_window_stride_leaves_no_bands_on_a_real_ct():
     the stride period with a quarter-window stride (``cam.stride`` for a seamless map);
     half a window showed bands."""
     from volttl.explain.gradcam import seamless_stride
+    from volttl.inference import model_from_config
     from volttl.io.orientation import to_canonical
     from volttl.preprocess.resample import resample_to_store
-    from volttl.runs import model_from_config
 
     vol, _ = to_canonical(read_study(shared_path("data", "real_ct", "lung1_image.nrrd")))
     hu, _ = resample_to_store(vol.hu.astype(np.int16), vol.geometry.spacing[2], 2.5, 64)

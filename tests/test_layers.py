@@ -6,11 +6,11 @@ import sys
 
 
 def test_cam_path_imports_no_training_search_or_analysis_module():
-    code = ("import json, sys\nfrom volttl.explain.cam_step import cam_step\nimport volttl.runs\n"
+    code = ("import json, sys\nfrom volttl.explain.cam_step import cam_step\nimport volttl.inference\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('volttl'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = json.loads(out)
-    assert "volttl.explain.cam_step" in loaded and "volttl.runs" in loaded
+    assert "volttl.explain.cam_step" in loaded and "volttl.inference" in loaded
     outside = [m for m in loaded if m.split(".")[1:2] in (["train"], ["search"], ["analysis"], ["pipeline"])]
     assert outside == []
     assert "volttl.data.dataset" not in loaded  # Grad-CAM needs the intensity scaling only

@@ -9,8 +9,8 @@ import torch
 from volttl.config import ConfigError, config_from_dict
 from volttl.data import WindowDataset
 from volttl.errors import VolttlError
+from volttl.inference import model_from_config
 from volttl.numerics import Numerics
-from volttl.runs import model_from_config
 from volttl.train import loop
 from volttl.train.step import train_run
 

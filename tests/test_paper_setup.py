@@ -200,7 +200,7 @@ def test_cost_columns_reproduce_the_papers_macs_at_its_input():
     digit. Its TTL-1 60.17 G matches no cut under that rule: MACs grow with the cut, and
     60.17 lies strictly between the cuts after layer3.17 and layer3.18."""
     from volttl.analysis.complexity import count_macs, profiled_input
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     cfg = load_config(PE_YAML)
     assert profiled_input(cfg) == "3 x 32 x 208 x 208" and cfg.profile.macs_rule == "ptflops"

@@ -79,7 +79,7 @@ def test_a_new_backbone_appears_in_cuts_and_profile(tmp_path, capsys):
     # the head's BatchNorm is counted (one builder for training and profiling)
     from volttl.analysis.complexity import count_parameters
     from volttl.config import load_config
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     c = load_config(cfg)
     c.transfer.strategy, c.transfer.cut = "ttl", "body.0"

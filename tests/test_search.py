@@ -92,7 +92,7 @@ def test_a_finished_trial_is_not_reused_on_other_training_data(cohort, tmp_path)
     from pathlib import Path
 
     from volttl.config import config_to_dict
-    from volttl.runs import RunError
+    from volttl.outputs import RunError
     from volttl.search.trials import run_trial
 
     store = tmp_path / "s.h5"

@@ -146,3 +146,32 @@ def test_no_module_imports_itself_through_others():
                     seen.add(nxt)
                     stack.append((nxt, (*path, nxt)))
     assert not loops, "import loops:\n" + "\n".join(sorted(set(loops))[:10])
+
+
+# names that look like files but are not outputs: what volttl reads, and the layout of
+# files a user's tool or MONAI writes
+NOT_OUTPUT_NAMES = {"train.csv"}  # RSNA's label file, an input (volttl/manifests/rsna.py)
+OUTPUT_NAME = re.compile(r"^[\w{}\-/. ]*[\w}]\.(json|jsonl|csv|md|png|pt|pt2|pth|yaml|h5|nii\.gz|dcm|mrml|"
+                         r"log|lock|ctbl)$")
+
+
+def test_no_module_but_outputs_spells_an_output_file_name():
+    """Every output file's name is spelt once, in volttl/outputs.py: a string in any other
+    module that reads as a file name (``x.json``, ``f"{study}_cam.nii.gz"``) is a second
+    spelling that can drift from the first."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "outputs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and OUTPUT_NAME.match(node.value) and node.value not in NOT_OUTPUT_NAMES:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}")
+    assert not found, "file names spelt outside outputs.py:\n" + "\n".join(found)
+
+
+def test_the_name_check_sees_plain_and_formatted_names():
+    for name in ("trial.json", "_cam.nii.gz", "models/package.json", "profile.md", "{sid}_lesion.nii.gz"):
+        assert OUTPUT_NAME.match(name), name
+    for not_a_name in (".json", ".nii.gz", "*.dcm", "a sentence ending in file.", "json"):
+        assert not OUTPUT_NAME.match(not_a_name), not_a_name

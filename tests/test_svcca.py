@@ -82,9 +82,9 @@ def untouched_run(cohort, tmp_path_factory):
     import yaml
 
     from volttl.config import config_from_dict, config_to_dict
+    from volttl.inference import model_from_config
     from volttl.models.checkpoints import save_checkpoint
     from volttl.preprocess.step import preprocess_step
-    from volttl.runs import model_from_config
 
     from .conftest import small_config
 

@@ -15,9 +15,9 @@ from volttl.config import config_from_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.dataset import normalise
 from volttl.data.sampling import PECentredSampler, last_window_start
+from volttl.inference import model_from_config
 from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
-from volttl.runs import model_from_config
 from volttl.train.losses import binary_focal_loss
 from volttl.train.metrics import bootstrap_ci, summarise
 from volttl.train.schedule import warmup_cosine

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
+from volttl.inference import load_run
 from volttl.models.checkpoints import CheckpointError, read_checkpoint, save_checkpoint, state_digest
 from volttl.models.resnext3d import ResNeXt3D50
-from volttl.runs import RunError, load_run
+from volttl.outputs import RunError
 
 from .conftest import train_tiny_run
 
@@ -78,7 +79,7 @@ def test_a_run_config_edited_by_hand_is_refused_with_the_keys_named(tiny_run):
 def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
     original = _edit(tiny_run, "train", "workers", 3)
     try:
-        with caplog.at_level("INFO", logger="volttl.runs"):
+        with caplog.at_level("INFO", logger="volttl.resume"):
             cfg, _ = load_run(tiny_run)
         assert cfg.runtime.workers == 3 and "runtime.workers 3 (the run trained with 0)" in caplog.text
     finally:
@@ -91,7 +92,8 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
     import json
     import shutil
 
-    from volttl.runs import RunError, load_run
+    from volttl.inference import load_run
+    from volttl.outputs import RunError
 
     group = tmp_path / "group"
     for seed in ("seed0", "seed1"):
@@ -102,7 +104,7 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
     load_run(group / "seed1")
     # the one-model steps pick a seed's run by --seed (pipelines: train.seed), or refuse by name
     from volttl.explain.cam_step import cam_step
-    from volttl.runs import RunDir
+    from volttl.outputs import RunDir
 
     assert RunDir(group).one_run(1).path == group / "seed1" and RunDir(group / "seed0").one_run(5).path == \
         group / "seed0"
@@ -527,7 +529,7 @@ def test_a_run_takes_the_stores_preprocess_settings_and_says_so(cohort, tmp_path
     """A config whose preprocess keys differ from the store's (another store given with
     --set, an edited key) would record windows the run never saw: the store's win."""
     from volttl.preprocess.step import preprocess_step
-    from volttl.runs import with_store_preprocessing
+    from volttl.resume import with_store_preprocessing
 
     from .conftest import small_config
 

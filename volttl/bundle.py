@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from volttl.errors import VolttlError
-from volttl.export import CARD_JSON, CARD_MD, PackageError, export_run
+from volttl.export import PackageError, export_run
+from volttl.outputs import BundleDir, PackageDir, RunDir
 
-PACKAGE_DIR = "models/package"
-METADATA, INFERENCE, README = "configs/metadata.json", "configs/inference.json", "docs/README.md"
 BUNDLE_VERSION = "0.1.0"
 
 
@@ -71,7 +70,7 @@ def _inference_config() -> dict:
     return {
         "imports": ["$import torch"],
         "bundle_root": ".",
-        "package": f"$@bundle_root + '/{PACKAGE_DIR}'",
+        "package": f"$@bundle_root + '/{BundleDir.PACKAGE}'",
         "device": "$'cuda' if torch.cuda.is_available() else 'cpu'",
         "input": "",
         "output_dir": "$@bundle_root + '/eval'",
@@ -104,7 +103,7 @@ def _metadata(card: dict, cfg) -> dict:
         "intended_use": card["intended_use"],
         "limitations": card["limitations"],
         "authors": "volttl export",
-        "copyright": "see docs/README.md",
+        "copyright": f"see {BundleDir.README}",
         "data_type": "dicom or nifti",
         "image_classes": "one channel: CT in Hounsfield units, resampled by volttl",
         "label_classes": "0: no pulmonary embolism, 1: pulmonary embolism",
@@ -150,24 +149,24 @@ checked with
 
 def export_bundle(run_dir: str | Path, out: str | Path, seed: int | None = None) -> Path:
     """Write the run's model package as a MONAI bundle to the new folder ``out``."""
-    from volttl.runs import RunDir
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PackageError(f"{out}: exists and is not empty; export into a new folder")
     made = not out.exists()
-    package = export_run(run_dir, out / PACKAGE_DIR, seed=seed)
+    bundle = BundleDir(out)
+    package = PackageDir(export_run(run_dir, bundle.package, seed=seed))
+    files = (bundle.metadata, bundle.inference, bundle.readme)
     try:
-        card = json.loads((package / CARD_JSON).read_text(encoding="utf-8"))
-        cfg = RunDir(package).read_config()
-        for name, text in ((METADATA, json.dumps(_metadata(card, cfg), indent=2)),
-                           (INFERENCE, json.dumps(_inference_config(), indent=2)),
-                           (README, _readme((package / CARD_MD).read_text(encoding="utf-8")))):
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(text + ("\n" if not text.endswith("\n") else ""), encoding="utf-8")
+        card = json.loads(package.card_json.read_text(encoding="utf-8"))
+        cfg = RunDir(package.path).read_config()
+        texts = (json.dumps(_metadata(card, cfg), indent=2), json.dumps(_inference_config(), indent=2),
+                 _readme(package.card_md.read_text(encoding="utf-8")))
+        for path, text in zip(files, texts, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + ("\n" if not text.endswith("\n") else ""), encoding="utf-8")
     except BaseException:  # no half-written bundle left behind
-        shutil.rmtree(out if made else out / PACKAGE_DIR.split("/")[0], ignore_errors=True)
-        for name in (METADATA, INFERENCE, README):
-            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out if made else out / BundleDir.PACKAGE.split("/")[0], ignore_errors=True)
+        for path in files:
+            path.unlink(missing_ok=True)
         raise
     return out

@@ -253,7 +253,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from volttl.runs import default_run_dir
+    from volttl.outputs import default_run_dir
     from volttl.train.step import train_step
 
     cfg = _load(args)
@@ -279,7 +279,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from volttl.evaluate import evaluate_step
-    from volttl.runs import RunDir
+    from volttl.outputs import RunDir
 
     run = RunDir(args.run)
     chosen = {"operating_point": args.operating_point, "target": args.target, "calibration": args.calibration}
@@ -392,17 +392,18 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from volttl.export import CARD_MD, export_run
+    from volttl.export import export_run
+    from volttl.outputs import BundleDir, PackageDir
 
     if args.format == "monai-bundle":
-        from volttl.bundle import INFERENCE, README, export_bundle
+        from volttl.bundle import export_bundle
 
-        out = export_bundle(args.run, args.out, seed=args.seed)
-        print(f"MONAI bundle: {out} (model card: {out / README}); run it with `python -m monai.bundle run "
-              f"--config_file {out / INFERENCE} --bundle_root {out} --input PATH --output_dir DIR`")
+        out = BundleDir(export_bundle(args.run, args.out, seed=args.seed))
+        print(f"MONAI bundle: {out.path} (model card: {out.readme}); run it with `python -m monai.bundle run "
+              f"--config_file {out.inference} --bundle_root {out.path} --input PATH --output_dir DIR`")
         return 0
     out = export_run(args.run, args.out, seed=args.seed)
-    print(f"model package: {out} (model card: {out / CARD_MD}); "
+    print(f"model package: {out} (model card: {PackageDir(out).card_md}); "
           f"run it with `volttl predict --model {out} PATH... --out DIR`")
     return 0
 

@@ -21,8 +21,8 @@ import torch
 
 from volttl.decision import Decision, calibration, choose_decision, rates_with_ci
 from volttl.inference import TrainedRun, require_finite, study_scores
+from volttl.outputs import RunDir
 from volttl.records import write_record
-from volttl.runs import RunDir
 from volttl.study_result import StudyResult, csv_columns, study_result
 from volttl.train.loop import predict
 from volttl.train.metrics import summarise

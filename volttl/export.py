@@ -29,15 +29,23 @@ import torch
 
 from volttl.errors import VolttlError
 from volttl.evaluate import fmt_rate
+from volttl.outputs import (
+    BEST,
+    CARD_JSON,
+    CARD_MD,
+    CONFIG,
+    EXPORTED,
+    OPERATING_POINT,
+    PACKAGE,
+    TORCHSCRIPT,
+    TRAINING_DATA,
+    RunDir,
+)
+from volttl.provenance import install_record
 from volttl.records import CHECKSUM_KEY, read_record, write_record
-from volttl.runs import BEST, CONFIG, OPERATING_POINT, TRAINING_DATA, RunDir, install_record
 
 log = logging.getLogger("volttl.export")
 
-PACKAGE = "package.json"
-TORCHSCRIPT = "model.torchscript.pt"
-EXPORTED = "model.pt2"
-CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
 FORMAT = "volttl-model-package"
 VERSION = 1  # the package layout this volttl writes and reads
 PACKAGE_KEYS = {"format", "version", "exported_from", "files", CHECKSUM_KEY}

@@ -2,7 +2,9 @@
 
 nnU-Net's ``nnUNetPredictor.initialize_from_trained_model_folder`` is the model: open the
 run folder once (config, best weights, device, the run's numerics), then score studies
-through it. Validation, ``evaluate``, ``predict`` and ``cam`` all build a study's windows
+through it. Building the model a config describes (:func:`model_from_config`) and loading a
+run's weights into it (:func:`load_run_weights`) live here too. Validation, ``evaluate``,
+``predict`` and ``cam`` all build a study's windows
 (:func:`cut_window`, :func:`model_window`), score them (:func:`device_probabilities`) and
 aggregate the window probabilities into the study's (:func:`aggregate`) here, so every
 output that reports a study's probability reports the same number.
@@ -24,8 +26,14 @@ from volttl.config import Config, check_reading_overrides, with_overrides
 from volttl.data.intensity import AIR_HU, normalise
 from volttl.decision import Decision, read_decision
 from volttl.errors import VolttlError
-from volttl.numerics import DEFAULT_NUMERICS, Numerics
+from volttl.models import input_norms
+from volttl.models.base import Backbone3D
+from volttl.models.checkpoints import read_checkpoint
+from volttl.numerics import DEFAULT_NUMERICS, Numerics, resolve_device
+from volttl.outputs import BEST, CONFIG, RunDir, RunError
 from volttl.preprocess.windows import indexed_window_starts
+from volttl.resume import check_config_against_checkpoint
+from volttl.transfer import TransferSetup, build_transfer_model
 
 if TYPE_CHECKING:
     from volttl.preprocess.store import StudyMeta
@@ -143,8 +151,6 @@ class TrainedRun:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, path: Path,
                  weights_sha256: str | None = None) -> None:
-        from volttl.runs import RunDir
-
         self.cfg, self.device, self.path = cfg, device, path
         self.weights_sha256 = weights_sha256
         # the calibration and operating point evaluate chose on validation for these weights
@@ -159,8 +165,6 @@ class TrainedRun:
         """The run's config (with ``overrides``, which may change only how and where it
         computes and writes; with ``rechoose``, as evaluate, the operating point's settings
         too) and ``best.pt``, on the configured device."""
-        from volttl.runs import load_run_weights, resolve_device
-
         check_reading_overrides(overrides, str(run_dir), rechoose)
         cfg, model, digest = load_run_weights(run_dir)
         cfg = with_overrides(cfg, overrides)
@@ -177,8 +181,6 @@ class TrainedRun:
     def synthetic_cohort(self) -> dict | None:
         """What made the synthetic cohort the run learnt from (`volttl synth`), as its
         training record says; None for other data, and for runs from before it was recorded."""
-        from volttl.runs import RunDir
-
         record = RunDir(self.path).training_data
         if not record.is_file():
             return None
@@ -256,3 +258,47 @@ def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_
             "best_window_centre_ras_mm": [round(float(v), 2) for v in centre[:3]],
             "best_window_source_slices": source,
             "best_window_padding": round(1 - (last - start + 1) / window, 4)}
+
+
+def model_from_config(cfg: Config, weights: bool = True,
+                      window: tuple[int, int, int] | None = None) -> TransferSetup:
+    """The model a config describes, with its parameter groups. ``weights=True`` loads
+    ``model.pretrained`` and initialises new parts as training does; ``weights=False``
+    builds the architecture only, quietly (for evaluation, cam, profiling, search).
+    ``window`` (D, H, W) sizes a flattened head; by default the training window."""
+    t = cfg.transfer
+    window = window or (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
+    window = window if t.head.pool == "flatten" else None
+    return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
+                                stem=cfg.model.stem, pretrained=cfg.model.pretrained if weights else "",
+                                init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
+                                window=window, head_norm=t.head.norm, weights=weights,
+                                frozen_bn=t.frozen_bn, input_scale=cfg.model.input_scale,
+                                intensity_shift=cfg.data.intensity_shift,
+                                source_norm=input_norms.declared(cfg.model))
+
+
+def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:
+    """The run's config and its model with the chosen checkpoint's weights."""
+    cfg, model, _ = load_run_weights(run_dir, which)
+    return cfg, model
+
+
+def load_run_weights(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D, str | None]:
+    """:func:`load_run`, and the checksum of the weights (None for files written before
+    checksums), which names the exact model that outputs were chosen for."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    cfg.model.pretrained = ""  # the run's own weights replace the pretrained ones
+    model = model_from_config(cfg, weights=False).model
+    path = run.path / which
+    if not path.is_file():
+        raise RunError(f"{run.path}: no {which} (the run has not finished an epoch)")
+    _, _, ckpt = read_checkpoint(path)
+    check_config_against_checkpoint(run.config, cfg, ckpt.get("config"))
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise RunError(f"{path}: does not fit the model in {CONFIG} ({first})") from None
+    return cfg, model, ckpt.get("state_sha256")

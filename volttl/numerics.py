@@ -1,4 +1,5 @@
-"""How a step computes: precision, memory format and the cuDNN settings.
+"""Where and how a step computes: the device (:func:`resolve_device`), precision, memory
+format and the cuDNN settings.
 
 One place decides these so that training, validation, evaluation and prediction agree.
 The choices and their defaults come from `runtime.precision`, `runtime.channels_last` and
@@ -25,6 +26,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from volttl.config import ConfigError
 
 log = logging.getLogger("volttl.numerics")
 
@@ -87,3 +90,24 @@ def cpu_has_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the query: assume not
         return False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; a device that
+    is not there is a one-line error rather than a failure deep inside torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device '{name}' is not a device (use auto, cpu, cuda or cuda:N)"
+                          ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"runtime.device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device '{name}': no CUDA GPU is available on this machine "
+                              "(use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+    return device

@@ -23,11 +23,10 @@ from volttl.errors import VolttlError
 from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
-from volttl.outputs import PredictDir
+from volttl.outputs import PredictDir, RunDir
 from volttl.preprocess.prepare import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
 from volttl.records import write_text_atomically, writing_alone
-from volttl.runs import RunDir
 from volttl.study_result import StudyResult, csv_columns, study_result
 
 log = logging.getLogger("volttl.predict")

@@ -1,7 +1,7 @@
 """'Was this made from these inputs?', answered one way for every step.
 
 Each check keeps what an output was made from and compares it with what it would be made
-from now: a training run its config keys (:func:`volttl.runs.check_resumable`), a stored
+from now: a training run its config keys (:func:`volttl.resume.check_resumable`), a stored
 study its settings hash and source stamp (preprocess), a search trial its fingerprint,
 a pipeline step's output a checksummed record of its inputs beside it. They share the
 helpers here: one canonical hash (:func:`fingerprint`), one way of naming what changed
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from volttl.errors import VolttlError
+from volttl.outputs import inputs_record
 from volttl.records import CHECKSUM_KEY, read_record, write_record
 
 
@@ -26,11 +27,6 @@ def fingerprint(what: dict, length: int = 16) -> str:
 def differences(before: dict, now: dict) -> list[str]:
     """``key before -> now`` for every key of ``now`` whose value is not ``before``'s."""
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
-
-
-def inputs_record(output: Path) -> Path:
-    """Where the inputs ``output`` was made from are kept: a hidden file beside it."""
-    return output.with_name(f".{output.name}.inputs.json")
 
 
 def record_inputs(output: Path, inputs: dict) -> None:
@@ -93,3 +89,15 @@ def keep_if_made_from(output: Path, inputs: dict, step: str) -> bool:
             f"{output}: made by the {step} step with other options ({'; '.join(differ)}); use another "
             "workdir, or empty this one (what later steps made came from the old one)")
     return True
+
+
+def install_record() -> dict:
+    """The software a run was trained (or a model exported) with."""
+    import platform
+
+    import torch
+
+    from volttl import __version__
+
+    return {"volttl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "platform": platform.platform()}

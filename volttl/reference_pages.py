@@ -1,9 +1,10 @@
-"""Reference pages generated from the code: docs/reference/config.md and cli.md.
+"""Reference pages generated from the code: the config, command-line and layouts pages.
 
 The config page lists every key, its type or choices, its default and the comment written
-beside it in :mod:`volttl.config`; the CLI page is each command's ``--help``. Neither can
-drift from the code: a test compares the pages with this output. Regenerate both with
-``python -m volttl.reference_pages docs/reference``.
+beside it in :mod:`volttl.config`; the CLI page is each command's ``--help``; the layouts
+page is every output folder of :mod:`volttl.outputs` with its files' names and docstrings.
+None can drift from the code: a test compares the pages with this output. Regenerate them
+with ``python -m volttl.reference_pages docs/reference``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 import sys
 import types
 import typing
+from pathlib import Path
 
 from volttl import config as config_module
 from volttl.config import Config
@@ -139,14 +141,74 @@ def cli_reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-PAGES = {"config.md": config_reference, "cli.md": cli_reference}
+PLACEHOLDERS = {"study_id": "<study>", "split": "<split>", "seed": "<S>"}
+
+
+def _files(folder: type) -> list[tuple[str, str]]:
+    """``(name, what it holds)`` for each file or folder ``folder`` declares itself: its
+    properties and methods that return a path, called with placeholder arguments."""
+    from volttl import outputs
+
+    base = Path("@")
+    instance, rows = folder(base), []
+    for name, member in vars(folder).items():
+        function = member.fget if isinstance(member, property) else member
+        if name.startswith("_") or not inspect.isfunction(function):
+            continue
+        signature = inspect.signature(function)
+        args = [p for p in signature.parameters if p != "self"]
+        defaults = any(p.default is not p.empty for p in signature.parameters.values())
+        if signature.return_annotation not in ("Path", "RunDir") or not set(args) <= set(PLACEHOLDERS) \
+                or defaults:
+            continue
+        value = getattr(instance, name)
+        value = value(*(PLACEHOLDERS[a] for a in args)) if callable(value) else value
+        value = value.path if isinstance(value, outputs.RunDir) else value
+        shown = value.relative_to(base).as_posix() if value.is_relative_to(base) else \
+            str(value).replace("@", "<store>")
+        if not Path(shown).suffix or shown.endswith(".d"):
+            shown += "/"
+        rows.append((shown, _paragraphs(function)[0] if function.__doc__ else ""))
+    return rows
+
+
+def _paragraphs(obj) -> list[str]:
+    """``obj``'s docstring as paragraphs of one line each, in Markdown's backticks."""
+    return [" ".join(p.split()).replace("``", "`") for p in inspect.getdoc(obj).split("\n\n")]
+
+
+def layouts_reference() -> str:
+    from volttl import outputs
+
+    lines = ["# Output folders and their files", "",
+             "Every folder volttl writes and every file in it, generated from `volttl/outputs.py` by "
+             "`python -m volttl.reference_pages`; a test fails when this page and the code differ. "
+             "`<study>` is a study id, `<split>` one of train, val, test, and `<S>` a seed. What "
+             "volttl reads (manifests) and the store's contents are in "
+             "[the inputs and the store](inputs.md).", ""]
+    for folder in outputs.FOLDERS:
+        first, *more = _paragraphs(folder)
+        title, _, what = first.partition(": ")
+        intro = ([what[:1].upper() + what[1:]] if what else []) + more
+        lines += [f"## {title}", ""] + [f"{p}\n" for p in intro]
+        parent = folder.__mro__[1]
+        if parent is not outputs._Folder:
+            lines += [f"Everything of {_paragraphs(parent)[0].partition(': ')[0]}, and:", ""]
+        lines += ["| file | what it holds |", "| --- | --- |"]
+        lines += [f"| `{name}` | {doc} |" for name, doc in _files(folder)]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+PAGES = {"config": config_reference, "cli": cli_reference, "layouts": layouts_reference}
 
 
 if __name__ == "__main__":
-    from pathlib import Path
+    from volttl.outputs import ReferenceDir
 
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reference")
     folder.mkdir(parents=True, exist_ok=True)
     for page, make in PAGES.items():
-        (folder / page).write_text(make(), encoding="utf-8")
-        print(f"wrote {folder / page}")
+        path = getattr(ReferenceDir(folder), page)
+        path.write_text(make(), encoding="utf-8")
+        print(f"wrote {path}")

@@ -235,7 +235,7 @@ def write_dicom_series(hu: np.ndarray, geo: Geometry, folder: Path, rng: np.rand
         ds.PixelSpacing = ["1.0", "1.0"]
         ds.Rows, ds.Columns = rows, cols
         ds.PixelData = stored[n // 2].tobytes()
-        ds.save_as(folder / "scout.dcm", enforce_file_format=True)
+        ds.save_as(SynthDir.scout(folder), enforce_file_format=True)
 
 
 def _stratified_splits(studies: int, seed: int) -> list[str]:
@@ -253,18 +253,18 @@ def _stratified_splits(studies: int, seed: int) -> list[str]:
 def _write_study(out: Path, seed: int, index: int, matrix: int, split: str) -> StudyRow:
     """Render and write study ``index``; deterministic for (seed, index), whichever process runs it."""
     rng = np.random.default_rng([seed, index])
-    sid = f"synth{index:03d}"
+    sid, folder = f"synth{index:03d}", SynthDir(out)
     positive = index % 2 == 1
     geo = _grid_geometry(rng, index, matrix)
     hu, mask = render_study(geo, rng, positive)
     if (index // 2) % 2 == 0:  # pairs of (negative, positive): the format says nothing of the label
-        path = Path("studies") / sid
-        write_dicom_series(hu, geo, out / path, rng, index, seed, with_scout=index == 0)
+        path = folder.series(sid)
+        write_dicom_series(hu, geo, path, rng, index, seed, with_scout=index == 0)
     else:
-        path = Path("studies") / f"{sid}.nii.gz"
-        write_nifti(hu, geo, out / path)
-    mask_path = Path("masks") / f"{sid}_lesion.nii.gz"
-    write_nifti(mask, geo, out / mask_path)
+        path = folder.nifti(sid)
+        write_nifti(hu, geo, path)
+    write_nifti(mask, geo, folder.mask(sid))
+    path, mask_path = path.relative_to(out), folder.mask(sid).relative_to(out)  # the manifest's paths
     pe = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)).tolist()
     return StudyRow(sid, str(path), int(positive and bool(pe)), split, pe, {"mask": str(mask_path)})
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from volttl.outputs import ProfileDir
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -136,7 +138,7 @@ def profile_config(cfg) -> dict:
     ``profile.device``; the architecture comes from the same builder training uses."""
     import copy
 
-    from volttl.runs import model_from_config
+    from volttl.inference import model_from_config
 
     p = cfg.profile
     shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
@@ -178,7 +180,6 @@ def profile_variants(cfg) -> str:
     cut, at the configured window; writes markdown and CSV to ``profile.out_dir``."""
     import copy
     import csv
-    from pathlib import Path
 
     p = cfg.profile
     variants = [("ftl", "")] + [(s, c) for s in p.strategies if s != "ftl" for c in p.cuts]
@@ -195,10 +196,10 @@ def profile_variants(cfg) -> str:
     table = "\n".join([f"Input (C x D x H x W) {profiled_input(cfg)}, batch 1, on {rows[0].device}. "
                        f"{convention(cfg)}.", "", header,
                        *(r.markdown() for r in rows)])
-    out = Path(p.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.md").write_text(table + "\n", encoding="utf-8")
-    with (out / "profile.csv").open("w", newline="", encoding="utf-8") as fh:
+    out = ProfileDir(p.out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    out.table_md.write_text(table + "\n", encoding="utf-8")
+    with out.table_csv.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "strategy", "cut", "params_m", "macs_g", "latency_ms", "device", "input"])
         for r in rows:

@@ -25,11 +25,12 @@ import torch
 from volttl.analysis.svcca import feature_points, overlap, random_baseline, suggest_cut, svcca
 from volttl.data import WindowDataset
 from volttl.errors import VolttlError
+from volttl.inference import load_run, model_from_config
 from volttl.models import get_backbone_spec
-from volttl.outputs import SvccaDir
+from volttl.numerics import resolve_device
+from volttl.outputs import RunDir, SvccaDir
 from volttl.progress import progress_bar
 from volttl.provenance import file_stamp, forget_inputs, made_from, record_inputs
-from volttl.runs import RunDir, load_run, model_from_config, resolve_device
 
 log = logging.getLogger("volttl.analysis")
 

@@ -33,11 +33,10 @@ from volttl.inference import StudyScore, TrainedRun, evaluation_starts
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
-from volttl.outputs import CamDir
+from volttl.outputs import CamDir, RunDir
 from volttl.preprocess.store import Store, StudyMeta
 from volttl.progress import progress_bar
 from volttl.provenance import content_stamp, file_stamp, forget_inputs, made_from, record_inputs
-from volttl.runs import RunDir
 from volttl.study_result import StudyResult, study_result
 
 log = logging.getLogger("volttl.cam")

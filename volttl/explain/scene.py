@@ -20,14 +20,13 @@ from volttl.explain.display import CAM_OPACITY, CAM_THRESHOLD, COLOUR_TABLE, CT_
 from volttl.outputs import CamDir
 
 BUILT_IN = {"vtkMRMLColorTableNodeGrey"}  # Slicer's own nodes a scene may name without defining
-COLOUR_FILE = f"volttl_{COLOUR_TABLE}.ctbl"
 MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
                   "Resources/Schema/markups-schema-v1.0.3.json#")
 
 
 def write_colour_table(folder: Path) -> Path:
     """The overlay's colour table in Slicer's text format (index name R G B A)."""
-    path = folder / COLOUR_FILE
+    path = CamDir(folder).colour_table
     if not path.is_file():
         rows = [f"{i} {COLOUR_TABLE}{i} {r} {g} {b} 255" for i, (r, g, b) in enumerate(colour_table())]
         header = f"# {COLOUR_TABLE}, written by volttl for its Grad-CAM overlays"

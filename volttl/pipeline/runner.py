@@ -190,7 +190,7 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
-    from volttl.runs import RunDir
+    from volttl.outputs import RunDir
     from volttl.train.step import train_step
 
     name = str(args.get("run", "runs/run"))
@@ -205,7 +205,7 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Metrics of the run on ``split`` (default test), rewritten every time."""
     from volttl.evaluate import evaluate_step
-    from volttl.runs import RunDir
+    from volttl.outputs import RunDir
 
     name, path = _step_run(cfg, work, args, report, "FTL")
     split = args.get("split", "test")

@@ -43,6 +43,7 @@ import numpy as np
 
 from volttl.errors import VolttlError
 from volttl.io.geometry import Geometry
+from volttl.outputs import StoreFiles
 from volttl.preprocess.windows import WINDOW_DTYPE, study_windows
 from volttl.provenance import fingerprint
 
@@ -51,11 +52,11 @@ VERSION = 2  # 2: canonical LPS voxel order, float HU that are whole numbers sto
 
 
 def study_dir(store: str | Path) -> Path:
-    return Path(f"{store}.d")
+    return StoreFiles(store).studies
 
 
 def study_file(store: str | Path, study_id: str) -> Path:
-    return study_dir(store) / f"{study_id}.h5"
+    return StoreFiles(store).study(study_id)
 
 
 def settings_hash(payload: dict) -> str:
@@ -269,9 +270,9 @@ def write_index(store: str | Path, records: list[StudyRecord], window: int, trai
         f.attrs["train_stride"] = train_stride
         f.attrs["min_pe_slices"] = min_pe_slices
         studies = f.create_group("studies")
-        rel = study_dir(store).name
-        for r in records:
-            studies[r.study_id] = h5py.ExternalLink(f"{rel}/{r.study_id}.h5", "/")
+        for r in records:  # relative, so that the store and its folder move together
+            link = study_file(store, r.study_id).relative_to(Path(store).parent).as_posix()
+            studies[r.study_id] = h5py.ExternalLink(link, "/")
         idx = f.create_group("index")
         strings = h5py.string_dtype()
         idx.create_dataset("study_ids", data=[r.study_id for r in records], dtype=strings)

@@ -14,7 +14,8 @@ from pathlib import Path
 from queue import Queue
 
 from volttl.errors import VolttlError
-from volttl.search.trials import RESULT, read_trial, run_trial
+from volttl.outputs import TrialDir
+from volttl.search.trials import read_trial, run_trial
 
 
 def run_sequential(jobs: list[tuple[dict, str]], progress: bool = True) -> list[dict]:
@@ -53,7 +54,7 @@ def run_on_gpus(jobs: list[tuple[dict, str]], gpus: int = 0, progress: bool = Tr
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             if progress:
                 print(f"GPU {gpu}: {Path(folder).name}", flush=True)
-            with open(Path(folder) / "trial.log", "a", encoding="utf-8") as log:
+            with open(TrialDir(folder).log, "a", encoding="utf-8") as log:
                 done = subprocess.run([sys.executable, "-m", "volttl.search.trials", fh.name, folder],
                                       env=env, stdout=log, stderr=subprocess.STDOUT)
             os.unlink(fh.name)
@@ -69,7 +70,7 @@ def run_on_gpus(jobs: list[tuple[dict, str]], gpus: int = 0, progress: bool = Tr
         t.join()
     if errors:
         raise RuntimeError("; ".join(errors))
-    return [read_trial(Path(folder) / RESULT) for _, folder in jobs]
+    return [read_trial(TrialDir(folder).result) for _, folder in jobs]
 
 
 def run_on_ray(jobs: list[tuple[dict, str]], address: str = "", gpus_per_trial: float = 1.0,

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from volttl.config import Config, config_from_dict, config_to_dict
+from volttl.outputs import TrialDir
 from volttl.provenance import fingerprint
 from volttl.records import read_record, write_record
-
-RESULT = "trial.json"
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,8 @@ def _fingerprint(cfg_dict: dict) -> str:
 def check_trained_on(cfg: Config, trial_dir: Path) -> None:
     """Each seed of a finished trial must have been trained on the store's present
     training and validation data (a one-line :class:`RunError` otherwise)."""
-    from volttl.runs import RunDir, check_resumable
+    from volttl.outputs import RunDir
+    from volttl.resume import check_resumable
     from volttl.train.repeats import seed_configs
 
     for one in seed_configs(cfg):
@@ -72,7 +72,7 @@ def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     from volttl.train.step import train_repeats
 
     trial_dir_path = Path(trial_dir)
-    done = trial_dir_path / RESULT
+    done = TrialDir(trial_dir_path).result
     fingerprint = _fingerprint(cfg_dict)
     cfg = config_from_dict(cfg_dict)
     if done.is_file():

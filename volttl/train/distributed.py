@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from volttl.runs import resolve_device
+from volttl.numerics import resolve_device
 
 
 @dataclass

@@ -43,20 +43,14 @@ from volttl.config import Config, config_to_dict, config_to_yaml
 from volttl.data import WindowDataset
 from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
-from volttl.inference import device_probabilities, require_finite
+from volttl.inference import device_probabilities, model_from_config, require_finite
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
-from volttl.outputs import SynthDir
+from volttl.outputs import RunDir, SynthDir
 from volttl.preprocess.store import Store, describe_same_scans
 from volttl.progress import progress_bar
-from volttl.runs import (
-    RunDir,
-    check_resumable,
-    install_record,
-    model_from_config,
-    resumable_changes,
-    with_store_preprocessing,
-)
+from volttl.provenance import install_record
+from volttl.resume import check_resumable, resumable_changes, with_store_preprocessing
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise

@@ -27,14 +27,11 @@ import torch
 
 from volttl.config import Config
 from volttl.inference import TrainedRun
+from volttl.outputs import RunDir
 from volttl.preprocess.store import Store
 from volttl.records import read_record, write_record
-from volttl.runs import RunDir
 
 log = logging.getLogger("volttl.train")
-
-BAGS = "bags"  # the first round's run folder, inside the run
-PSEUDO_SLICES = "pseudo_slices.json"
 
 
 def bags_config(cfg: Config) -> Config:
@@ -77,7 +74,8 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
     from volttl.train.distributed import init_distributed
     from volttl.train.loop import train_model
 
-    run, first = RunDir(run_dir), RunDir(Path(run_dir) / BAGS)
+    run = RunDir(run_dir)
+    first = run.bags
     dist = init_distributed(cfg.runtime.device)  # both rounds' train_model join this group
     try:
         if first.finished_epochs() < cfg.train.epochs or not first.best.is_file():
@@ -86,7 +84,7 @@ def train_with_pseudo_slices(cfg: Config, run_dir: Path, resume: bool, progress:
                                progress=progress, stop_after_epoch=stop_after_epoch)
             if first.finished_epochs() < cfg.train.epochs:  # stopped inside round 1 (stop_after_epoch)
                 return done
-        record = Path(run_dir) / PSEUDO_SLICES
+        record = run.pseudo_slices
         if dist.is_main:
             slices = _pseudo_slices_of(cfg, first, record, resume)
         dist.barrier()  # rank 0's record is written
