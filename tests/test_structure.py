@@ -175,3 +175,36 @@ def test_the_name_check_sees_plain_and_formatted_names():
         assert OUTPUT_NAME.match(name), name
     for not_a_name in (".json", ".nii.gz", "*.dcm", "a sentence ending in file.", "json"):
         assert not OUTPUT_NAME.match(not_a_name), not_a_name
+
+
+def test_every_import_inside_volttl_names_what_exists():
+    """Imports inside functions run only when their branch does: a name moved to another
+    module breaks them silently until a user takes that branch. Each ``from volttl.x import
+    y`` anywhere in the package must name a module or attribute that exists."""
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and \
+                    (node.module or "").startswith("volttl"):
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.module}.{alias.name}"
+                            for alias in node.names if not _exists(module, alias.name)]
+    assert not missing, missing
+
+
+def _exists(module, name: str) -> bool:
+    if hasattr(module, name):
+        return True
+    try:  # a submodule not imported yet
+        return importlib.util.find_spec(f"{module.__name__}.{name}") is not None
+    except ModuleNotFoundError:  # module is not a package
+        return False
+
+
+def test_the_import_check_sees_a_moved_name():
+    import volttl.search.trials as trials
+
+    assert _exists(trials, "read_trial") and not _exists(trials, "RESULT")
+    import volttl.explain as explain
+
+    assert _exists(explain, "gradcam") and not _exists(explain, "run")

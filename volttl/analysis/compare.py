@@ -36,7 +36,7 @@ from volttl.analysis.complexity import convention, profiled_input
 from volttl.config import Config, config_to_dict
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
-from volttl.outputs import CompareDir, RunDir
+from volttl.outputs import CompareDir, RunDir, TrialDir
 
 log = logging.getLogger("volttl.compare")
 STRATEGIES = ("tf", "lwft", "ttl")
@@ -304,7 +304,7 @@ def _training_studies(cfg: Config) -> int:
 
 
 def _seed_records(trial_dir: str, cfg: Config) -> list[dict]:
-    from volttl.search.trials import RESULT, read_trial
+    from volttl.search.trials import read_trial
 
-    trial = read_trial(Path(trial_dir) / RESULT)
+    trial = read_trial(TrialDir(trial_dir).result)
     return [seed_record(RunDir(trial_dir).seed(k).path, cfg.search.test_split) for k in trial["seeds"]]
