@@ -330,7 +330,7 @@ def _per_window_before(train, index: int) -> torch.Tensor:
     """What a loader worker did per window before augmentation moved to the device."""
     from monai.transforms import Flip, Rotate
 
-    from volttl.data.intensity import AIR_HU, normalise
+    from volttl.data.intensity import AIR_HU
 
     hu, _, _, params = train[index]
     y0, x0, flip, angle = params.tolist()
@@ -338,7 +338,7 @@ def _per_window_before(train, index: int) -> torch.Tensor:
     if flip:
         x = torch.as_tensor(Flip(spatial_axis=2)(x))
     x = torch.as_tensor(Rotate(angle=(angle, 0.0, 0.0), padding_mode="zeros")(x - AIR_HU)) + AIR_HU
-    return torch.as_tensor(normalise(x.numpy(), train.hu_clip, train.shift), dtype=torch.float32)
+    return torch.as_tensor(train.spec.scale(x.numpy()), dtype=torch.float32)
 
 
 def _rate(fn, count: int) -> float:

@@ -21,6 +21,7 @@ import yaml
 
 from volttl.cli import main
 from volttl.config import config_to_yaml
+from volttl.data.input_spec import InputSpec
 
 from .conftest import small_config, train_tiny_run
 
@@ -434,7 +435,7 @@ def test_a_store_pair_moved_together_still_reads(trained, tmp_path):
     moved.mkdir()
     shutil.move(str(store), moved / store.name)
     shutil.move(f"{store}.d", moved / f"{store.name}.d")
-    ds = WindowDataset(str(moved / store.name), "train", False, crop=32)
+    ds = WindowDataset(str(moved / store.name), "train", False, InputSpec(8, 32, (-100.0, 900.0), 0.15897))
     assert ds[0][0].shape[-1] == 32
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from volttl.config import config_from_dict
+from volttl.data.input_spec import InputSpec
 from volttl.explain.cam_step import cam_step, overlay_on_original
 from volttl.explain.gradcam import (
     WindowGradCAM,
@@ -330,7 +331,8 @@ class _FlatCAM:
 def test_stitching_weights_windows_by_probability():
     hu = np.full((16, 20, 20), 500, dtype=np.int16)
     fake = _FlatCAM()
-    out = stitch_study(hu, fake, window=8, crop=12, stride=4, batch_size=8, blend="constant")
+    spec = InputSpec(8, 12, (-100.0, 900.0), 0.15897)
+    out = stitch_study(hu, fake, spec, stride=4, batch_size=8, blend="constant")
     assert out.starts == [-4, 0, 4, 8, 12]
     m = out.stored_map
     assert m.shape == (16, 20, 20) and m.max() == pytest.approx(1.0)
@@ -346,7 +348,8 @@ def test_gaussian_blending_favours_the_window_whose_centre_a_slice_is_near():
     from monai.data.utils import compute_importance_map
 
     hu = np.zeros((16, 20, 20), dtype=np.int16)
-    m = stitch_study(hu, _FlatCAM(), window=8, crop=12, stride=4, batch_size=8).stored_map
+    spec = InputSpec(8, 12, (-100.0, 900.0), 0.15897)
+    m = stitch_study(hu, _FlatCAM(), spec, stride=4, batch_size=8).stored_map
     w = compute_importance_map((8,), mode="gaussian").numpy()
     # slice 2: position 6 of the 0.9 window (start -4), position 2 of a 0.1 window (start 0)
     mixed = lambda a, b: (0.9 * w[a] + 0.1 * w[b]) / (w[a] + w[b])  # noqa: E731
@@ -466,7 +469,7 @@ def test_a_quarter_window_stride_leaves_no_bands_on_a_real_ct():
     cam = WindowGradCAM(model_from_config(cfg, weights=False).model)
     shares = {}
     for stride in (seamless_stride(16), 8, 0):
-        result = stitch_study(hu, cam, 16, 48, stride, batch_size=8)
+        result = stitch_study(hu, cam, InputSpec(16, 48, (-100.0, 900.0), 0.15897), stride, batch_size=8)
         shares[stride] = _share_at_period(result.stored_map.mean(axis=(1, 2)), stride or 16)
     print(shares)
     assert seamless_stride(16) == 4

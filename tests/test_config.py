@@ -91,3 +91,48 @@ def test_a_config_with_non_ascii_text_loads_under_any_locale(tmp_path):
     encoding, manifest = out.stdout.split("\n")[:2]
     assert encoding.lower() not in ("utf-8", "utf8")  # the check runs where the default is not UTF-8
     assert manifest == "/daten/zürich.csv"
+
+
+def test_renamed_keys_still_read_with_one_deprecation_message(tmp_path, caplog):
+    """pretrain.window (the source task's input shape) is now pretrain.input_size, and
+    model.source_norm (the video weights' input scaling) model.source_preset: a config, a
+    run folder or a --set with the old name reads as the new one and says so; both given
+    is refused rather than one silently winning."""
+    from volttl import config as config_module
+
+    config_module._said_renamed.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text("pretrain:\n  window: [8, 24, 24]\nmodel:\n  source_norm: hara2018\n")
+    with caplog.at_level("WARNING", logger="volttl.config"):
+        cfg = load_config(path)
+    assert cfg.pretrain.input_size == (8, 24, 24) and cfg.model.source_preset == "hara2018"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("pretrain.window is deprecated: it is now pretrain.input_size" in m for m in said)
+    assert any("model.source_norm is deprecated: it is now model.source_preset" in m for m in said)
+    # an old key in --set over a config with the new one, and the old key in the file under a new --set
+    new = tmp_path / "new.yaml"
+    new.write_text("pretrain:\n  input_size: [8, 24, 24]\n")
+    assert load_config(new, ["pretrain.window=[4, 16, 16]"]).pretrain.input_size == (4, 16, 16)
+    assert load_config(path, ["pretrain.input_size=[4, 16, 16]"]).pretrain.input_size == (4, 16, 16)
+    both = tmp_path / "both.yaml"
+    both.write_text("pretrain:\n  window: [8, 24, 24]\n  input_size: [8, 24, 24]\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml: pretrain\.window and pretrain\.input_size are both"):
+        load_config(both)
+
+
+def test_the_input_settings_are_read_from_the_config_in_one_place():
+    """data.hu_clip, data.intensity_shift and data.crop reach the code through InputSpec.of
+    alone: no other module reads them off the config (each such read kept its own default
+    or its own centre-crop arithmetic before)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "volttl"
+    reads = []
+    for path in package.rglob("*.py"):
+        if path.name in ("config.py", "input_spec.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("hu_clip", "intensity_shift", "crop") \
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "data":
+                reads.append(f"{path.relative_to(package)}:{node.lineno} data.{node.attr}")
+    assert not reads, reads

@@ -59,7 +59,7 @@ def test_a_package_predicts_as_its_run_did_without_the_run_folder(evaluated, coh
 
 @pytest.mark.slow
 def test_the_package_holds_a_card_a_trace_and_checksums(evaluated, tmp_path, capsys):
-    from volttl.data.intensity import normalise
+    from volttl.data.intensity import scale_intensity
     from volttl.inference import TrainedRun
 
     assert main(["export", "--run", str(evaluated), "--out", str(tmp_path / "model")]) == 0
@@ -81,7 +81,7 @@ def test_the_package_holds_a_card_a_trace_and_checksums(evaluated, tmp_path, cap
     run = TrainedRun.open(evaluated)
     cfg = run.cfg
     hu = np.random.default_rng(0).integers(-1000, 1000, (cfg.preprocess.window, cfg.data.crop, cfg.data.crop))
-    x = normalise(hu.astype(np.float32), tuple(cfg.data.hu_clip), cfg.data.intensity_shift)[None, None]
+    x = scale_intensity(hu.astype(np.float32), tuple(cfg.data.hu_clip), cfg.data.intensity_shift)[None, None]
     expected = run.score_windows(x.astype(np.float32))
     with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)

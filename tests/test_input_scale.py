@@ -126,43 +126,44 @@ def test_frozen_eval_statistics_see_ct_on_their_own_scale(tmp_path, caplog):
 def test_source_scale_refusals(video_resnext50, tmp_path):
     path, reference = video_resnext50
     with pytest.raises(VolttlError, match="no model.pretrained"):
-        build_transfer_model("resnext3d_50", "ttl", "layer2", input_scale="source")
+        build_transfer_model("resnext3d_50", "ttl", "layer2", input_scale="source", intensity_shift=0.15897)
     with pytest.raises(VolttlError, match="input_scale 'video' is not one of ct, source"):
         build_transfer_model("resnext3d_50", "ttl", "layer2", input_scale="video")
     # weights that saw CT (volttl pretrain marks its files) are not rescaled
     _published(reference, tmp_path / "ct.pth", input_scale="ct")
     with pytest.raises(CheckpointError, match=r"ct\.pth: these weights were trained on CT windows"):
         build_transfer_model("resnext3d_50", "ttl", "layer2", pretrained=str(tmp_path / "ct.pth"),
-                             input_scale="source")
+                             input_scale="source", intensity_shift=0.15897)
     # a 1-channel file lacks what the summed stem needs to be exact
     one = ResNeXt3D50(num_outputs=4, in_channels=1)
     _published(one, tmp_path / "one.pth")
     with pytest.raises(CheckpointError, match=r"one\.pth: .*needs the 3-channel stem weights"):
         build_transfer_model("resnext3d_50", "ttl", "layer2", pretrained=str(tmp_path / "one.pth"),
-                             input_scale="source")
+                             input_scale="source", intensity_shift=0.15897)
 
 
 def test_source_needs_a_known_or_declared_normalisation(tmp_path):
     """PENet's Kinetics file and a 2020-code file do not say what input they were trained
     on: input_scale source is refused by name until the normalisation is declared."""
     from volttl.config import config_from_dict
-    from volttl.models.input_norms import declared
+    from volttl.models.source_presets import declared
 
     from .published import penet_kinetics
 
     penet_kinetics(tmp_path / "penet.pth")
     with pytest.raises(VolttlError, match=r"penet\.pth: model.input_scale is source, but the input "
-                                          r"normalisation .* not known from the file; declare it"):
+                                          r"scaling .* not known from the file; declare it"):
         build_transfer_model("penet", "ttl", "encoders.1", pretrained=str(tmp_path / "penet.pth"),
-                             input_scale="source")
-    cfg = config_from_dict({"model": {"source_norm": "custom", "source_scale": 1.0,
+                             input_scale="source", intensity_shift=0.15897)
+    cfg = config_from_dict({"model": {"source_preset": "custom", "source_scale": 1.0,
                                       "source_mean": [0.4, 0.4, 0.4], "source_std": [0.2, 0.25, 0.3]}})
     x = torch.rand(1, 1, 8, 32, 32) - SHIFT
     out = {}
     for scale in ("ct", "source"):
         torch.manual_seed(0)
         m = build_transfer_model("penet", "ttl", "encoders.1", pretrained=str(tmp_path / "penet.pth"),
-                                 input_scale=scale, source_norm=declared(cfg.model)).model.eval()
+                                 input_scale=scale, source_preset=declared(cfg.model),
+                                 intensity_shift=0.15897).model.eval()
         assert hasattr(m, "input_gain") == (scale == "source")
         with torch.no_grad():
             out[scale] = m(x)
@@ -170,23 +171,24 @@ def test_source_needs_a_known_or_declared_normalisation(tmp_path):
     model = ResNeXt3D50(num_outputs=4, in_channels=3)
     torch.save({"epoch": 1, "arch": "resnext-50", "state_dict": model.state_dict(), "optimizer": {},
                 "scheduler": {}}, tmp_path / "k600_2020.pth")  # the 2020 code's layout
-    with pytest.raises(VolttlError, match=r"k600_2020\.pth: .*declare it with model.source_norm"):
+    with pytest.raises(VolttlError, match=r"k600_2020\.pth: .*declare it with model.source_preset"):
         build_transfer_model("resnext3d_50", "ttl", "layer2", pretrained=str(tmp_path / "k600_2020.pth"),
-                             input_scale="source")
+                             input_scale="source", intensity_shift=0.15897)
     with pytest.raises(ValueError, match=r"model.source_std must be 3 positive numbers"):
-        config_from_dict({"model": {"source_norm": "custom", "source_mean": [0, 0, 0], "source_std": [1, 0]}})
+        config_from_dict({"model": {"source_preset": "custom", "source_mean": [0, 0, 0],
+                                    "source_std": [1, 0]}})
 
 
 @pytest.mark.parametrize("stem", ["repeat", "sum"])
 def test_declared_kinetics2020_normalisation_is_exact_for_both_stems(video_resnext50, stem):
     """0..1 frames with per-channel means and stds (the 2020 code): the summed stem weighs
     each RGB kernel by its channel's gain, and matches the 3-channel network exactly."""
-    from volttl.models.input_norms import PRESETS
+    from volttl.models.source_presets import PRESETS
 
     path, reference = video_resnext50
     norm = PRESETS["kinetics2020"]
     model = build_transfer_model("resnext3d_50", "ftl", "", stem=stem, pretrained=str(path),
-                                 input_scale="source", intensity_shift=SHIFT, source_norm=norm).model.eval()
+                                 input_scale="source", intensity_shift=SHIFT, source_preset=norm).model.eval()
     x = torch.rand(2, 1, 8, 32, 32, generator=torch.Generator().manual_seed(6)) - SHIFT
     means = torch.tensor(norm.channel_means).view(1, 3, 1, 1, 1)
     stds = torch.tensor(norm.channel_stds).view(1, 3, 1, 1, 1)

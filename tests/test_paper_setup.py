@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from volttl.config import config_from_dict, load_config
+from volttl.data.input_spec import InputSpec
 from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.manifests import write_manifest
 from volttl.manifests.penet import load_series_list, penet_filter, penet_rows
@@ -190,7 +191,7 @@ def test_training_jitter_is_half_the_window(tmp_path):
 
     manifest = synth_cohort(tmp_path / "c", studies=4, seed=1, matrix=48, progress=False)
     assert not preprocess_step(small_config(manifest, tmp_path / "s.h5", size=32), progress=False).failed
-    ds = WindowDataset(str(tmp_path / "s.h5"), "train", True, crop=32)
+    ds = WindowDataset(str(tmp_path / "s.h5"), "train", True, InputSpec(8, 32, (-100.0, 900.0), 0.15897))
     assert ds.window == 8 and ds.sampler.jitter == 4 and ds.sampler.prob == 0.3
 
 

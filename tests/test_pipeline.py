@@ -147,7 +147,7 @@ def test_a_pretrained_checkpoint_from_other_settings_stops_the_pipeline(tmp_path
     steps = [{"pretrain": {}}]
     path = _write(tmp_path, steps)
     spec = yaml.safe_load(path.read_text())
-    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.depth=stem", "pretrain.window=[8, 24, 24]",
+    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.depth=stem", "pretrain.input_size=[8, 24, 24]",
                     "pretrain.windows=16", "pretrain.epochs=1", "pretrain.batch_size=8"]
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     run_pipeline(path, progress=False)
@@ -214,7 +214,7 @@ def test_the_compare_step_tables_paired_rows_and_a_curve_that_reuses_them(tmp_pa
              {"report": {}}]
     path = _write(tmp_path, steps)
     spec = yaml.safe_load(path.read_text())
-    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.window=[8, 24, 24]", "pretrain.windows=16",
+    spec["set"] += ["pretrain.out=weights/src.pth", "pretrain.input_size=[8, 24, 24]", "pretrain.windows=16",
                     "pretrain.epochs=1", "pretrain.batch_size=8", "model.pretrained=weights/src.pth",
                     "train.repeats=2", "data.train_studies=4"]
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

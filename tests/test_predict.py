@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from volttl.cli import main
+from volttl.data.input_spec import InputSpec
 from volttl.inference import window_location
 from volttl.manifests.schema import StudyRow
 from volttl.predict import find_studies
@@ -124,7 +125,8 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
         path = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), path)
         study = prepare_study(StudyRow(name, str(path), 0, "test", []), 1.25, 32, 8)
-        where[name] = window_location(study.meta, 16, 8, 24, study.hu.shape[0])
+        spec = InputSpec(8, 24, (-100.0, 900.0), 0.15897)
+        where[name] = window_location(study.meta, 16, spec, study.hu.shape[0])
         lo, hi = where[name]["best_window_source_slices"]
         z = [(affine @ [0, 0, k, 1])[2] for k in (lo, hi)]
         centre_z = where[name]["best_window_centre_ras_mm"][2]
@@ -138,7 +140,7 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
     # the last window runs into air padding: its location is that of the part inside the scan
     study = prepare_study(StudyRow("up", str(tmp_path / "up.nii.gz"), 0, "test", []), 1.25, 32, 8)
     n = study.hu.shape[0]  # 80 stored slices of 1.25 mm
-    tail = window_location(study.meta, n - 2, 8, 24, n)
+    tail = window_location(study.meta, n - 2, InputSpec(8, 24, (-100.0, 900.0), 0.15897), n)
     assert tail["best_window_stored_slices"] == [n - 2, n - 1] and tail["best_window_padding"] == 0.75
     top = (forward @ [0, 0, 39, 1])[2]  # the scan's last slice centre
     assert tail["best_window_centre_ras_mm"][2] <= top + 1e-6  # inside the scan, not in the padding

@@ -174,7 +174,7 @@ def test_meanvar_needs_pretrained_and_cut_must_be_declared():
 
 def test_unpooled_head_flattens_the_map():
     setup = build_transfer_model("resnext3d_101", "ttl", "layer2", pool="flatten", dropout=0.2,
-                                 window=(16, 64, 64))
+                                 input_size=(16, 64, 64))
     assert setup.model.fc.in_features == 512 * 4 * 8 * 8
     assert isinstance(setup.model.head_dropout, nn.Dropout)
     with torch.no_grad():

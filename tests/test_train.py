@@ -13,7 +13,8 @@ import torch
 
 from volttl.config import config_from_dict, config_to_yaml
 from volttl.data import WindowDataset
-from volttl.data.dataset import normalise
+from volttl.data.input_spec import InputSpec
+from volttl.data.intensity import scale_intensity
 from volttl.data.sampling import PECentredSampler, last_window_start
 from volttl.inference import model_from_config
 from volttl.preprocess.step import preprocess_step
@@ -25,6 +26,8 @@ from volttl.train.step import train_run
 
 from .conftest import small_config
 
+SPEC = InputSpec(8, 32, (-100.0, 900.0), 0.15897)  # the test store's windows, cropped to 32
+
 
 @pytest.fixture(scope="module")
 def store(cohort, tmp_path_factory):
@@ -35,12 +38,12 @@ def store(cohort, tmp_path_factory):
 
 def test_normalisation_is_penets():
     hu = np.array([-1000.0, -100.0, 400.0, 900.0, 3000.0])
-    np.testing.assert_allclose(normalise(hu, (-100, 900), 0.15897),
+    np.testing.assert_allclose(scale_intensity(hu, (-100, 900), 0.15897),
                                np.array([0, 0, 0.5, 1, 1]) - 0.15897)
 
 
 def test_eval_windows_centre_crop_and_air_padding(store):
-    ds = WindowDataset(str(store), "train", False, crop=32)
+    ds = WindowDataset(str(store), "train", False, SPEC)
     assert len(ds) == len(ds.windows) and ds.window == 8
     x, y, study = ds[len(ds) - 1]
     assert x.shape == (1, 8, 32, 32) and x.dtype == torch.float32
@@ -52,7 +55,7 @@ def test_eval_windows_centre_crop_and_air_padding(store):
     with Store(str(store)) as s:
         np.testing.assert_array_equal(window[:3], s.hu(ds.study_ids[study])[n - 3:])
     # evaluation windows are the same from a dataset opened anew (no random draw)
-    again = WindowDataset(str(store), "train", False, crop=32)
+    again = WindowDataset(str(store), "train", False, SPEC)
     assert torch.equal(ds[0][0], again[0][0]) and torch.equal(ds[len(ds) - 1][0], again[len(ds) - 1][0])
 
 
@@ -63,7 +66,7 @@ def _model_input(ds: WindowDataset, index: int) -> torch.Tensor:
 
 
 def test_training_augmentation_is_keyed_on_epoch_and_index(store):
-    ds = WindowDataset(str(store), "train", True, crop=32, seed=5)
+    ds = WindowDataset(str(store), "train", True, SPEC, seed=5)
     a, b = _model_input(ds, 1), _model_input(ds, 1)
     assert torch.equal(a, b) and a.shape == (1, 8, 32, 32) and a.dtype == torch.float32
     ds.set_epoch(1)
@@ -82,14 +85,14 @@ def test_training_augmentation_is_the_configs(store, cohort):
     assert params.shape == (2,)  # the crop's offsets only
     y0, x0 = (int(v) for v in params)
     assert torch.equal(ds.model_input(hu[None], params[None], torch.device("cpu"))[0],
-                       normalise(hu[..., y0: y0 + 32, x0: x0 + 32].float(), ds.hu_clip, ds.shift))
+                       ds.spec.scale(hu[..., y0: y0 + 32, x0: x0 + 32].float()))
     assert ds.sampler.prob == 0.0
     assert WindowDataset.from_config(config_from_dict({"data": {"store": str(store), "crop": 32}}),
                                      "train", train=True)[2][3].shape == (4,)  # crop, flip, rotation
 
 
 def test_pe_centred_sampling_hits_pe_windows(store):
-    ds = WindowDataset(str(store), "train", True, crop=32, seed=0)
+    ds = WindowDataset(str(store), "train", True, SPEC, seed=0)
     if not ds.positive_studies:
         pytest.skip("no positive training study in this small cohort")
     ds.sampler = PECentredSampler(prob=1.0, jitter=0)

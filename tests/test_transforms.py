@@ -49,7 +49,7 @@ def test_batched_augmentation_keeps_the_drawn_distribution():
     """The parameters the training path applies are the keyed draws of training_transform:
     every crop offset, half the windows flipped, angles over +-15 degrees; and the batched
     rotation fills exactly with air where the window left the plane."""
-    t = training_transform(32, flip_prob=0.5, max_degrees=15)
+    t = training_transform(32, flip_prob=0.5, max_rotation_deg=15)
     rng = np.random.default_rng(7)
     params = torch.tensor([t.encode(t.sample(rng, (1, 4, 40, 40))) for _ in range(4000)])
     assert params[:, :2].min() == 0 and params[:, :2].max() == 8
@@ -69,7 +69,7 @@ def test_batched_augmentation_keeps_the_drawn_distribution():
 
 
 def test_parameters_are_drawn_in_order_and_applied_deterministically():
-    t = training_transform(8, flip_prob=0.5, max_degrees=15)
+    t = training_transform(8, flip_prob=0.5, max_rotation_deg=15)
     x = torch.arange(2 * 12 * 12, dtype=torch.float32).reshape(1, 2, 12, 12)
     params = t.sample(np.random.default_rng(3), tuple(x.shape))
     assert params == t.sample(np.random.default_rng(3), tuple(x.shape))
@@ -142,9 +142,9 @@ def test_config_chooses_the_training_transforms(tmp_path):
     from volttl.config import ConfigError, config_from_dict
 
     cfg = config_from_dict({"augment": {"transforms": ["crop", "rotation"], "max_rotation_deg": 5}})
-    t = training_transform(16, tuple(cfg.augment.transforms), max_degrees=cfg.augment.max_rotation_deg)
+    t = training_transform(16, tuple(cfg.augment.transforms), max_rotation_deg=cfg.augment.max_rotation_deg)
     assert [type(x) for x in t.transforms] == [RandomCrop, RandomRotation] and t.width == 3
-    assert t.transforms[1].max_degrees == 5
+    assert t.transforms[1].max_rotation_deg == 5
     assert set(config_from_dict({}).augment.transforms) == set(TRAINING_TRANSFORMS)
     for bad, message in ((["flip", "crop"], "crop first"), (["crop", "flip", "flip"], "each transform once"),
                          (["crop", "elastic"], "'elastic' is not one of crop, flip, rotation")):

@@ -33,7 +33,7 @@ BUNDLE_VERSION = "0.1.0"
 
 def network(package: str | Path) -> torch.nn.Module:
     """The package's network with its weights, in evaluation mode on the CPU: ``(N, 1, D,
-    crop, crop)`` normalised windows -> ``(N, 1)`` logits (the bundle's ``network_def``)."""
+    crop, crop)`` intensity-scaled windows -> ``(N, 1)`` logits (the bundle's ``network_def``)."""
     from volttl.export import verify_package
     from volttl.inference import TrainedRun
 
@@ -139,7 +139,7 @@ its README says), which brings MONAI, nibabel, pydicom and SimpleITK.
 
 `STUDY` is a NIfTI file, a DICOM series folder, or a folder of them; `OUT` gets
 predictions.csv and predictions.json as `volttl predict` writes them (add `--cam true` for
-the Grad-CAM overlays). The network alone (`network_def`: normalised windows to logits) is
+the Grad-CAM overlays). The network alone (`network_def`: intensity-scaled windows to logits) is
 checked with
 
     python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\

@@ -116,7 +116,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-@_command("preprocess", help="manifest -> HDF5 window store")
+@_command("preprocess", help="manifest -> HDF5 store")
 def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
     _with_config(p, runs_a_model=False)
     p.add_argument("--workers", type=int, help="parallel processes (overrides preprocess.workers)")
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A failure the user can fix is printed as one line on stderr (exit 1); add --debug "
         "for its traceback. Any other failure is a bug and prints its traceback.",
         description="3D CT classification by transfer learning: preprocess CTPA studies into an "
-        "HDF5 window store, finetune Kinetics-pretrained 3D backbones with FTL/TF/LWFT/TTL, "
+        "HDF5 store, finetune Kinetics-pretrained 3D backbones with FTL/TF/LWFT/TTL, "
         "explain with 3D Grad-CAM.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")

@@ -112,19 +112,20 @@ class ModelConfig:
     # sum: the RGB stem kernels summed into one channel (the same output as repeating the CT,
     # a third of the stem's MACs); repeat: the CT copied into three channels (PENet)
     stem: Literal["sum", "repeat"] = "sum"
-    # the scale the stem is fed: ct = PENet-normalised CT as the data pipeline gives it
-    # (what PENet's and the TTL paper's code feed pretrained weights); source = the CT
-    # window mapped onto the scale the backbone's published weights were trained on
-    # (ResNeXt3D: 0..255 minus the ActivityNet channel means), for eval-mode frozen BN
+    # the scale the stem is fed: ct = CT scaled as the data pipeline gives it (PENet's
+    # intensity scaling; what PENet's and the TTL paper's code feed pretrained weights);
+    # source = the CT input mapped onto the scale the backbone's published weights were
+    # trained on (ResNeXt3D: 0..255 minus the ActivityNet channel means), for eval-mode frozen BN
     input_scale: Literal["ct", "source"] = "ct"
-    # the input normalisation of model.pretrained, for input_scale source: auto = known from
-    # the file (Hara's 2018 3D-ResNets layout: hara2018), else refused; hara2018 = 0..255
-    # minus the ActivityNet means; kinetics2020 = 0..1, Kinetics means and stds (the 2020
-    # 3D-ResNets code); custom = source_scale, source_mean and source_std below (3 each)
-    source_norm: Literal["auto", "hara2018", "kinetics2020", "custom"] = "auto"
-    source_scale: float = 255.0  # source_norm custom: the clipped window in [0, 1] times this
-    source_mean: list[float] = field(default_factory=list)  # source_norm custom: R, G, B means
-    source_std: list[float] = field(default_factory=list)  # source_norm custom: R, G, B stds
+    # the source preset: the input scaling model.pretrained was trained on, for input_scale
+    # source: auto = known from the file (Hara's 2018 3D-ResNets layout: hara2018), else
+    # refused; hara2018 = 0..255 minus the ActivityNet means; kinetics2020 = 0..1, Kinetics
+    # means and stds (the 2020 3D-ResNets code); custom = source_scale, source_mean and
+    # source_std below (3 each)
+    source_preset: Literal["auto", "hara2018", "kinetics2020", "custom"] = "auto"
+    source_scale: float = 255.0  # source_preset custom: the CT input in [0, 1] times this
+    source_mean: list[float] = field(default_factory=list)  # source_preset custom: R, G, B means
+    source_std: list[float] = field(default_factory=list)  # source_preset custom: R, G, B stds
 
 
 @dataclass
@@ -310,7 +311,7 @@ class PretrainConfig:
     out: str = ""  # the checkpoint to write, in the 3D-ResNets layout
     depth: str = ""  # empty: every block trained, as a Kinetics file is; a block cut: up to it
                      # (deeper blocks keep their initialisation)
-    window: tuple[int, int, int] = (16, 48, 48)  # source-task windows (slices, rows, cols)
+    input_size: tuple[int, int, int] = (16, 48, 48)  # the source task's input (slices, rows, cols)
     windows: int = 1024  # source windows per epoch
     epochs: int = 3
     batch_size: int = 16
@@ -413,12 +414,50 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
+# keys renamed so that a word means one thing: (section, old) -> new; configs, run folders
+# and --set with the old name are still read, with one deprecation message a key
+RENAMED_KEYS = {("pretrain", "window"): "input_size", ("model", "source_norm"): "source_preset"}
+_said_renamed: set[tuple[str, str]] = set()
+
+
+def _renamed(section: str, key: str) -> str:
+    """``key``'s present name in ``section``, saying once when it is an old one."""
+    new = RENAMED_KEYS.get((section, key))
+    if new is None:
+        return key
+    if (section, key) not in _said_renamed:
+        _said_renamed.add((section, key))
+        import logging
+
+        logging.getLogger("volttl.config").warning(
+            "%s.%s is deprecated: it is now %s.%s (read as that; rename it in your config)",
+            section, key, section, new)
+    return new
+
+
+def _rename_old_keys(raw: dict) -> dict:
+    """``raw`` with every old key of :data:`RENAMED_KEYS` under its new name; both given is refused."""
+    out = dict(raw)
+    for section, old in RENAMED_KEYS:
+        node = out.get(section)
+        if isinstance(node, dict) and old in node:
+            new = _renamed(section, old)
+            if new in node:
+                raise ConfigError(f"{section}.{old} and {section}.{new} are both given: {old} is the old "
+                                  f"name of {new}; keep {new}")
+            out[section] = {(new if k == old else k): v for k, v in node.items()}
+    return out
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {show(text)}: expected section.key=value")
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if len(keys) == 2:
+        keys[1] = _renamed(keys[0], keys[1])
     try:
-        return key.strip().split("."), load_yaml(raw) if raw != "" else ""
+        return keys, load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"--set {show(text)}: the value is not valid YAML ({first})") from None
@@ -426,6 +465,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=c`` overrides to the raw mapping (values parsed as YAML scalars)."""
+    raw = _rename_old_keys(raw) if overrides else raw  # an old key in the file, the new one in --set
     for text in overrides:
         keys, value = _parse_override(text)
         node = raw
@@ -508,7 +548,7 @@ def check_ranges(cfg: Config) -> None:
          list(d.hu_clip))
     need(math.isfinite(d.intensity_shift), "data.intensity_shift", "finite", d.intensity_shift)
     m = cfg.model
-    if m.source_norm == "custom":
+    if m.source_preset == "custom":
         scale = m.source_scale
         need(math.isfinite(scale) and scale > 0, "model.source_scale", "> 0", scale)
         need(len(m.source_mean) == 3 and all(math.isfinite(v) for v in m.source_mean), "model.source_mean",
@@ -543,7 +583,7 @@ def _move_runtime_keys(raw: dict) -> dict:
 
 def config_from_dict(raw: dict | None, base: Path | None = None) -> Config:
     """Validate a raw mapping into a Config; paths resolved against ``base``."""
-    cfg = _build(Config, _move_runtime_keys(raw or {}), "")
+    cfg = _build(Config, _move_runtime_keys(_rename_old_keys(raw or {})), "")
     if isinstance(cfg.cam.write_ct, bool):  # configs and run folders written before "always"
         cfg.cam.write_ct = "auto" if cfg.cam.write_ct else "never"
     check_ranges(cfg)

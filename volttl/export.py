@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
 from volttl.evaluate import fmt_rate
 from volttl.outputs import (
@@ -159,7 +160,7 @@ def _training_data(recorded: dict, cfg) -> dict:
 
 def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
     """What the model is, what it was trained and tested on, and its limits."""
-    t, pre = cfg.transfer, cfg.preprocess
+    t, pre, spec = cfg.transfer, cfg.preprocess, InputSpec.of(cfg)
     pretrained = cfg.model.pretrained
     weights_from = {"path": pretrained or None}
     if pretrained and Path(pretrained).is_file():
@@ -190,9 +191,9 @@ def model_card(run: RunDir, cfg, ckpt: dict, decision) -> dict:
                   "cut": t.cut if t.strategy != "ftl" else None,
                   "head": {"pool": t.head.pool, "norm": t.head.norm},
                   "stem": cfg.model.stem, "input_scale": cfg.model.input_scale, "parameters": None},
-        "input": {"window_slices": pre.window, "slice_thickness_mm": pre.slice_thickness,
-                  "stored_size": pre.size, "crop": cfg.data.crop, "hu_clip": list(cfg.data.hu_clip),
-                  "intensity_shift": cfg.data.intensity_shift, "aggregate": cfg.eval.aggregate},
+        "input": {"window_slices": spec.window, "slice_thickness_mm": pre.slice_thickness,
+                  "stored_size": pre.size, "crop": spec.crop, "hu_clip": list(spec.hu_clip),
+                  "intensity_shift": spec.intensity_shift, "aggregate": cfg.eval.aggregate},
         "weights": {"pretrained_from": weights_from, "best_epoch": int(ckpt.get("epoch", -1)) + 1,
                     "sha256": ckpt.get("state_sha256"), "run": run.path.name},
         "training_data": _training_data(recorded, cfg),
@@ -292,8 +293,7 @@ def export_run(run_dir: str | Path, out: str | Path, seed: int | None = None) ->
     if trained.decision is not None:
         write_record(out / OPERATING_POINT, trained.decision.to_dict())
         files.append(OPERATING_POINT)
-    cfg = trained.cfg
-    files += _export_network(trained.model, (2, 1, cfg.preprocess.window, cfg.data.crop, cfg.data.crop), out)
+    files += _export_network(trained.model, (2, 1, *trained.input.shape), out)
     raw_cfg = RunDir(run.path).read_config()  # with model.pretrained as trained (load_run clears it)
     card = model_card(run, raw_cfg, ckpt, trained.decision)
     card["model"]["parameters"] = sum(p.numel() for p in trained.model.parameters())

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from volttl.config import Config, check_reading_overrides, with_overrides
-from volttl.data.intensity import AIR_HU, normalise
+from volttl.data.input_spec import InputSpec
+from volttl.data.intensity import AIR_HU
 from volttl.decision import Decision, read_decision
 from volttl.errors import VolttlError
-from volttl.models import input_norms
+from volttl.models import source_presets
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics, resolve_device
@@ -54,20 +55,17 @@ def cut_window(volume, start: int, window: int, read: Callable | None = None,
     return out
 
 
-def model_window(hu_window: np.ndarray, crop: int, hu_clip: tuple[float, float], shift: float
-                 ) -> np.ndarray:
+def model_window(hu_window: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A window of HU ``(D, size, size)`` as the model takes it outside training: the
-    centre ``crop`` x ``crop``, normalised, ``(1, D, crop, crop)`` float32."""
-    size = hu_window.shape[-1]
-    y0 = (size - crop) // 2
+    centre crop, intensity-scaled, ``(1, D, crop, crop)`` float32."""
+    y0, crop = spec.crop_start(hu_window.shape[-1]), spec.crop
     x = hu_window[:, y0: y0 + crop, y0: y0 + crop]
-    return normalise(x, hu_clip, shift).astype(np.float32)[None]
+    return spec.scale(x).astype(np.float32)[None]
 
 
-def window_batch(hu: np.ndarray, starts: list[int], window: int, crop: int, hu_clip: tuple[float, float],
-                 shift: float) -> np.ndarray:
+def window_batch(hu: np.ndarray, starts: list[int], spec: InputSpec) -> np.ndarray:
     """The windows of a study's stored HU ``hu`` at ``starts``, ``(N, 1, D, crop, crop)``."""
-    return np.stack([model_window(cut_window(hu, s, window), crop, hu_clip, shift) for s in starts])
+    return np.stack([model_window(cut_window(hu, s, spec.window), spec) for s in starts])
 
 
 def evaluation_starts(num_slices: int, window: int) -> list[int]:
@@ -158,6 +156,7 @@ class TrainedRun:
         self.numerics = Numerics.of(cfg.runtime)  # the precision and memory format the run trained in
         self.numerics.configure(device)
         self.model = model.to(device, memory_format=self.numerics.memory_format).eval()
+        self.input = InputSpec.of(cfg)  # what the model takes: window, crop, intensity scaling
 
     @classmethod
     def open(cls, run_dir: str | Path, overrides: list[str] | None = None,
@@ -212,14 +211,12 @@ class TrainedRun:
         """A study's stored HU ``(slices, size, size)``: its evaluation windows, their
         probabilities and the run's aggregate, as ``evaluate`` scores a stored study;
         ``on_batch(n)`` after each batch of ``n`` windows (progress)."""
-        cfg = self.cfg
-        window, batch_size = cfg.preprocess.window, batch_size or cfg.cam.batch_size
-        starts = evaluation_starts(hu.shape[0], window)
+        batch_size = batch_size or self.cfg.cam.batch_size
+        starts = evaluation_starts(hu.shape[0], self.input.window)
         probs = []
         for b in range(0, len(starts), batch_size):
             chunk = starts[b: b + batch_size]
-            probs.append(self.score_windows(window_batch(hu, chunk, window, cfg.data.crop,
-                                                         tuple(cfg.data.hu_clip), cfg.data.intensity_shift)))
+            probs.append(self.score_windows(window_batch(hu, chunk, self.input)))
             if on_batch is not None:
                 on_batch(len(chunk))
         return self.study_score(starts, np.concatenate(probs))
@@ -236,7 +233,7 @@ class TrainedRun:
                           decided.threshold if decided else None)
 
 
-def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_slices: int) -> dict:
+def window_location(meta: StudyMeta, start: int, spec: InputSpec, stored_slices: int) -> dict:
     """Where a scored window lies in the scan the user gave, not on the stored grid: its
     stored slices and its centre in RAS mm, both of the part inside the scan (the last
     window runs into air padding beyond it), the share of the window that is padding, and
@@ -244,7 +241,8 @@ def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_
     them, as pe_slices are; None when the file's third voxel axis is not head-foot, where
     no slice range describes a window)."""
     m, n = meta.stored_to_original, meta.original.shape[0]
-    centre_in_plane = (meta.size - crop) // 2 + (crop - 1) / 2  # the centre crop
+    window = spec.window
+    centre_in_plane = spec.crop_start(meta.size) + (spec.crop - 1) / 2  # the centre crop
     last = min(start + window, stored_slices) - 1  # the window's last slice inside the scan
     centre = meta.stored_affine_ras @ [centre_in_plane, centre_in_plane, (start + last) / 2, 1.0]
     source = None
@@ -261,21 +259,21 @@ def window_location(meta: StudyMeta, start: int, window: int, crop: int, stored_
 
 
 def model_from_config(cfg: Config, weights: bool = True,
-                      window: tuple[int, int, int] | None = None) -> TransferSetup:
+                      input_size: tuple[int, int, int] | None = None) -> TransferSetup:
     """The model a config describes, with its parameter groups. ``weights=True`` loads
     ``model.pretrained`` and initialises new parts as training does; ``weights=False``
     builds the architecture only, quietly (for evaluation, cam, profiling, search).
-    ``window`` (D, H, W) sizes a flattened head; by default the training window."""
+    ``input_size`` (D, H, W) sizes a flattened head; by default the training input's."""
     t = cfg.transfer
-    window = window or (cfg.preprocess.window, cfg.data.crop, cfg.data.crop)
-    window = window if t.head.pool == "flatten" else None
+    input_size = input_size or InputSpec.of(cfg).shape
+    input_size = input_size if t.head.pool == "flatten" else None
     return build_transfer_model(cfg.model.name, t.strategy, t.cut, num_outputs=cfg.model.num_outputs,
                                 stem=cfg.model.stem, pretrained=cfg.model.pretrained if weights else "",
                                 init=t.init, width=t.width, pool=t.head.pool, dropout=t.head.dropout,
-                                window=window, head_norm=t.head.norm, weights=weights,
+                                input_size=input_size, head_norm=t.head.norm, weights=weights,
                                 frozen_bn=t.frozen_bn, input_scale=cfg.model.input_scale,
-                                intensity_shift=cfg.data.intensity_shift,
-                                source_norm=input_norms.declared(cfg.model))
+                                intensity_shift=InputSpec.of(cfg).intensity_shift,
+                                source_preset=source_presets.declared(cfg.model))
 
 
 def load_run(run_dir: str | Path, which: str = BEST) -> tuple[Config, Backbone3D]:

@@ -7,7 +7,7 @@ contrast-filled tubes, holding one shape, a ball, a tube along a random directio
 plate, bright or dark inside contrast, or nothing; the network names which shape (4
 classes). It has to learn 3D edge, blob and tube detectors of both polarities, the low- and
 mid-level features transfer learning is meant to reuse; no class is defined by emboli.
-Windows are drawn on the fly from a generator keyed on (seed, epoch, index), normalised
+Windows are drawn on the fly from a generator keyed on (seed, epoch, index), intensity-scaled
 as CT windows are.
 
 The units up to ``pretrain.depth`` (a block cut point; empty, the default, trains
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from volttl.config import Config, config_to_dict
-from volttl.data.intensity import normalise
+from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
 from volttl.progress import progress_bar
@@ -100,12 +100,12 @@ def source_sample(rng: np.random.Generator, shape: tuple[int, int, int]
 
 
 class SourceTask(torch.utils.data.Dataset):
-    """``count`` source-task windows per epoch, normalised as CT windows are."""
+    """``count`` source-task windows per epoch, intensity-scaled as CT windows are."""
 
     def __init__(self, cfg: Config, count: int, seed: int) -> None:
-        self.shape = tuple(cfg.pretrain.window)
+        self.shape = tuple(cfg.pretrain.input_size)
         self.count, self.seed, self.epoch = count, seed, 0
-        self.hu_clip, self.shift = tuple(cfg.data.hu_clip), cfg.data.intensity_shift
+        self.spec = InputSpec.of(cfg)  # the source task's windows are scaled as CT windows are
 
     def __len__(self) -> int:
         return self.count
@@ -115,7 +115,7 @@ class SourceTask(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         hu, label = source_window(np.random.default_rng([self.seed, self.epoch, index]), self.shape)
-        x = normalise(hu, self.hu_clip, self.shift).astype(np.float32)
+        x = self.spec.scale(hu).astype(np.float32)
         return torch.from_numpy(x)[None], label
 
 

@@ -91,7 +91,7 @@ def study_result(run: TrainedRun, study_id: str, source: str | Path, label: int 
 
     cfg = run.cfg
     t = cfg.transfer
-    where = window_location(meta, score.best_window, cfg.preprocess.window, cfg.data.crop, stored_slices)
+    where = window_location(meta, score.best_window, run.input, stored_slices)
     return StudyResult(
         study_id=study_id, source=str(source), label=None if label is None else int(label),
         probability=float(score.probability), predicted_label=score.predicted_label,

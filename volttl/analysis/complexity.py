@@ -143,12 +143,12 @@ def profile_config(cfg) -> dict:
     p = cfg.profile
     shape = (1, 1 if cfg.model.stem == "sum" else 3, *p.input_size)
     device = torch.device(p.device)
-    model = model_from_config(cfg, weights=False, window=tuple(p.input_size)).model.to(device)
+    model = model_from_config(cfg, weights=False, input_size=tuple(p.input_size)).model.to(device)
     counted, counted_shape = model, shape
     if p.count_stem == "rgb" and shape[1] != 3:  # the paper's convention: the 3-channel stem
         rgb = copy.deepcopy(cfg)
         rgb.model.stem = "repeat"
-        counted = model_from_config(rgb, weights=False, window=tuple(p.input_size)).model.to(device)
+        counted = model_from_config(rgb, weights=False, input_size=tuple(p.input_size)).model.to(device)
         counted_shape = (1, 3, *p.input_size)
     return {"params_m": count_parameters(counted) / 1e6,
             "macs_g": count_macs(counted, counted_shape, p.macs_rule) / 1e9,

@@ -1,4 +1,4 @@
-"""Torch datasets over the HDF5 window store, their transforms and intensity scaling.
+"""Torch datasets over the HDF5 store, their transforms and intensity scaling.
 
 ``WindowDataset`` is imported on first use, so that modules needing only the intensity
 scaling (Grad-CAM, prediction) do not pull in the dataset and its transforms."""

@@ -4,10 +4,10 @@ Training: PE-centred sampling (:mod:`volttl.data.sampling`), then the config's
 ``augment.transforms`` (by default PENet's random crop, horizontal flip (p=0.5) and
 in-plane rotation in [-15, 15] degrees with air fill; :mod:`volttl.data.transforms`). A
 training item is the raw int16 window (whole stored slices) and its drawn parameters;
-:meth:`WindowDataset.model_input` augments and normalises the whole batch on the
+:meth:`WindowDataset.model_input` augments and intensity-scales the whole batch on the
 training device, so loader workers only read.
-Evaluation: the store's non-overlapping windows, centre crop, normalised in the worker.
-Intensities: :func:`volttl.data.intensity.normalise`.
+Evaluation: the store's non-overlapping windows, centre crop, intensity-scaled in the worker.
+What the model takes (window, crop, intensity scaling): :class:`volttl.data.input_spec.InputSpec`.
 
 Every random draw comes from a generator keyed on (seed, epoch, index), so a window's
 augmentation does not depend on the number of loader workers, and a resumed run sees
@@ -16,11 +16,13 @@ exactly what an uninterrupted one would. The store is opened lazily in each work
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from volttl.config import AugmentConfig
-from volttl.data.intensity import normalise
+from volttl.data.input_spec import InputSpec
 from volttl.data.sampling import PECentredSampler
 from volttl.data.transforms import Compose, augment_batch, training_transform
 from volttl.errors import VolttlError
@@ -50,15 +52,15 @@ def study_subset(members: list[int], labels, count: int, where: str) -> list[int
 
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of one split. Evaluation items are ``(window (1, D, crop, crop), label,
-    study index)``, normalised; training items are ``(int16 HU (1, D, size, size), label,
+    study index)``, intensity-scaled; training items are ``(int16 HU (1, D, size, size), label,
     study index, encoded augmentation parameters (transform.width,))`` for :meth:`model_input`."""
 
-    def __init__(self, store: str, split: str, train: bool, crop: int,
-                 hu_clip: tuple[float, float] = (-100.0, 900.0), intensity_shift: float = 0.15897,
+    def __init__(self, store: str, split: str, train: bool, spec: InputSpec,
                  augment: AugmentConfig | None = None, seed: int = 0, study_labels: bool = False,
                  pe_slices: dict[str, list[tuple[int, int]]] | None = None, train_studies: int = 0):
-        self.store, self.split, self.train, self.crop = store, split, train, crop
-        self.hu_clip, self.shift, self.seed, self.epoch = hu_clip, intensity_shift, seed, 0
+        crop = spec.crop
+        self.store, self.split, self.train, self.crop, self.spec = store, split, train, crop, spec
+        self.seed, self.epoch = seed, 0
         self.study_labels_only = study_labels  # items carry their study's label (bags)
         aug = (augment or AugmentConfig()) if train else None
         self.sampler: PECentredSampler | None = None  # set once the window is known
@@ -68,6 +70,9 @@ class WindowDataset(torch.utils.data.Dataset):
                                                              aug.max_rotation_deg) if aug else None)
         with Store(store) as s:
             self.window = s.window
+            if spec.window != s.window:
+                raise VolttlError(f"{store}: stored with {s.window}-slice windows, but the model's input is "
+                                  f"{spec.window} slices (preprocess.window); use the store's value")
             self.min_pe = s.min_pe_slices
             self.study_ids = s.study_ids
             self.study_labels = s.labels
@@ -101,7 +106,9 @@ class WindowDataset(torch.utils.data.Dataset):
         ``pe_slices`` (study id -> ranges of first and last stored slice) those studies' PE slices
         are these, and training samples windows as with slice labels."""
         d = cfg.data
-        return cls(d.store, split, train, d.crop, tuple(d.hu_clip), d.intensity_shift, cfg.augment,
+        with Store(d.store) as s:  # the windows are the store's (training records its settings)
+            spec = dataclasses.replace(InputSpec.of(cfg), window=s.window)
+        return cls(d.store, split, train, spec, cfg.augment,
                    seed=seed, study_labels=train and d.labels == "study" and pe_slices is None,
                    pe_slices=pe_slices, train_studies=d.train_studies if train else 0)
 
@@ -150,13 +157,13 @@ class WindowDataset(torch.utils.data.Dataset):
             drawn = self.transform.sample(rng, tuple(hu.shape))
             params = torch.tensor(self.transform.encode(drawn), dtype=torch.float32)
             return hu, torch.tensor(float(label)), study, params
-        x = model_window(self.read_window(study, start), self.crop, self.hu_clip, self.shift)
+        x = model_window(self.read_window(study, start), self.spec)
         return torch.from_numpy(x), torch.tensor(float(label)), study  # (1, D, crop, crop)
 
     def model_input(self, hu: torch.Tensor, params: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of training items as the model takes it: the int16 windows moved to
         ``device`` (half the bytes of float32), augmented there as one batch (cropped,
-        flipped and rotated by default), normalised, in channels_last_3d."""
+        flipped and rotated by default), intensity-scaled, in channels_last_3d."""
         x = augment_batch(hu.to(device, non_blocking=True), params, self.transform)
-        x = normalise(x, self.hu_clip, self.shift)
+        x = self.spec.scale(x)
         return x.contiguous(memory_format=torch.channels_last_3d)

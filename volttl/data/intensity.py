@@ -1,7 +1,8 @@
-"""CT intensities as the network sees them: PENet's normalisation, in one place.
+"""CT intensities as the network sees them: PENet's intensity scaling, in one place.
 
-Training, evaluation, Grad-CAM and prediction all call :func:`normalise`, so a window
-means the same numbers everywhere. Air (-1000 HU) fills whatever lies outside a study.
+Training, evaluation, Grad-CAM and prediction all call :func:`scale_intensity` (through
+:class:`volttl.data.input_spec.InputSpec`), so a window means the same numbers everywhere.
+Air (-1000 HU) fills whatever lies outside a study.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ AIR_HU = -1000.0
 ArrayT = TypeVar("ArrayT")
 
 
-def normalise(hu: ArrayT, hu_clip: tuple[float, float], shift: float) -> ArrayT:
-    """PENet: clip HU to ``hu_clip``, scale to [0, 1], subtract the dataset mean ``shift``.
-    A numpy array or a torch tensor (on any device), returned as the same kind."""
+def scale_intensity(hu: ArrayT, hu_clip: tuple[float, float], intensity_shift: float) -> ArrayT:
+    """PENet: clip HU to ``hu_clip``, scale to [0, 1], subtract the dataset mean
+    ``intensity_shift``. A numpy array or a torch tensor (on any device), returned as the
+    same kind."""
     lo, hi = hu_clip
-    return (hu.clip(lo, hi) - lo) / (hi - lo) - shift
+    return (hu.clip(lo, hi) - lo) / (hi - lo) - intensity_shift

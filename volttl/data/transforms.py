@@ -113,14 +113,14 @@ class RandomFlip(WindowTransform):
 
 @dataclass(frozen=True)
 class RandomRotation(WindowTransform):
-    """In-plane rotation by a whole number of degrees drawn uniformly in +-``max_degrees``
+    """In-plane rotation by a whole number of degrees drawn uniformly in +-``max_rotation_deg``
     (PENet: ``random.randint(-15, 15)``), returned in radians; air fills the corners
     (:func:`rotate_inplane`)."""
 
-    max_degrees: float = 15.0
+    max_rotation_deg: float = 15.0
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> float:
-        bound = int(self.max_degrees)
+        bound = int(self.max_rotation_deg)
         return float(np.deg2rad(rng.integers(-bound, bound + 1)))
 
     width = 1
@@ -206,11 +206,11 @@ TRAINING_TRANSFORMS = ("crop", "flip", "rotation")  # the names augment.transfor
 
 
 def training_transform(crop: int, names: tuple[str, ...] = TRAINING_TRANSFORMS, flip_prob: float = 0.5,
-                       max_degrees: float = 15.0) -> Compose:
+                       max_rotation_deg: float = 15.0) -> Compose:
     """The training augmentation the config names (``augment.transforms``), in its order;
     by default PENet's: random crop, left-right flip, in-plane rotation."""
     makers = {"crop": lambda: RandomCrop(crop), "flip": lambda: RandomFlip(flip_prob),
-              "rotation": lambda: RandomRotation(max_degrees)}
+              "rotation": lambda: RandomRotation(max_rotation_deg)}
     unknown = [n for n in names if n not in makers]
     if unknown:
         raise ValueError(f"augment.transforms: {', '.join(unknown)} is not one of {', '.join(makers)}")

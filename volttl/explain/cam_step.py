@@ -23,6 +23,7 @@ import numpy as np
 
 from volttl.addresses import split_hdf5_address
 from volttl.config import config_to_dict, with_overrides
+from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
 from volttl.explain.gradcam import StudyCAM, WindowGradCAM, cam_window_starts, stitch_study
 from volttl.explain.localisation import write_localisation
@@ -86,11 +87,9 @@ def score_and_map(run: TrainedRun, cam: WindowGradCAM, hu: np.ndarray, on_batch=
     both (the probabilities are the ones :meth:`TrainedRun.score_study` gives); at another
     stride the study is scored on its own windows first."""
     cfg = run.cfg
-    window = cfg.preprocess.window
     score = None if cfg.cam.stride == 0 else run.score_study(hu, on_batch=on_batch)
-    stitched = stitch_study(hu, cam, window, cfg.data.crop, cfg.cam.stride, cfg.cam.batch_size,
-                            cfg.cam.stitch, tuple(cfg.data.hu_clip), cfg.data.intensity_shift, cfg.cam.blend,
-                            on_batch)
+    stitched = stitch_study(hu, cam, run.input, cfg.cam.stride, cfg.cam.batch_size, cfg.cam.stitch,
+                            cfg.cam.blend, on_batch)
     if score is None:
         score = run.study_score(stitched.starts, stitched.window_probs)
     return score, stitched
@@ -111,7 +110,6 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGrad
     stitched map, :func:`score_and_map`); returns its JSON record: the study's result
     (``study``, as predict reports it, from ``score``) and the map's own fields."""
     sid = meta.study_id
-    window = cfg.preprocess.window
     cam_map, geo = overlay_on_original(result.stored_map, meta)
     if cam_map.max() > 0:  # interpolation onto the original grid can shave the peak
         cam_map /= cam_map.max()
@@ -145,7 +143,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGrad
         files["peak"] = folder.peak(sid).name
     dicom_error = None
     if cfg.cam.dicom:
-        dicom = _dicom_objects(meta, cam_map, score, cfg, folder, files, window, hu.shape[0])
+        dicom = _dicom_objects(meta, cam_map, score, cfg, folder, files, hu.shape[0])
         dicom_error = dicom.pop("dicom_error", None)
         files.update(dicom)
     record = {
@@ -164,7 +162,7 @@ def cam_study(meta: StudyMeta, hu: np.ndarray, result: StudyCAM, cam: WindowGrad
 
 
 def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg, folder, files: dict,
-                   window: int, stored_slices: int) -> dict:
+                   stored_slices: int) -> dict:
     """The DICOM objects of ``cam.dicom`` for a DICOM source; for any other source, a
     note that there are none."""
     from volttl.explain.dicom_objects import DicomOutputError, write_dicom_objects
@@ -175,7 +173,7 @@ def _dicom_objects(meta: StudyMeta, cam_map: np.ndarray, score: StudyScore, cfg,
         log.warning("%s: no DICOM objects: the source is %s, not DICOM", meta.study_id, kind)
         return {}
     t = cfg.transfer
-    where = window_location(meta, score.best_window, window, cfg.data.crop, stored_slices)
+    where = window_location(meta, score.best_window, InputSpec.of(cfg), stored_slices)
     cut = f" cut after {t.cut}" if t.strategy != "ftl" else ""
     model = f"{cfg.model.name} {t.strategy.upper()}{cut}"
     record = {"probability": score.probability, "predicted_label": score.predicted_label,

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
 from volttl.inference import evaluation_starts, window_batch
 from volttl.models.base import Backbone3D
@@ -279,18 +280,18 @@ class WindowGradCAM:
         return raw, torch.sigmoid(outputs.detach().float()[:, 0]).cpu().numpy()
 
 
-def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, stride: int = 0,
-                 batch_size: int = 4, how: str = "mean", hu_clip: tuple[float, float] = (-100.0, 900.0),
-                 intensity_shift: float = 0.15897, blend: str = "gaussian",
+def stitch_study(hu: np.ndarray, cam: WindowGradCAM, spec: InputSpec, stride: int = 0,
+                 batch_size: int = 4, how: str = "mean", blend: str = "gaussian",
                  on_batch: Callable[[int], None] | None = None) -> StudyCAM:
     """Grad-CAM of every window of the stored HU volume ``(slices, size, size)`` at
     ``stride`` (0: the scoring windows, whose probabilities then come with the map);
     ``on_batch(n)`` after each batch of ``n`` windows (progress)."""
     if how not in ("mean", "max"):
         raise VolttlError(f"cam.stitch '{how}' is not one of mean, max")
+    window, crop = spec.window, spec.crop
     weights = blend_weights(window, blend)[:, None, None]
     n, size = hu.shape[0], hu.shape[1]
-    y0 = (size - crop) // 2
+    y0 = spec.crop_start(size)
     starts = cam_window_starts(n, window, stride)
     pad = window  # the accumulators reach a window beyond both ends of the study
     total = np.zeros((n + 2 * pad, crop, crop), dtype=np.float32)
@@ -298,7 +299,7 @@ def stitch_study(hu: np.ndarray, cam: WindowGradCAM, window: int, crop: int, str
     probs = []
     for b in range(0, len(starts), batch_size):
         chunk = starts[b: b + batch_size]
-        maps, p = cam(torch.from_numpy(window_batch(hu, chunk, window, crop, hu_clip, intensity_shift)))
+        maps, p = cam(torch.from_numpy(window_batch(hu, chunk, spec)))
         probs.append(p)
         if on_batch is not None:
             on_batch(len(chunk))

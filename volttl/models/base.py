@@ -35,10 +35,10 @@ class Unit:
 
 
 @dataclass(frozen=True)
-class SourceInput:
-    """The input normalisation a backbone's published weights were trained on: each input
+class SourcePreset:
+    """A source preset: the input scaling a backbone's published weights were trained on: each input
     channel is ``(scale * u - channel_means[c]) / channel_stds[c]``, where ``u`` is the
-    frame (or, for CT, the clipped window) in [0, 1]. ``origin`` says where the figures
+    frame (or, for CT, the HU range clipped and scaled) in [0, 1]. ``origin`` says where the figures
     come from."""
 
     scale: float
@@ -109,8 +109,8 @@ class Backbone3D(nn.Module):
     display_name: str = ""
     in_channels: int = 3  # 3 for the Kinetics (RGB) stem; 1 with the summed `stem: sum`
     # the input scale of the published weights (`model.input_scale: source` maps CT onto
-    # it); None where the weights were trained on PENet-normalised CT or it is unpublished
-    source_input: SourceInput | None = None
+    # it); None where the weights were trained on CT under PENet's intensity scaling or it is unpublished
+    published_preset: SourcePreset | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,18 +157,18 @@ class Backbone3D(nn.Module):
                     return f"{path}.{name}" if name else path
         raise VolttlError(f"{type(self).__name__} declares no stem convolution")
 
-    def map_input_to_source(self, shift: float, source: SourceInput | None = None) -> None:
+    def map_input_to_source(self, shift: float, source: SourcePreset | None = None) -> None:
         """Feed the stem what the published weights saw: the CT window ``x = u - shift``
-        (``u`` in [0, 1], see :func:`volttl.data.intensity.normalise`) becomes
+        (``u`` in [0, 1], see :func:`volttl.data.intensity.scale_intensity`) becomes
         ``a_c * x + b_c`` in each channel c (``source``, by default the backbone's declared
-        :attr:`source_input`). With the 3-channel stem this is exact as it stands. With the
+        :attr:`published_preset`). With the 3-channel stem this is exact as it stands. With the
         summed 1-channel stem the grey value is ``mean(a) * x + mean(b)``, the summed kernel
         weighs each channel by ``r_c = a_c / mean(a)`` (:meth:`stem_channel_weights`), and
         the stem convolution adds the fixed rest, ``conv(sum_c (b_c - r_c mean(b)) W_c, 1)``
         over the volume (zero padding included): the same output as the 3-channel stem.
         That kernel comes from the 3-channel weights when they are loaded
         (:meth:`set_stem_offset_kernel`)."""
-        source = source or type(self).source_input
+        source = source or type(self).published_preset
         if source is None:
             return
         gains, offsets = source.gains_and_offsets(shift)
@@ -184,7 +184,7 @@ class Backbone3D(nn.Module):
 
     def stem_channel_weights(self) -> torch.Tensor:
         """``r_c``: how much each RGB kernel counts when the stem is summed into one channel
-        (ones unless the mapped normalisation divides the channels by different stds)."""
+        (ones unless the mapped preset divides the channels by different stds)."""
         if hasattr(self, "input_channel_gain"):
             return self.input_channel_gain
         return torch.ones(3)
@@ -348,10 +348,10 @@ class Backbone3D(nn.Module):
         return self
 
     def replace_head(self, num_outputs: int, pool: str = "avg", dropout: float = 0.0,
-                     window: tuple[int, int, int] | None = None, norm: bool = False) -> nn.Linear:
+                     input_size: tuple[int, int, int] | None = None, norm: bool = False) -> nn.Linear:
         """A new linear head on the current last unit: global average pooling (the papers),
         global max pooling (a small lesion is not averaged away over the whole window), or
-        the flattened map (``pool="flatten"``, which needs the input window ``(D, H, W)``).
+        the flattened map (``pool="flatten"``, which needs the input size ``(D, H, W)``).
         ``norm`` puts a BatchNorm1d before the linear layer: pooled ReLU features are large
         and all positive, which makes a single-logit head unstable at a backbone's
         learning rate when the backbone trains from scratch. Its scale starts at
@@ -367,12 +367,12 @@ class Backbone3D(nn.Module):
         elif pool != "flatten":
             raise VolttlError(f"head.pool '{pool}' is not one of avg, max, flatten")
         else:
-            if window is None:
-                raise VolttlError("head.pool: flatten needs the window size")
+            if input_size is None:
+                raise VolttlError("head.pool: flatten needs the input size")
             self.head_pool = nn.Identity()
             device = next(self.parameters()).device
             with torch.no_grad():
-                probe = self.forward_features(torch.zeros(1, self.in_channels, *window, device=device))
+                probe = self.forward_features(torch.zeros(1, self.in_channels, *input_size, device=device))
             in_features = probe[0].numel()
         self.head_norm = nn.BatchNorm1d(in_features) if norm else nn.Identity()
         if norm:

@@ -120,7 +120,7 @@ def checkpoint_key(key: str) -> str:
 @register_backbone("penet", display="PENet", checkpoint_key=checkpoint_key)
 class PENet(Backbone3D):
     """PENet. Its Kinetics-600 pretraining pipeline is not published; its released CT
-    finetuning feeds those weights PENet-normalised CT as they are, and GroupNorm after
+    finetuning feeds those weights CT under PENet's intensity scaling as they are, and GroupNorm after
     every convolution makes the network insensitive to the input's overall scale, so it
     declares no other source scale (``model.input_scale: source`` is ``ct`` here)."""
 

@@ -14,7 +14,7 @@ from torch import nn
 from volttl.models.base import (
     Backbone3D,
     CutPoint,
-    SourceInput,
+    SourcePreset,
     Unit,
     cut_points_from_units,
     stage_units,
@@ -29,7 +29,7 @@ EXPANSION = 2
 # What the published Kinetics weights were trained on: the 2018 code's defaults read frames
 # as 0..255 (`--norm_value 1`) and subtract the ActivityNet channel means
 # (`--mean_dataset activitynet`), with no division by a standard deviation.
-KINETICS_INPUT = SourceInput(scale=255.0, channel_means=(114.7748, 107.7354, 99.4750),
+KINETICS_INPUT = SourcePreset(scale=255.0, channel_means=(114.7748, 107.7354, 99.4750),
                              origin="3D-ResNets-PyTorch 2018 defaults: RGB 0..255 minus the "
                                     "ActivityNet channel means, no std division")
 
@@ -76,7 +76,7 @@ class ResNeXt3D(Backbone3D):
 
     head_path = "fc"
     depth = 101
-    source_input = KINETICS_INPUT
+    published_preset = KINETICS_INPUT
 
     def __init__(self, num_outputs: int = 1, in_channels: int = 3):
         super().__init__()

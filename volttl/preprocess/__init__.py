@@ -1,1 +1,1 @@
-"""Studies to the HDF5 window store: resample, resize, index windows, write atomically."""
+"""Studies to the HDF5 store: resample, resize, index windows, write atomically."""

@@ -1,4 +1,4 @@
-"""The HDF5 window store: layout, atomic writes, and reading it back.
+"""The HDF5 store: layout, atomic writes, and reading it back.
 
 Layout (``store.h5`` plus a folder ``store.h5.d/`` beside it; h5py alone reads it):
 

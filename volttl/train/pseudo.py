@@ -46,7 +46,7 @@ def pseudo_slices(trained: TrainedRun, store: Store) -> dict[str, list[tuple[int
     evaluation window, and any other window that scores above every negative training
     study's best (a second embolus the first model is sure of), each as its first and last
     stored slice (the part inside the study)."""
-    window = trained.cfg.preprocess.window
+    window = trained.input.window
     scored = {}
     for i in store.studies_in("train"):
         hu = store.hu(store.study_ids[i])[...]

@@ -26,9 +26,9 @@ from torch import nn
 
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
-from volttl.models.base import Backbone3D, SourceInput
+from volttl.models.base import Backbone3D, SourcePreset
 from volttl.models.checkpoints import load_pretrained, read_checkpoint
-from volttl.models.input_norms import NAMES, known_for_file
+from volttl.models.source_presets import NAMES, known_for_file
 
 log = logging.getLogger("volttl.transfer")
 STRATEGIES = ("ftl", "tf", "lwft", "ttl")
@@ -96,7 +96,7 @@ def init_head(head: nn.Linear) -> None:
 
 def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int = 1,
                    width: float = 0.5, init: str = "kaiming", pool: str = "avg",
-                   dropout: float = 0.0, window: tuple[int, int, int] | None = None,
+                   dropout: float = 0.0, input_size: tuple[int, int, int] | None = None,
                    head_norm: bool = False, pretrained_state: dict[str, torch.Tensor] | None = None,
                    frozen_bn: str = "train", loaded: set[str] | None = None) -> TransferSetup:
     """Turn a (pretrained) full backbone into the model a strategy trains.
@@ -118,7 +118,7 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     elif strategy == "tf":
         new_prefixes = model.rebuild_after(keep, width)
         kaiming_init([model.get_submodule(p) for p in new_prefixes])
-    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, window=window, norm=head_norm)
+    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, input_size=input_size, norm=head_norm)
     init_head(head)
     model.init_head_bias(head)
     new_prefixes += [model.head_path] + (["head_norm"] if head_norm else [])
@@ -148,7 +148,7 @@ def check_input_scale(spec: type[Backbone3D], input_scale: str, pretrained: str 
     nearly the same features)."""
     if input_scale not in ("ct", "source"):
         raise VolttlError(f"model.input_scale '{input_scale}' is not one of ct, source")
-    source = spec.source_input
+    source = spec.published_preset
     if input_scale == "source" and pretrained == "":
         raise VolttlError("model.input_scale: source maps CT onto the pretrained weights' input "
                           "scale, but no model.pretrained is given")
@@ -162,22 +162,22 @@ def check_input_scale(spec: type[Backbone3D], input_scale: str, pretrained: str 
 def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_outputs: int = 1,
                          stem: str = "sum", pretrained: str = "", init: str = "kaiming",
                          width: float = 0.5, pool: str = "avg", dropout: float = 0.0,
-                         window: tuple[int, int, int] | None = None,
+                         input_size: tuple[int, int, int] | None = None,
                          head_norm: bool = False, weights: bool = True,
                          frozen_bn: str = "train", input_scale: str = "ct",
-                         intensity_shift: float = 0.15897,
-                         source_norm: SourceInput | None = None) -> TransferSetup:
+                         intensity_shift: float | None = None,
+                         source_preset: SourcePreset | None = None) -> TransferSetup:
     """Build the backbone, load its weights (unless ``init: random``), apply the strategy.
 
     ``weights=False`` builds the architecture alone, quietly: nothing is loaded and
     ``meanvar`` falls back to the backbone's own initialisation, for callers that load
     trained weights next or only count parameters.
 
-    ``input_scale: source`` maps the CT window (``u - intensity_shift``) onto the input
-    normalisation the pretrained file was trained on: ``source_norm`` when declared, else
-    the one the file's layout identifies (:func:`volttl.models.input_norms.known_for_file`);
+    ``input_scale: source`` maps the CT input (``u - intensity_shift``, which it needs) onto the input
+    scaling the pretrained file was trained on (its source preset): ``source_preset`` when declared, else
+    the one the file's layout identifies (:func:`volttl.models.source_presets.known_for_file`);
     a file that identifies none is refused. Built without weights, the backbone's declared
-    :attr:`Backbone3D.source_input` stands in (a run's checkpoint carries the mapping)."""
+    :attr:`Backbone3D.published_preset` stands in (a run's checkpoint carries the mapping)."""
     spec = get_backbone_spec(model_name)
     if strategy != "ftl":
         spec.cut_point(cut)  # fail early, listing the valid cuts
@@ -186,15 +186,17 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
                       frozen_bn if strategy == "lwft" else "train")
     checkpoint = None
     if input_scale == "source":
-        source = source_norm
+        source = source_preset
         if source is None and weights and init != "random":
             checkpoint = read_checkpoint(pretrained)
             source = known_for_file(checkpoint[1], checkpoint[2])
             if source is None:
-                raise VolttlError(f"{pretrained}: model.input_scale is source, but the input normalisation "
+                raise VolttlError(f"{pretrained}: model.input_scale is source, but the input scaling "
                                   "these weights were trained on is not known from the file; declare it "
-                                  f"with model.source_norm ({', '.join(n for n in NAMES if n != 'auto')}: "
+                                  f"with model.source_preset ({', '.join(n for n in NAMES if n != 'auto')}: "
                                   "model.source_scale, source_mean, source_std)")
+        if intensity_shift is None:
+            raise ValueError("input_scale source needs the intensity_shift the CT input is shifted by")
         model.map_input_to_source(intensity_shift, source)
     reference, loaded = None, set()
     if not weights:
@@ -207,5 +209,5 @@ def build_transfer_model(model_name: str, strategy: str, cut: str, *, num_output
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     else:
         log.warning("no model.pretrained given: the backbone starts from its own initialisation")
-    return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, window,
+    return apply_strategy(model, strategy, cut, num_outputs, width, init, pool, dropout, input_size,
                           head_norm, reference, frozen_bn, loaded)
