@@ -35,9 +35,9 @@ from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.manifests import StudyRow, write_manifest
 from volttl.models.checkpoints import save_checkpoint
-from volttl.predict import predict_step
+from volttl.predict.step import predict_step
 from volttl.preprocess.step import preprocess_step
-from volttl.synth import render_study
+from volttl.synth.cohort import render_study
 
 
 def make_study(folder: Path, matrix: int, slices: int) -> Path:
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true", help="also time ONNX Runtime's forward pass")
     args = ap.parse_args()
     logging.getLogger("volttl.transfer").setLevel(logging.ERROR)
-    logging.getLogger("volttl.predict").setLevel(logging.ERROR)  # no operating point: one warning each
+    logging.getLogger("volttl.predict.step").setLevel(logging.ERROR)  # no operating point: one warning each
     logging.getLogger("volttl.numerics").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

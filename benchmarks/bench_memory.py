@@ -89,7 +89,7 @@ def write_study(folder: Path) -> Path:
 
     from volttl.io.geometry import Geometry
     from volttl.io.nifti import write_nifti
-    from volttl.synth import render_study
+    from volttl.synth.cohort import render_study
 
     geo = Geometry(shape=(300, 512, 512), spacing=(0.7, 0.7, 1.25), origin=(-175.0, -175.0, -300.0),
                    direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))

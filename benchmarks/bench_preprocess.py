@@ -19,7 +19,7 @@ from volttl.config import config_from_dict
 from volttl.io.geometry import Geometry
 from volttl.manifests.schema import StudyRow, write_manifest
 from volttl.preprocess.step import preprocess_step
-from volttl.synth import render_study, write_dicom_series
+from volttl.synth.cohort import render_study, write_dicom_series
 
 
 def make_series(folder: Path, slices: int, seed: int) -> None:

@@ -315,7 +315,7 @@ def stem(device: torch.device, window: tuple, batch: int, steps: int) -> None:
 
 def make_store(folder: Path) -> Path:
     from volttl.preprocess.step import preprocess_step
-    from volttl.synth import synth_cohort
+    from volttl.synth.cohort import synth_cohort
 
     manifest = synth_cohort(folder / "synth", studies=6, seed=0, matrix=256, progress=False)
     store = folder / "bench.h5"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from volttl.config import config_from_dict
-from volttl.synth import synth_cohort
+from volttl.synth.cohort import synth_cohort
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -279,8 +279,8 @@ def test_resume_with_other_training_settings_is_refused_and_runtime_ones_are_not
 
 def test_a_pipeline_does_not_reuse_a_run_trained_with_other_settings(trained):
     from volttl.config import load_config
-    from volttl.outputs import RunError
-    from volttl.resume import check_resumable
+    from volttl.outputs.folders import RunError
+    from volttl.outputs.resume import check_resumable
     from volttl.train.step import train_repeats
 
     cfg_path, run = trained
@@ -302,8 +302,8 @@ def test_a_run_is_not_continued_on_other_training_data(trained, tmp_path):
     """Test studies may come and go; a changed training or validation study (here a pe_slices
     correction) makes the store another dataset, and the run is not continued on it."""
     from volttl.config import config_to_yaml, load_config
-    from volttl.outputs import RunError
-    from volttl.resume import check_resumable
+    from volttl.outputs.folders import RunError
+    from volttl.outputs.resume import check_resumable
 
     cfg_path, run = trained
     cfg = load_config(cfg_path)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from volttl.config import config_from_dict
 from volttl.data.input_spec import InputSpec
-from volttl.explain.cam_step import cam_step, overlay_on_original
 from volttl.explain.gradcam import (
     WindowGradCAM,
     default_target_layer,
@@ -24,6 +23,7 @@ from volttl.explain.gradcam import (
     stitch_study,
 )
 from volttl.explain.regrid import to_original_grid
+from volttl.explain.step import cam_step, overlay_on_original
 from volttl.io import read_study
 from volttl.io.nifti import write_nifti
 from volttl.models.checkpoints import state_digest
@@ -363,7 +363,7 @@ def test_cam_writes_overlays_on_the_original_grid(cohort, run, tmp_path):
     records = cam_step(run, tmp_path / "cam", studies=["synth001", "synth003"], progress=False).records
     rows = {r["study_id"]: r for r in csv.DictReader(open(cohort))}
     preds = {}
-    from volttl.evaluate import evaluate_run
+    from volttl.evaluate.step import evaluate_run
 
     for split in ("train", "val", "test"):
         evaluate_run(run, split, bootstrap=0)
@@ -522,7 +522,7 @@ def test_an_all_zero_map_says_why_in_cam_and_predict(run, tmp_path, capsys, capl
     assert main(["cam", "--run", str(flat), "--study", "synth001", "--out", out, "--quiet"]) == 0
     assert "all-zero map: no window's positive logit rose" in capsys.readouterr().out
     source = json.loads((tmp_path / "c" / "synth001_cam.json").read_text())["source"]
-    with caplog.at_level("WARNING", logger="volttl.predict"):
+    with caplog.at_level("WARNING", logger="volttl.predict.step"):
         assert main(["predict", "--run", str(flat), source, "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert "all-zero map: no window's positive logit rose" in caplog.text
 

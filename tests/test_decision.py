@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volttl.decision import (
+from volttl.evaluate.decision import (
     Decision,
     apply_temperature,
     calibration,
@@ -21,7 +21,7 @@ from volttl.decision import (
     rates_with_ci,
     read_decision,
 )
-from volttl.records import RecordError, read_record, write_record
+from volttl.outputs.records import RecordError, read_record, write_record
 
 from .conftest import train_tiny_run
 
@@ -130,10 +130,10 @@ def _csv(path: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_evaluate_chooses_on_val_and_predict_and_cam_apply_the_same_call(tiny_run, cohort, tmp_path):
-    from volttl.evaluate import evaluate_run
-    from volttl.explain.cam_step import cam_step
+    from volttl.evaluate.step import evaluate_run
+    from volttl.explain.step import cam_step
     from volttl.models.checkpoints import read_checkpoint
-    from volttl.predict import predict_step
+    from volttl.predict.step import predict_step
 
     metrics = evaluate_run(tiny_run, "test", bootstrap=20,
                            overrides=["eval.calibration=temperature", "eval.target=1.0"])

@@ -9,7 +9,7 @@ from pydicom.uid import JPEGLSLossless
 
 from volttl.io import Geometry, StudyReadError, read_study
 from volttl.io.dicom import DEFER_BYTES, decoder_available
-from volttl.synth import write_dicom_series
+from volttl.synth.cohort import write_dicom_series
 
 ROTATED = Geometry(
     shape=(6, 12, 10), spacing=(0.7, 0.65, 2.0), origin=(-40.0, 12.5, -300.0),

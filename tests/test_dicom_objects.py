@@ -106,7 +106,7 @@ def test_only_the_required_identifiers_travel_and_only_into_the_dicom_objects(pr
 def test_a_source_that_is_not_dicom_gets_no_dicom_objects(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from volttl.explain.cam_step import _dicom_objects
+    from volttl.explain.step import _dicom_objects
 
     meta = SimpleNamespace(source_kind="nifti", study_id="s1")
     assert _dicom_objects(meta, np.zeros((2, 2, 2)), None, None, None, {}, 8, 2) == {}

@@ -119,7 +119,7 @@ def test_a_package_lists_every_file_it_is_read_from_in_a_known_layout(evaluated,
     """package.json edited and its checksum recomputed, as a hand-made package would be: an
     empty file list (another run's weights would load unverified), the training record left
     out (it silenced the synthetic-cohort warning), a future version, unknown keys: refused."""
-    from volttl.records import read_record, write_record
+    from volttl.outputs.records import read_record, write_record
 
     model = tmp_path / "model"
     assert main(["export", "--run", str(evaluated), "--out", str(model)]) == 0

@@ -10,7 +10,7 @@ def test_cam_path_imports_no_training_search_or_analysis_module():
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('volttl'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = json.loads(out)
-    assert "volttl.explain.cam_step" in loaded and "volttl.inference" in loaded
+    assert "volttl.explain.step" in loaded and "volttl.inference" in loaded
     outside = [m for m in loaded if m.split(".")[1:2] in (["train"], ["search"], ["analysis"], ["pipeline"])]
     assert outside == []
     assert "volttl.data.dataset" not in loaded  # Grad-CAM needs the intensity scaling only

@@ -7,14 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volttl.explain.cam_step import overlay_on_original
 from volttl.explain.regrid import to_original_grid
+from volttl.explain.step import overlay_on_original
 from volttl.io import Geometry, Volume, read_study
 from volttl.io.nifti import write_nifti
 from volttl.io.orientation import OrientationError, canonical_map, to_canonical
 from volttl.preprocess.step import preprocess_step
 from volttl.preprocess.store import Store
-from volttl.synth import write_dicom_series
+from volttl.synth.cohort import write_dicom_series
 
 from .conftest import shared_path, small_config
 

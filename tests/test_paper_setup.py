@@ -185,7 +185,7 @@ def test_every_training_window_is_jittered_as_penet_does():
 def test_training_jitter_is_half_the_window(tmp_path):
     """PENet jitters by num_slices // 2: 12 for its 24-slice windows, 4 for 8-slice ones."""
     from volttl.data.dataset import WindowDataset
-    from volttl.synth import synth_cohort
+    from volttl.synth.cohort import synth_cohort
 
     from .conftest import small_config
 

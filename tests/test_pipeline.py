@@ -122,7 +122,7 @@ def test_a_rerun_with_other_inputs_remakes_or_stops_never_reuses(tmp_path):
     run_pipeline(path, progress=False)
     assert not outcomes()["cam"].startswith("skipped") and methods() == {"hirescam"}
     # an operating point chosen since: the overlays' records must carry its calls
-    from volttl.evaluate import evaluate_step
+    from volttl.evaluate.step import evaluate_step
 
     evaluate_step(work / "runs" / "r", "val", progress=False)
     run_pipeline(path, progress=False)

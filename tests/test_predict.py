@@ -15,7 +15,7 @@ from volttl.cli import main
 from volttl.data.input_spec import InputSpec
 from volttl.inference import window_location
 from volttl.manifests.schema import StudyRow
-from volttl.predict import find_studies
+from volttl.predict.step import find_studies
 from volttl.preprocess.prepare import prepare_study
 
 from .conftest import shared_path, train_tiny_run
@@ -147,7 +147,7 @@ def test_best_window_is_located_in_the_scan_given_whatever_its_slice_order(tmp_p
 
 
 def test_an_overlay_that_cannot_be_written_keeps_the_prediction(cohort, trained, tmp_path, caplog):
-    from volttl.predict import predict_step
+    from volttl.predict.step import predict_step
 
     source = Path(cohort).parent / "studies" / "synth002.nii.gz"
     out = tmp_path / "p"
@@ -260,8 +260,8 @@ def test_a_second_predict_into_the_same_folder_meanwhile_is_refused(cohort, trai
     """While one predict writes into --out (its lock held), another into the same folder
     stops in one line and writes nothing there (before: they shared one temporary file, and
     one lost its table or silently replaced the other's)."""
-    from volttl.outputs import PredictDir
-    from volttl.records import writing_alone
+    from volttl.outputs.folders import PredictDir
+    from volttl.outputs.records import writing_alone
 
     out = PredictDir(tmp_path / "p")
     study = Path(cohort).parent / "studies" / "synth002.nii.gz"

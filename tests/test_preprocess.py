@@ -210,7 +210,7 @@ def test_kill_minus_nine_then_rerun_completes(cohort, tmp_path, point):
 
 
 def test_synth_is_the_same_with_two_processes(tmp_path):
-    from volttl.synth import synth_cohort
+    from volttl.synth.cohort import synth_cohort
 
     a = synth_cohort(tmp_path / "one", studies=4, seed=5, matrix=32, progress=False, workers=1)
     b = synth_cohort(tmp_path / "two", studies=4, seed=5, matrix=32, progress=False, workers=2)

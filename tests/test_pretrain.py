@@ -6,7 +6,7 @@ import torch
 from volttl.cli import main
 from volttl.models.checkpoints import load_pretrained
 from volttl.models.resnext3d import ResNeXt3D50
-from volttl.pretrain import CLASSES, source_sample, source_window
+from volttl.pretrain.source_task import CLASSES, source_sample, source_window
 
 
 def test_source_windows_are_deterministic_and_the_classes_differ():

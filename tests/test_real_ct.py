@@ -4,7 +4,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from volttl.io import Geometry, read_study
-from volttl.synth import write_dicom_series
+from volttl.synth.cohort import write_dicom_series
 
 from .conftest import shared_path
 

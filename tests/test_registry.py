@@ -90,7 +90,7 @@ def test_a_new_backbone_appears_in_cuts_and_profile(tmp_path, capsys):
 def test_the_search_table_names_a_new_backbone_by_its_display_name(tmp_path, monkeypatch):
     """The table's rows come from the registry's display name (training is stubbed out:
     only the table is under test here)."""
-    import volttl.search.stages as stages
+    import volttl.search.step as stages
 
     def fake_jobs(jobs, *args):
         out = []

@@ -7,8 +7,8 @@ import pytest
 
 from volttl.config import config_from_dict
 from volttl.preprocess.step import preprocess_step
-from volttl.search import search_step
 from volttl.search.stages import stage1_cuts, stage2_cuts
+from volttl.search.step import search_step
 
 from .conftest import small_config
 
@@ -92,7 +92,7 @@ def test_a_finished_trial_is_not_reused_on_other_training_data(cohort, tmp_path)
     from pathlib import Path
 
     from volttl.config import config_to_dict
-    from volttl.outputs import RunError
+    from volttl.outputs.folders import RunError
     from volttl.search.trials import run_trial
 
     store = tmp_path / "s.h5"

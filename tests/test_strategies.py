@@ -6,6 +6,7 @@ from torch import nn
 
 from volttl.models.base import Backbone3D, CutPoint, Unit, cut_points_from_units, stage_units
 from volttl.models.checkpoints import load_pretrained
+from volttl.models.surgery import recalibrate_frozen_norms
 from volttl.transfer import apply_strategy, build_transfer_model
 
 from .published import penet_kinetics, resnext101_kinetics
@@ -141,7 +142,7 @@ def test_lwft_features_of_different_windows_stay_different_by_default(resnext_ck
         m = build_transfer_model("resnext3d_101", "lwft", "layer2", pretrained=str(tmp_path / "video.pth"),
                                  frozen_bn=mode).model.train()
         if mode == "recalibrate":
-            assert m.recalibrate_frozen_norms([torch.rand(4, 1, 16, 64, 64, generator=g) - 0.16
+            assert recalibrate_frozen_norms(m, [torch.rand(4, 1, 16, 64, 64, generator=g) - 0.16
                                                for _ in range(2)]) == 8
             assert m.frozen_norm == "eval" and not m.layer1[0].bn1.training
         keep = type(m).cut_point("layer2").keep

@@ -37,16 +37,26 @@ def test_no_output_file_name_is_spelt_in_two_modules():
 STEPS = {  # step: (module, function); the command and the pipeline step call the same one
     "preprocess": ("volttl.preprocess.step", "preprocess_step"),
     "train": ("volttl.train.step", "train_step"),
-    "evaluate": ("volttl.evaluate", "evaluate_step"),
-    "cam": ("volttl.explain.cam_step", "cam_step"),
-    "predict": ("volttl.predict", "predict_step"),
-    "search": ("volttl.search.stages", "search_step"),
-    "svcca": ("volttl.analysis.svcca_step", "svcca_step"),
-    "pretrain": ("volttl.pretrain", "pretrain_step"),
+    "evaluate": ("volttl.evaluate.step", "evaluate_step"),
+    "cam": ("volttl.explain.step", "cam_step"),
+    "predict": ("volttl.predict.step", "predict_step"),
+    "search": ("volttl.search.step", "search_step"),
+    "svcca": ("volttl.analysis.step", "svcca_step"),
+    "pretrain": ("volttl.pretrain.step", "pretrain_step"),
     "report": ("volttl.pipeline.report", "report_step"),
-    "synth": ("volttl.synth", "synth_step"),
+    "synth": ("volttl.synth.step", "synth_step"),
     "manifest": ("volttl.manifests.step", "manifest_step"),
 }
+
+
+def test_every_step_lives_in_its_stage_packages_step_module():
+    """A newcomer looks for a command's code in ``volttl/<stage>/step.py`` and finds it there
+    (a pipeline's own report step lives with the pipeline)."""
+    for step, (module, _) in STEPS.items():
+        assert module.endswith(".step") or step == "report", module
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "cli", "config", "errors", "inference", "numerics", "progress",
+                   "reference_pages", "study_result"], top
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
@@ -81,7 +91,7 @@ def test_the_old_step_modules_are_gone(old):
 def test_only_a_manifest_written_by_synth_counts_as_a_synthetic_cohort(cohort, tmp_path):
     import shutil
 
-    from volttl.outputs import SynthDir
+    from volttl.outputs.folders import SynthDir
 
     made = SynthDir.of_manifest(cohort)
     assert made == {"synthetic": True, "made_by": "volttl synth", "studies": 6, "seed": 3, "matrix": 96}
@@ -133,7 +143,7 @@ def test_no_module_imports_itself_through_others():
     it, and the other does not import it back (two loops hid behind imports inside
     functions: evaluate <-> train.repeats and train.loop <-> train.pseudo)."""
     graph = _module_imports()
-    assert {"volttl.train.step", "volttl.evaluate"} <= set(graph)
+    assert {"volttl.train.step", "volttl.evaluate.step"} <= set(graph)
     loops = []
     for start in graph:  # a path back to the start through the import graph
         stack, seen = [(start, (start,))], set()
@@ -156,18 +166,18 @@ OUTPUT_NAME = re.compile(r"^[\w{}\-/. ]*[\w}]\.(json|jsonl|csv|md|png|pt|pt2|pth
 
 
 def test_no_module_but_outputs_spells_an_output_file_name():
-    """Every output file's name is spelt once, in volttl/outputs.py: a string in any other
+    """Every output file's name is spelt once, in volttl/outputs/folders.py: a string in any other
     module that reads as a file name (``x.json``, ``f"{study}_cam.nii.gz"``) is a second
     spelling that can drift from the first."""
     found = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "outputs.py":
+        if path == PACKAGE / "outputs" / "folders.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and OUTPUT_NAME.match(node.value) and node.value not in NOT_OUTPUT_NAMES:
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}")
-    assert not found, "file names spelt outside outputs.py:\n" + "\n".join(found)
+    assert not found, "file names spelt outside outputs/folders.py:\n" + "\n".join(found)
 
 
 def test_the_name_check_sees_plain_and_formatted_names():

@@ -165,7 +165,7 @@ def test_pseudo_slices_train_bags_then_the_run_from_their_windows(cohort, tmp_pa
     import json
 
     from volttl.models.checkpoints import read_checkpoint
-    from volttl.outputs import PSEUDO_SLICES
+    from volttl.outputs.folders import PSEUDO_SLICES
     from volttl.train.step import train_run
 
     cfg = _study_label_config(cohort, tmp_path)

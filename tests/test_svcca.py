@@ -103,7 +103,7 @@ def untouched_run(cohort, tmp_path_factory):
 
 
 def test_svcca_step_before_equals_after_when_nothing_was_learned(untouched_run, tmp_path):
-    from volttl.analysis.svcca_step import svcca_step
+    from volttl.analysis.step import svcca_step
 
     # 8 x 32 x 32 windows: deeper cuts have too few positions for their channels
     rec = svcca_step(untouched_run, tmp_path, split="train", windows=8, max_points=1600,

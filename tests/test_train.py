@@ -171,7 +171,7 @@ def test_resume_after_interruption_gives_the_same_run(store, tmp_path):
 
 
 def test_evaluate_writes_metrics_table_and_curves(store, tmp_path):
-    from volttl.evaluate import evaluate_run
+    from volttl.evaluate.step import evaluate_run
 
     run = tmp_path / "run"
     train_run(run_cfg(store, tmp_path), run, progress=False)
@@ -225,7 +225,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(store, tmp_path, com
 
 @pytest.mark.slow
 def test_repeats_train_each_seed_and_report_mean_and_std(store, tmp_path, caplog):
-    from volttl.evaluate import evaluate_repeats
+    from volttl.evaluate.step import evaluate_repeats
     from volttl.train.step import train_repeats
 
     cfg = run_cfg(store, tmp_path)

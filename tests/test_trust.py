@@ -13,7 +13,7 @@ import yaml
 from volttl.inference import load_run
 from volttl.models.checkpoints import CheckpointError, read_checkpoint, save_checkpoint, state_digest
 from volttl.models.resnext3d import ResNeXt3D50
-from volttl.outputs import RunError
+from volttl.outputs.folders import RunError
 
 from .conftest import train_tiny_run
 
@@ -79,7 +79,7 @@ def test_a_run_config_edited_by_hand_is_refused_with_the_keys_named(tiny_run):
 def test_runtime_keys_edited_by_hand_are_accepted_and_logged(tiny_run, caplog):
     original = _edit(tiny_run, "train", "workers", 3)
     try:
-        with caplog.at_level("INFO", logger="volttl.resume"):
+        with caplog.at_level("INFO", logger="volttl.outputs.resume"):
             cfg, _ = load_run(tiny_run)
         assert cfg.runtime.workers == 3 and "runtime.workers 3 (the run trained with 0)" in caplog.text
     finally:
@@ -93,7 +93,7 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
     import shutil
 
     from volttl.inference import load_run
-    from volttl.outputs import RunError
+    from volttl.outputs.folders import RunError
 
     group = tmp_path / "group"
     for seed in ("seed0", "seed1"):
@@ -103,8 +103,8 @@ def test_a_repeat_group_given_as_one_run_names_its_seeds(tiny_run, tmp_path, cap
         load_run(group)
     load_run(group / "seed1")
     # the one-model steps pick a seed's run by --seed (pipelines: train.seed), or refuse by name
-    from volttl.explain.cam_step import cam_step
-    from volttl.outputs import RunDir
+    from volttl.explain.step import cam_step
+    from volttl.outputs.folders import RunDir
 
     assert RunDir(group).one_run(1).path == group / "seed1" and RunDir(group / "seed0").one_run(5).path == \
         group / "seed0"
@@ -301,7 +301,7 @@ def test_a_hash_in_a_real_path_is_a_path(tmp_path, cohort):
     """`CT Chest #2` is a folder name; PENet's file#dataset applies only after an HDF5 file."""
     import shutil
 
-    from volttl.addresses import split_hdf5_address
+    from volttl.io.addresses import split_hdf5_address
     from volttl.manifests.schema import read_manifest, write_manifest
     from volttl.preprocess.step import preprocess_step
 
@@ -361,7 +361,7 @@ def test_a_nifti_header_claiming_huge_dimensions_names_the_size(tmp_path, monkey
 def test_a_symlink_loop_in_predict_input_is_scored_once(tmp_path):
     import numpy as np
 
-    from volttl.predict import find_studies
+    from volttl.predict.step import find_studies
 
     (tmp_path / "in" / "a").mkdir(parents=True)
     _nifti(tmp_path / "in" / "a" / "ct.nii.gz", np.zeros((4, 4, 4), np.int16) - 1000, np.eye(4))
@@ -461,8 +461,8 @@ def test_a_write_cut_short_names_the_file_and_leaves_no_temp_files(cohort, tmp_p
 def test_trial_and_pipeline_records_edited_after_writing_are_refused(tmp_path):
     import json
 
-    from volttl.provenance import made_from, record_inputs
-    from volttl.records import RecordError, write_record
+    from volttl.outputs.provenance import made_from, record_inputs
+    from volttl.outputs.records import RecordError, write_record
     from volttl.search.trials import read_trial
 
     trial = tmp_path / "ttl_layer1" / "trial.json"
@@ -497,7 +497,7 @@ def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
     import sys
 
     from volttl.config import config_to_yaml
-    from volttl.synth import synth_cohort
+    from volttl.synth.cohort import synth_cohort
 
     from .conftest import small_config
 
@@ -528,8 +528,8 @@ def test_ctrl_c_during_preprocess_is_one_line_and_a_rerun_completes(tmp_path):
 def test_a_run_takes_the_stores_preprocess_settings_and_says_so(cohort, tmp_path, caplog):
     """A config whose preprocess keys differ from the store's (another store given with
     --set, an edited key) would record windows the run never saw: the store's win."""
+    from volttl.outputs.resume import with_store_preprocessing
     from volttl.preprocess.step import preprocess_step
-    from volttl.resume import with_store_preprocessing
 
     from .conftest import small_config
 

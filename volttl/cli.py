@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from volttl.errors import VolttlError
-from volttl.outputs import CamDir, PipelineDir, PredictDir, SearchDir, SvccaDir
+from volttl.outputs.folders import CamDir, PipelineDir, PredictDir, SearchDir, SvccaDir
 
 
 class CommandError(VolttlError):
@@ -73,7 +73,7 @@ def _run_overrides(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from volttl.synth import synth_step
+    from volttl.synth.step import synth_step
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CommandError(f"{args.out}: --out must be a folder, and this is a file")
@@ -198,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"open {CamDir(cam['out']).cam('<study>')} over the CT in 3D Slicer; report {folder.report_md}")
     point = ev.get("operating_point", {})
     if point.get("threshold") is not None:
-        from volttl.evaluate import fmt_rate
+        from volttl.evaluate.step import fmt_rate
 
         print(f"at the threshold {point['threshold']:.4f} chosen on val ({point['rule']} "
               f"{point['target']:g}): test sensitivity {fmt_rate(point, 'sensitivity')}, specificity "
@@ -253,7 +253,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from volttl.outputs import default_run_dir
+    from volttl.outputs.folders import default_run_dir
     from volttl.train.step import train_step
 
     cfg = _load(args)
@@ -278,8 +278,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from volttl.evaluate import evaluate_step
-    from volttl.outputs import RunDir
+    from volttl.evaluate.step import evaluate_step
+    from volttl.outputs.folders import RunDir
 
     run = RunDir(args.run)
     chosen = {"operating_point": args.operating_point, "target": args.target, "calibration": args.calibration}
@@ -317,7 +317,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from volttl.explain.cam_step import EMPTY_MAP, cam_step
+    from volttl.explain.step import EMPTY_MAP, cam_step
 
     overrides = [*args.set, *(["cam.dicom=true"] if args.dicom else [])]
     outcome = cam_step(args.run, args.out, args.study or None, args.split, overrides, progress=not args.quiet,
@@ -352,7 +352,7 @@ def _cam_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from volttl.predict import predict_step
+    from volttl.predict.step import predict_step
 
     records, failed = predict_step(args.run or args.model, args.paths, args.out, package=bool(args.model),
                                    cam=not args.no_cam, dicom=args.dicom, overrides=args.set,
@@ -392,11 +392,11 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from volttl.export import export_run
-    from volttl.outputs import BundleDir, PackageDir
+    from volttl.export.package import export_run
+    from volttl.outputs.folders import BundleDir, PackageDir
 
     if args.format == "monai-bundle":
-        from volttl.bundle import export_bundle
+        from volttl.export.bundle import export_bundle
 
         out = BundleDir(export_bundle(args.run, args.out, seed=args.seed))
         print(f"MONAI bundle: {out.path} (model card: {out.readme}); run it with `python -m monai.bundle run "
@@ -427,7 +427,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from volttl.pretrain import pretrain_step
+    from volttl.pretrain.step import pretrain_step
 
     result = pretrain_step(_load(args), progress=not args.quiet).result
     print(f"source task ({', '.join(result['classes'])}): training accuracy {result['accuracy']:.3f} in the "
@@ -448,7 +448,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from volttl.search import search_step
+    from volttl.search.step import search_step
 
     cfg = _load(args)
     search_step(cfg, progress=not args.quiet)
@@ -496,7 +496,7 @@ def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_svcca(args: argparse.Namespace) -> int:
-    from volttl.analysis.svcca_step import svcca_step
+    from volttl.analysis.step import svcca_step
 
     outcome = svcca_step(args.run, args.out, args.split, args.windows, args.max_points, args.level,
                          args.threshold, cuts=args.cut or None, progress=not args.quiet, seed=args.seed,

@@ -25,15 +25,15 @@ import torch
 from volttl.config import Config, check_reading_overrides, with_overrides
 from volttl.data.input_spec import InputSpec
 from volttl.data.intensity import AIR_HU
-from volttl.decision import Decision, read_decision
 from volttl.errors import VolttlError
+from volttl.evaluate.decision import Decision, read_decision
 from volttl.models import source_presets
 from volttl.models.base import Backbone3D
 from volttl.models.checkpoints import read_checkpoint
 from volttl.numerics import DEFAULT_NUMERICS, Numerics, resolve_device
-from volttl.outputs import BEST, CONFIG, RunDir, RunError
+from volttl.outputs.folders import BEST, CONFIG, RunDir, RunError
+from volttl.outputs.resume import check_config_against_checkpoint
 from volttl.preprocess.windows import indexed_window_starts
-from volttl.resume import check_config_against_checkpoint
 from volttl.transfer import TransferSetup, build_transfer_model
 
 if TYPE_CHECKING:

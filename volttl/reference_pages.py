@@ -2,7 +2,7 @@
 
 The config page lists every key, its type or choices, its default and the comment written
 beside it in :mod:`volttl.config`; the CLI page is each command's ``--help``; the layouts
-page is every output folder of :mod:`volttl.outputs` with its files' names and docstrings.
+page is every output folder of :mod:`volttl.outputs.folders` with its files' names and docstrings.
 None can drift from the code: a test compares the pages with this output. Regenerate them
 with ``python -m volttl.reference_pages docs/reference``.
 """
@@ -147,7 +147,7 @@ PLACEHOLDERS = {"study_id": "<study>", "split": "<split>", "seed": "<S>"}
 def _files(folder: type) -> list[tuple[str, str]]:
     """``(name, what it holds)`` for each file or folder ``folder`` declares itself: its
     properties and methods that return a path, called with placeholder arguments."""
-    from volttl import outputs
+    from volttl.outputs import folders as outputs
 
     base = Path("@")
     instance, rows = folder(base), []
@@ -178,10 +178,10 @@ def _paragraphs(obj) -> list[str]:
 
 
 def layouts_reference() -> str:
-    from volttl import outputs
+    from volttl.outputs import folders as outputs
 
     lines = ["# Output folders and their files", "",
-             "Every folder volttl writes and every file in it, generated from `volttl/outputs.py` by "
+             "Every folder volttl writes and every file in it, generated from `volttl/outputs/folders.py` by "
              "`python -m volttl.reference_pages`; a test fails when this page and the code differ. "
              "`<study>` is a study id, `<split>` one of train, val, test, and `<S>` a seed. What "
              "volttl reads (manifests) and the store's contents are in "
@@ -204,7 +204,7 @@ PAGES = {"config": config_reference, "cli": cli_reference, "layouts": layouts_re
 
 
 if __name__ == "__main__":
-    from volttl.outputs import ReferenceDir
+    from volttl.outputs.folders import ReferenceDir
 
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reference")
     folder.mkdir(parents=True, exist_ok=True)

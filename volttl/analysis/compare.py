@@ -36,7 +36,7 @@ from volttl.analysis.complexity import convention, profiled_input
 from volttl.config import Config, config_to_dict
 from volttl.errors import VolttlError
 from volttl.models import get_backbone_spec
-from volttl.outputs import CompareDir, RunDir, TrialDir
+from volttl.outputs.folders import CompareDir, RunDir, TrialDir
 
 log = logging.getLogger("volttl.compare")
 STRATEGIES = ("tf", "lwft", "ttl")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from volttl.outputs import ProfileDir
+from volttl.outputs.folders import ProfileDir
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -171,7 +171,7 @@ def write_dicom_objects(meta, cam: np.ndarray, record: dict, folder, preview_png
     from pathlib import Path
 
     from volttl.io.dicom import series_headers
-    from volttl.outputs import CamDir
+    from volttl.outputs.folders import CamDir
 
     if meta.source_kind != "dicom":
         raise DicomOutputError(f"{meta.source}: DICOM objects are derived from DICOM sources only "

@@ -25,7 +25,7 @@ from scipy.ndimage import distance_transform_edt
 
 from volttl.errors import VolttlError
 from volttl.manifests import read_manifest
-from volttl.outputs import CamDir
+from volttl.outputs.folders import CamDir
 
 
 @dataclass

@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from volttl.explain.display import CAM_OPACITY, CAM_THRESHOLD, COLOUR_TABLE, CT_LEVEL, CT_WIDTH, colour_table
-from volttl.outputs import CamDir
+from volttl.outputs.folders import CamDir
 
 BUILT_IN = {"vtkMRMLColorTableNodeGrey"}  # Slicer's own nodes a scene may name without defining
 MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"

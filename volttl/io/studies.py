@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from volttl.addresses import split_hdf5_address
 from volttl.errors import VolttlError
+from volttl.io.addresses import split_hdf5_address
 from volttl.io.dicom import DicomSeriesError, read_dicom_series
 from volttl.io.geometry import Geometry, Volume
 from volttl.io.nifti import ImageFileError, read_itk_image, read_nifti

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from volttl.addresses import source_file, split_hdf5_address
 from volttl.errors import VolttlError
+from volttl.io.addresses import source_file, split_hdf5_address
 
 REQUIRED = ("study_id", "path", "label", "split")
 SPLITS = ("train", "val", "test")

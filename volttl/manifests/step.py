@@ -9,7 +9,7 @@ from pathlib import Path
 
 from volttl.manifests.importers import import_manifest, split_counts
 from volttl.manifests.schema import write_manifest
-from volttl.provenance import keep_if_made_from, record_inputs
+from volttl.outputs.provenance import keep_if_made_from, record_inputs
 
 
 @dataclass

@@ -98,7 +98,8 @@ def cut_points_from_units(units: list[Unit], stage_of: dict[str, str]) -> list[C
 
 
 class Backbone3D(nn.Module):
-    """Base class: generic forward over the declared units, and the surgery on them.
+    """Base class: generic forward over the declared units (the surgery on them, as
+    functions, is :mod:`volttl.models.surgery`).
 
     Set by :func:`volttl.models.registry.register_backbone`: ``registry_name``,
     ``display_name`` and, where a published checkpoint names modules differently,
@@ -248,92 +249,6 @@ class Backbone3D(nn.Module):
     def feature_channels(self) -> int:
         return self.units[-1].channels
 
-    def _set_module(self, path: str, module: nn.Module | None) -> None:
-        parent_path, _, name = path.rpartition(".")
-        parent = self.get_submodule(parent_path) if parent_path else self
-        if module is None:
-            if isinstance(parent, (nn.Sequential, nn.ModuleList)):
-                del parent[int(name)]  # callers delete from the end, so indices hold
-            else:
-                delattr(parent, name)
-        elif isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            parent[int(name)] = module
-        else:
-            setattr(parent, name, module)
-
-    def truncate(self, keep: int) -> None:
-        """Drop every unit after ``units[:keep]`` (TTL)."""
-        for unit in reversed(self.units[keep:]):
-            for path in unit.paths:
-                self._set_module(path, None)
-                self._prune_empty_parents(path)
-        self.units = self.units[:keep]
-
-    def _prune_empty_parents(self, path: str) -> None:
-        """Remove containers left empty by truncation (e.g. a whole dropped stage)."""
-        parent = path.rpartition(".")[0]
-        while parent:
-            module = self.get_submodule(parent)
-            if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module):
-                return
-            self._set_module(parent, None)
-            parent = parent.rpartition(".")[0]
-
-    def rebuild_after(self, keep: int, width: float) -> list[str]:
-        """Replace every unit after ``units[:keep]`` by a fresh block at ``width`` (TF);
-        returns the module paths of the new blocks."""
-        channels = self.units[keep - 1].channels
-        new_units, paths = list(self.units[:keep]), []
-        for unit in self.units[keep:]:
-            block, out = self.make_block(unit.name, channels, width)
-            self._set_module(unit.paths[0], block)
-            new_units.append(Unit(unit.name, unit.paths, out, unit.stride))
-            paths.append(unit.paths[0])
-            channels = out
-        self.units = new_units
-        return paths
-
-    def freeze_upto(self, keep: int, norm: str = "train") -> None:
-        """No gradients for ``units[:keep]`` (LWFT). Their norm layers run in ``norm`` mode:
-        ``train`` (common finetuning practice: batch statistics, running statistics keep
-        updating), ``eval`` (the pretrained running statistics, fixed), or ``recalibrate``
-        (train mode until :meth:`recalibrate_frozen_norms` re-estimates the running
-        statistics on the new data, eval mode after)."""
-        if norm not in ("train", "eval", "recalibrate"):
-            raise ValueError(f"transfer.frozen_bn '{norm}' is not one of train, eval, recalibrate")
-        self.frozen_units, self.frozen_norm = keep, norm
-        for p in self.frozen_parameters():
-            p.requires_grad_(False)
-        self.train(self.training)
-
-    def frozen_norm_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
-        return [m for f in self.frozen_modules() for m in f.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    @torch.no_grad()
-    def recalibrate_frozen_norms(self, batches) -> int:
-        """Re-estimate the running statistics of the frozen units' BatchNorm layers as the
-        plain average over ``batches`` (window tensors), then keep them fixed (eval mode).
-        Weights trained on video frames expect inputs on another scale than CT: their
-        running statistics would squash every CT window to nearly the same features."""
-        layers = self.frozen_norm_layers()
-        saved = [m.momentum for m in layers]
-        was_training = self.training
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches seen
-        self.frozen_norm = "train"
-        self.train(True)
-        seen = 0
-        for x in batches:
-            self.forward_features(x)
-            seen += len(x)
-        for m, momentum in zip(layers, saved, strict=True):
-            m.momentum = momentum
-        self.frozen_norm = "eval"
-        self.train(was_training)
-        return seen
-
     def frozen_modules(self) -> list[nn.Module]:
         return [self.get_submodule(p) for u in self.units[: self.frozen_units] for p in u.paths]
 
@@ -346,41 +261,6 @@ class Backbone3D(nn.Module):
             for m in self.frozen_modules():
                 m.eval()  # keeps BatchNorm running statistics of frozen units fixed
         return self
-
-    def replace_head(self, num_outputs: int, pool: str = "avg", dropout: float = 0.0,
-                     input_size: tuple[int, int, int] | None = None, norm: bool = False) -> nn.Linear:
-        """A new linear head on the current last unit: global average pooling (the papers),
-        global max pooling (a small lesion is not averaged away over the whole window), or
-        the flattened map (``pool="flatten"``, which needs the input size ``(D, H, W)``).
-        ``norm`` puts a BatchNorm1d before the linear layer: pooled ReLU features are large
-        and all positive, which makes a single-logit head unstable at a backbone's
-        learning rate when the backbone trains from scratch. Its scale starts at
-        ``1 / sqrt(features)``: normalised to unit variance, ``C`` features would move the
-        logit by about ``lr * C`` per SGD step, 8x more at layer4's 2048 than at layer1's 256
-        (the deep rows of the transfer demo diverged, logits reaching +-50); scaled, a step
-        moves it by about ``lr`` whatever the width."""
-        channels = self.feature_channels()
-        if pool == "avg":
-            self.head_pool, in_features = nn.AdaptiveAvgPool3d(1), channels
-        elif pool == "max":
-            self.head_pool, in_features = nn.AdaptiveMaxPool3d(1), channels
-        elif pool != "flatten":
-            raise VolttlError(f"head.pool '{pool}' is not one of avg, max, flatten")
-        else:
-            if input_size is None:
-                raise VolttlError("head.pool: flatten needs the input size")
-            self.head_pool = nn.Identity()
-            device = next(self.parameters()).device
-            with torch.no_grad():
-                probe = self.forward_features(torch.zeros(1, self.in_channels, *input_size, device=device))
-            in_features = probe[0].numel()
-        self.head_norm = nn.BatchNorm1d(in_features) if norm else nn.Identity()
-        if norm:
-            nn.init.constant_(self.head_norm.weight, in_features ** -0.5)
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        head = nn.Linear(in_features, num_outputs)
-        self._set_module(self.head_path, head)
-        return head
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.get_submodule(self.head_path).parameters())

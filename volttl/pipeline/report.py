@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from volttl.outputs import PipelineDir
+from volttl.outputs.folders import PipelineDir
 
 
 def report_step(work: Path, report: dict) -> Path:

@@ -42,8 +42,8 @@ import yaml
 
 from volttl.config import PATH_KEYS, Config, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from volttl.errors import VolttlError
-from volttl.outputs import CamDir, CompareDir, PipelineDir, SearchDir
-from volttl.provenance import MadeFromOtherInputs
+from volttl.outputs.folders import CamDir, CompareDir, PipelineDir, SearchDir
+from volttl.outputs.provenance import MadeFromOtherInputs
 
 log = logging.getLogger("volttl.pipeline")
 STEPS = ("synth", "manifest", "preprocess", "pretrain", "train", "evaluate", "search", "compare", "svcca",
@@ -150,7 +150,7 @@ def run_pipeline(path: str | Path, progress: bool = True) -> Path | None:
 
 
 def _synth(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.synth import synth_step
+    from volttl.synth.step import synth_step
 
     manifest = Path(cfg.data.manifest)
     return synth_step(manifest.parent, int(args.get("studies", 40)), int(args.get("seed", 0)),
@@ -180,7 +180,7 @@ def _preprocess(cfg: Config, work: Path, args: dict, progress: bool, report: dic
 def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """The synthetic source-task checkpoint at ``pretrain.out`` (kept when made with the
     same settings)."""
-    from volttl.pretrain import pretrain_step
+    from volttl.pretrain.step import pretrain_step
 
     outcome = pretrain_step(cfg, progress=progress, reuse=True)
     if outcome.result is not None:
@@ -190,7 +190,7 @@ def _pretrain(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Train one run (all ``train.repeats`` seeds), resuming whatever a kill interrupted."""
-    from volttl.outputs import RunDir
+    from volttl.outputs.folders import RunDir
     from volttl.train.step import train_step
 
     name = str(args.get("run", "runs/run"))
@@ -204,8 +204,8 @@ def _train(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 
 def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Metrics of the run on ``split`` (default test), rewritten every time."""
-    from volttl.evaluate import evaluate_step
-    from volttl.outputs import RunDir
+    from volttl.evaluate.step import evaluate_step
+    from volttl.outputs.folders import RunDir
 
     name, path = _step_run(cfg, work, args, report, "FTL")
     split = args.get("split", "test")
@@ -223,7 +223,7 @@ def _evaluate(cfg: Config, work: Path, args: dict, progress: bool, report: dict)
 
 
 def _search(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
-    from volttl.search import search_step
+    from volttl.search.step import search_step
 
     rows = search_step(cfg, progress=progress)
     report["table"] = SearchDir(cfg.search.out_dir).table_md.read_text(encoding="utf-8")
@@ -249,7 +249,7 @@ def _compare(cfg: Config, work: Path, args: dict, progress: bool, report: dict) 
 
 def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """SVCCA of the run (``train.seed``'s of a repeat group) into ``<workdir>/svcca``."""
-    from volttl.analysis.svcca_step import svcca_step
+    from volttl.analysis.step import svcca_step
 
     _, run = _step_run(cfg, work, args, report, "FTL")
     outcome = svcca_step(run, work / "svcca", windows=int(args.get("windows", 64)),
@@ -265,7 +265,7 @@ def _svcca(cfg: Config, work: Path, args: dict, progress: bool, report: dict) ->
 def _cam(cfg: Config, work: Path, args: dict, progress: bool, report: dict) -> str:
     """Overlays of the run (``train.seed``'s of a repeat group) with the pipeline's cam
     settings, not those the run was trained with."""
-    from volttl.explain.cam_step import cam_step
+    from volttl.explain.step import cam_step
 
     name, run = _step_run(cfg, work, args, report, "TTL-2")
     out = work / str(args.get("out", "cam"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volttl.addresses import source_file, split_hdf5_address
+from volttl.io.addresses import source_file, split_hdf5_address
 from volttl.io.orientation import OrientationError, to_canonical
 from volttl.io.studies import StudyReadError, read_study
 from volttl.manifests.schema import StudyRow, format_slices

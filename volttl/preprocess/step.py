@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from volttl.addresses import source_file
 from volttl.config import Config, config_to_yaml
 from volttl.errors import VolttlError
+from volttl.io.addresses import source_file
 from volttl.manifests.schema import ManifestError, read_manifest
 from volttl.preprocess.prepare import source_stamp, study_settings
 from volttl.preprocess.store import (

@@ -43,9 +43,9 @@ import numpy as np
 
 from volttl.errors import VolttlError
 from volttl.io.geometry import Geometry
-from volttl.outputs import StoreFiles
+from volttl.outputs.folders import StoreFiles
+from volttl.outputs.provenance import fingerprint
 from volttl.preprocess.windows import WINDOW_DTYPE, study_windows
-from volttl.provenance import fingerprint
 
 FORMAT = "volttl-store"
 VERSION = 2  # 2: canonical LPS voxel order, float HU that are whole numbers stored via int16

@@ -14,7 +14,7 @@ from pathlib import Path
 from queue import Queue
 
 from volttl.errors import VolttlError
-from volttl.outputs import TrialDir
+from volttl.outputs.folders import TrialDir
 from volttl.search.trials import read_trial, run_trial
 
 

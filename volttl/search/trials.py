@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from volttl.config import Config, config_from_dict, config_to_dict
-from volttl.outputs import TrialDir
-from volttl.provenance import fingerprint
-from volttl.records import read_record, write_record
+from volttl.outputs.folders import TrialDir
+from volttl.outputs.provenance import fingerprint
+from volttl.outputs.records import read_record, write_record
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ def _fingerprint(cfg_dict: dict) -> str:
 def check_trained_on(cfg: Config, trial_dir: Path) -> None:
     """Each seed of a finished trial must have been trained on the store's present
     training and validation data (a one-line :class:`RunError` otherwise)."""
-    from volttl.outputs import RunDir
-    from volttl.resume import check_resumable
+    from volttl.outputs.folders import RunDir
+    from volttl.outputs.resume import check_resumable
     from volttl.train.repeats import seed_configs
 
     for one in seed_configs(cfg):
@@ -68,7 +68,7 @@ def check_trained_on(cfg: Config, trial_dir: Path) -> None:
 def run_trial(cfg_dict: dict, trial_dir: str, progress: bool = False) -> dict:
     """Train, evaluate and profile one trial (or return its finished result)."""
     from volttl.analysis.complexity import profile_config
-    from volttl.evaluate import evaluate_repeats
+    from volttl.evaluate.step import evaluate_repeats
     from volttl.train.step import train_repeats
 
     trial_dir_path = Path(trial_dir)

@@ -45,12 +45,13 @@ from volttl.data.sampling import StudyBagSampler, pool_bags
 from volttl.errors import VolttlError
 from volttl.inference import device_probabilities, model_from_config, require_finite
 from volttl.models.checkpoints import read_checkpoint, save_checkpoint
+from volttl.models.surgery import recalibrate_frozen_norms
 from volttl.numerics import DEFAULT_NUMERICS, Numerics
-from volttl.outputs import RunDir, SynthDir
+from volttl.outputs.folders import RunDir, SynthDir
+from volttl.outputs.provenance import install_record
+from volttl.outputs.resume import check_resumable, resumable_changes, with_store_preprocessing
 from volttl.preprocess.store import Store, describe_same_scans
 from volttl.progress import progress_bar
-from volttl.provenance import install_record
-from volttl.resume import check_resumable, resumable_changes, with_store_preprocessing
 from volttl.train.distributed import DistContext, init_distributed
 from volttl.train.losses import make_loss
 from volttl.train.metrics import summarise
@@ -347,7 +348,7 @@ def _resume_or_start(r: Round, run: RunDir, resume: bool) -> tuple[int, dict]:
         return int(ckpt["epoch"]) + 1, dict(ckpt["best"])
     model, rt = r.model, r.cfg.runtime
     if model.frozen_units and model.frozen_norm == "recalibrate":
-        seen = model.recalibrate_frozen_norms(_recalibration_batches(
+        seen = recalibrate_frozen_norms(model, _recalibration_batches(
             r.train_ds, r.cfg.transfer.recalibrate_windows, r.batch, rt.workers, r.dist.device, r.numerics))
         log.info("recalibrated the frozen BatchNorm statistics on %d training windows", seen)
     return 0, {"study_auroc": -math.inf}

@@ -27,9 +27,9 @@ import torch
 
 from volttl.config import Config
 from volttl.inference import TrainedRun
-from volttl.outputs import RunDir
+from volttl.outputs.folders import RunDir
+from volttl.outputs.records import read_record, write_record
 from volttl.preprocess.store import Store
-from volttl.records import read_record, write_record
 
 log = logging.getLogger("volttl.train")
 

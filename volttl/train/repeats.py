@@ -4,7 +4,7 @@ The TTL paper reports every table entry as the mean and standard deviation of th
 runs. A repeat group is a folder with one run dir per seed (``seed<S>/``, seeds
 ``train.seed`` .. ``train.seed + N - 1``) and ``repeats.json``. Finished seeds are
 skipped and an interrupted one is resumed, so a killed group continues where it stopped
-(:func:`volttl.train.step.train_repeats`; :func:`volttl.evaluate.evaluate_repeats` tests
+(:func:`volttl.train.step.train_repeats`; :func:`volttl.evaluate.step.evaluate_repeats` tests
 every seed). The standard deviation is the sample one (ddof 1).
 """
 

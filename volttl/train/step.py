@@ -20,8 +20,8 @@ import torch
 from volttl.config import Config
 from volttl.errors import VolttlError
 from volttl.models.checkpoints import read_checkpoint
-from volttl.outputs import RunDir
-from volttl.resume import check_resumable
+from volttl.outputs.folders import RunDir
+from volttl.outputs.resume import check_resumable
 from volttl.train.loop import train_model
 from volttl.train.pseudo import train_with_pseudo_slices
 from volttl.train.repeats import REPORTED, mean_std, seed_configs
@@ -97,7 +97,7 @@ def train_step(cfg: Config, run_dir: str | Path, resume: bool, progress: bool = 
     """Check, then train ``train.repeats`` seeds into ``run_dir`` (a group of
     ``seed<S>/`` runs) or one run; with ``resume`` an interrupted run continues. With
     ``reuse_finished`` (pipelines) a finished single run is reused as it is after the checks
-    of :func:`volttl.resume.check_resumable`; without it (``volttl train --resume``) it is
+    of :func:`volttl.outputs.resume.check_resumable`; without it (``volttl train --resume``) it is
     reopened, which records a changed runtime setting in its log."""
     run = RunDir(run_dir)
     check_before_training(cfg, run.path, resume)

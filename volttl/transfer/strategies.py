@@ -29,6 +29,7 @@ from volttl.models import get_backbone_spec
 from volttl.models.base import Backbone3D, SourcePreset
 from volttl.models.checkpoints import load_pretrained, read_checkpoint
 from volttl.models.source_presets import NAMES, known_for_file
+from volttl.models.surgery import freeze_upto, rebuild_after, replace_head, truncate
 
 log = logging.getLogger("volttl.transfer")
 STRATEGIES = ("ftl", "tf", "lwft", "ttl")
@@ -114,18 +115,18 @@ def apply_strategy(model: Backbone3D, strategy: str, cut: str, num_outputs: int 
     keep = type(model).cut_point(cut).keep if strategy != "ftl" else len(model.units)
     new_prefixes: list[str] = []
     if strategy == "ttl":
-        model.truncate(keep)
+        truncate(model, keep)
     elif strategy == "tf":
-        new_prefixes = model.rebuild_after(keep, width)
+        new_prefixes = rebuild_after(model, keep, width)
         kaiming_init([model.get_submodule(p) for p in new_prefixes])
-    head = model.replace_head(num_outputs, pool=pool, dropout=dropout, input_size=input_size, norm=head_norm)
+    head = replace_head(model, num_outputs, pool=pool, dropout=dropout, input_size=input_size, norm=head_norm)
     init_head(head)
     model.init_head_bias(head)
     new_prefixes += [model.head_path] + (["head_norm"] if head_norm else [])
     if init == "meanvar":
         meanvar_init(model, new_prefixes, pretrained_state or {})
     if strategy == "lwft":
-        model.freeze_upto(keep, frozen_bn)
+        freeze_upto(model, keep, frozen_bn)
     frozen = {id(p) for p in model.frozen_parameters()}
     if loaded is None:
         loaded = set(pretrained_state or {})

@@ -191,14 +191,14 @@ def read_decision(path, weights_sha256: str | None) -> Decision | None:
     import logging
     from pathlib import Path
 
-    from volttl.records import read_record
+    from volttl.outputs.records import read_record
 
     path = Path(path)
     if not path.is_file():
         return None
     decision = Decision.from_dict(read_record(path, "run `volttl evaluate --split val` to choose it again"))
     if decision.best_sha256 != weights_sha256:
-        logging.getLogger("volttl.decision").warning(
+        logging.getLogger("volttl.evaluate.decision").warning(
             "%s: chosen for other weights than the run's best.pt now; not used (run `volttl evaluate "
             "--split val` to choose it again)", path)
         return None

@@ -2,7 +2,7 @@
 calibration, a table, ROC/PR and reliability plots.
 
 The operating point (and, with ``eval.calibration: temperature``, the calibration) is
-chosen on the validation split and stored in the run (:mod:`volttl.decision`); evaluating
+chosen on the validation split and stored in the run (:mod:`volttl.evaluate.decision`); evaluating
 any split first makes sure the run has one for its current best weights and settings, so
 a test split is always judged at a threshold chosen without it.
 """
@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from volttl.decision import Decision, calibration, choose_decision, rates_with_ci
+from volttl.evaluate.decision import Decision, calibration, choose_decision, rates_with_ci
 from volttl.inference import TrainedRun, require_finite, study_scores
-from volttl.outputs import RunDir
-from volttl.records import write_record
+from volttl.outputs.folders import RunDir
+from volttl.outputs.records import write_record
 from volttl.study_result import StudyResult, csv_columns, study_result
 from volttl.train.loop import predict
 from volttl.train.metrics import summarise
 from volttl.train.repeats import AT_OPERATING_POINT, REPORTED, mean_std
 
-log = logging.getLogger("volttl.evaluate")
+log = logging.getLogger("volttl.evaluate.step")
 VALIDATION = "val"
 
 

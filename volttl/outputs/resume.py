@@ -1,7 +1,7 @@
 """May this run be continued, reused or read with this config? The rules that compare a
 run folder with a config: which keys define the model, which define its training, which
 may change on resume, and the store's preprocessing a run records. They answer with
-:func:`volttl.provenance.differences`, as every other "made from these inputs?" check.
+:func:`volttl.outputs.provenance.differences`, as every other "made from these inputs?" check.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import yaml
 
 from volttl.config import Config, ConfigError, config_from_dict, config_to_dict
-from volttl.outputs import LAST, RunDir, RunError
+from volttl.outputs.folders import LAST, RunDir, RunError
+from volttl.outputs.provenance import differences
 from volttl.preprocess.store import Store
-from volttl.provenance import differences
 
-log = logging.getLogger("volttl.resume")
+log = logging.getLogger("volttl.outputs.resume")
 
 
 def model_keys(cfg: Config) -> dict:

@@ -1,6 +1,6 @@
 """Every output folder volttl writes, and the name of every file in it: the module that
 writes a file and the modules that read it name it here, once. `docs/reference/layouts.md`
-is generated from these classes' docstrings (:func:`layouts_markdown`).
+is generated from these classes' docstrings by :mod:`volttl.reference_pages`.
 
 A run folder (:class:`RunDir`) holds::
 

@@ -29,8 +29,8 @@ import torch
 
 from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
-from volttl.evaluate import fmt_rate
-from volttl.outputs import (
+from volttl.evaluate.step import fmt_rate
+from volttl.outputs.folders import (
     BEST,
     CARD_JSON,
     CARD_MD,
@@ -42,10 +42,10 @@ from volttl.outputs import (
     TRAINING_DATA,
     RunDir,
 )
-from volttl.provenance import install_record
-from volttl.records import CHECKSUM_KEY, read_record, write_record
+from volttl.outputs.provenance import install_record
+from volttl.outputs.records import CHECKSUM_KEY, read_record, write_record
 
-log = logging.getLogger("volttl.export")
+log = logging.getLogger("volttl.export.package")
 
 FORMAT = "volttl-model-package"
 VERSION = 1  # the package layout this volttl writes and reads

@@ -25,7 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
 from volttl.manifests.schema import StudyRow, write_manifest
-from volttl.outputs import SynthDir
+from volttl.outputs.folders import SynthDir
 
 AIR, FAT, SOFT, LUNG, BONE = -1000.0, -100.0, 40.0, -850.0, 700.0
 THICKNESSES = (1.0, 1.25, 1.5, 2.0, 2.5)
@@ -299,36 +299,3 @@ def synth_cohort(out: str | Path, studies: int = 40, seed: int = 0, matrix: int 
     folder.cohort.write_text(json.dumps({"synthetic": True, "made_by": "volttl synth", "studies": studies,
                                          "seed": seed, "matrix": matrix}, indent=2), encoding="utf-8")
     return folder.manifest
-
-
-@dataclass
-class SynthOutcome:
-    """What the synth step did: the cohort's manifest, or that one made with the same
-    options was kept."""
-
-    manifest: Path
-    studies: int
-    skipped: bool = False
-
-    def summary(self) -> str:
-        if self.skipped:
-            return f"skipped: {self.manifest} exists"
-        return f"wrote {self.studies} synthetic studies"
-
-
-def synth_step(out: str | Path, studies: int = 40, seed: int = 0, matrix: int = 160, workers: int = 1,
-               progress: bool = True, reuse: bool = False) -> SynthOutcome:
-    """`volttl synth` and a pipeline's ``synth`` step: the cohort under ``out``, with the
-    options it was made from recorded beside its manifest. With ``reuse`` (pipelines) a
-    cohort made with the same options is kept, and one made with others stops (the store
-    was built from it)."""
-    from volttl.provenance import keep_if_made_from, record_inputs
-
-    manifest = SynthDir(out).manifest
-    inputs = {"studies": int(studies), "seed": int(seed), "matrix": int(matrix)}
-    if reuse and keep_if_made_from(manifest, inputs, "synth"):
-        return SynthOutcome(manifest, studies, skipped=True)
-    synth_cohort(out, studies, seed, matrix, progress=progress, workers=workers)
-    record_inputs(manifest, inputs)
-    return SynthOutcome(manifest, studies)
-

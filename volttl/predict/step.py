@@ -23,13 +23,13 @@ from volttl.errors import VolttlError
 from volttl.inference import TrainedRun
 from volttl.io.studies import ITK_SUFFIXES
 from volttl.manifests.schema import StudyRow
-from volttl.outputs import PredictDir, RunDir
+from volttl.outputs.folders import PredictDir, RunDir
+from volttl.outputs.records import write_text_atomically, writing_alone
 from volttl.preprocess.prepare import PreparedStudy, prepare_study
 from volttl.progress import progress_bar
-from volttl.records import write_text_atomically, writing_alone
 from volttl.study_result import StudyResult, csv_columns, study_result
 
-log = logging.getLogger("volttl.predict")
+log = logging.getLogger("volttl.predict.step")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", *ITK_SUFFIXES)
 NOT_DICOM = {".txt", ".json", ".xml", ".csv", ".md", ".png", ".jpg", ".jpeg", ".pdf", ".zip"}
 
@@ -115,7 +115,7 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
         raise PredictError(f"{source}: --seed picks one run of a repeat group; a model package holds one "
                            "model")
     if package:
-        from volttl.export import verify_package
+        from volttl.export.package import verify_package
 
         verify_package(source)  # every file as exported, before anything is scored
         run_dir = Path(source)
@@ -131,8 +131,8 @@ def predict_step(source: str | Path, paths: list[str | Path], out: str | Path, p
 def _score_scans(run_dir: Path, paths: list[str | Path], out: Path, cam: bool, overrides: list[str] | None,
                  progress: bool) -> tuple[list[dict], dict[str, str]]:
     """Score (and with ``cam`` explain) every study at ``paths`` with the run at ``run_dir``."""
-    from volttl.explain.cam_step import EMPTY_MAP, cam_study, score_and_map, windows_per_study
     from volttl.explain.gradcam import WindowGradCAM
+    from volttl.explain.step import EMPTY_MAP, cam_study, score_and_map, windows_per_study
 
     run = TrainedRun.open(run_dir, overrides)
     cfg = run.cfg

@@ -27,10 +27,11 @@ from volttl.data import WindowDataset
 from volttl.errors import VolttlError
 from volttl.inference import load_run, model_from_config
 from volttl.models import get_backbone_spec
+from volttl.models.surgery import freeze_upto, recalibrate_frozen_norms
 from volttl.numerics import resolve_device
-from volttl.outputs import RunDir, SvccaDir
+from volttl.outputs.folders import RunDir, SvccaDir
+from volttl.outputs.provenance import file_stamp, forget_inputs, made_from, record_inputs
 from volttl.progress import progress_bar
-from volttl.provenance import file_stamp, forget_inputs, made_from, record_inputs
 
 log = logging.getLogger("volttl.analysis")
 
@@ -135,10 +136,10 @@ def measure_reuse(run_dir: Path, out: Path, split: str, windows: int, max_points
         # pretrained BatchNorm statistics come from the source data (video frames): on CT
         # they would squash every window to the same features, so the "before" model's
         # statistics are re-estimated on the windows compared, as transfer.frozen_bn says
-        before.freeze_upto(len(before.units), "recalibrate")
+        freeze_upto(before, len(before.units), "recalibrate")
         picks = np.unique(np.linspace(0, len(ds) - 1, min(windows, len(ds))).astype(int))
-        before.recalibrate_frozen_norms(torch.stack([ds[int(i)][0] for i in picks[b: b + 8]]).to(device)
-                                        for b in range(0, len(picks), 8))
+        recalibrate_frozen_norms(before, (torch.stack([ds[int(i)][0] for i in picks[b: b + 8]]).to(device)
+                                          for b in range(0, len(picks), 8)))
     keeps = sorted({c.keep for c in cuts})
     feats_before, feats_after = collect_features([before, after], ds, keeps, windows, max_points,
                                                  progress=progress, device=device)

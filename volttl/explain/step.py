@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from volttl.addresses import split_hdf5_address
 from volttl.config import config_to_dict, with_overrides
 from volttl.data.input_spec import InputSpec
 from volttl.errors import VolttlError
@@ -31,13 +30,14 @@ from volttl.explain.preview import write_preview
 from volttl.explain.regrid import to_original_grid
 from volttl.explain.scene import write_scene
 from volttl.inference import StudyScore, TrainedRun, evaluation_starts
+from volttl.io.addresses import split_hdf5_address
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti, write_unit_map
 from volttl.io.studies import StudyReadError, read_study
-from volttl.outputs import CamDir, RunDir
+from volttl.outputs.folders import CamDir, RunDir
+from volttl.outputs.provenance import content_stamp, file_stamp, forget_inputs, made_from, record_inputs
 from volttl.preprocess.store import Store, StudyMeta
 from volttl.progress import progress_bar
-from volttl.provenance import content_stamp, file_stamp, forget_inputs, made_from, record_inputs
 from volttl.study_result import StudyResult, study_result
 
 log = logging.getLogger("volttl.cam")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from volttl.errors import VolttlError
-from volttl.export import PackageError, export_run
-from volttl.outputs import BundleDir, PackageDir, RunDir
+from volttl.export.package import PackageError, export_run
+from volttl.outputs.folders import BundleDir, PackageDir, RunDir
 
 BUNDLE_VERSION = "0.1.0"
 
@@ -34,7 +34,7 @@ BUNDLE_VERSION = "0.1.0"
 def network(package: str | Path) -> torch.nn.Module:
     """The package's network with its weights, in evaluation mode on the CPU: ``(N, 1, D,
     crop, crop)`` intensity-scaled windows -> ``(N, 1)`` logits (the bundle's ``network_def``)."""
-    from volttl.export import verify_package
+    from volttl.export.package import verify_package
     from volttl.inference import TrainedRun
 
     verify_package(package)
@@ -46,7 +46,7 @@ def predict(package: str | Path, input: str | Path, output_dir: str | Path, cam:
     """`volttl predict --model` of the bundle's package on ``input``: predictions.csv and
     .json (and the Grad-CAM overlays with ``cam``) in ``output_dir``; the bundle's ``run``.
     A study that could not be read stops the run, naming it."""
-    from volttl.predict import predict_step
+    from volttl.predict.step import predict_step
 
     if isinstance(cam, str):  # from the command line (`--cam true`): a string, whose bool() is always True
         if cam.lower() not in ("true", "false", "1", "0"):
@@ -75,8 +75,8 @@ def _inference_config() -> dict:
         "input": "",
         "output_dir": "$@bundle_root + '/eval'",
         "cam": False,
-        "network_def": {"_target_": "volttl.bundle.network", "package": "@package"},
-        "run": [{"_target_": "volttl.bundle.predict", "package": "@package", "input": "@input",
+        "network_def": {"_target_": "volttl.export.bundle.network", "package": "@package"},
+        "run": [{"_target_": "volttl.export.bundle.predict", "package": "@package", "input": "@input",
                  "output_dir": "@output_dir", "cam": "@cam", "device": "@device"}],
     }
 

@@ -1,7 +1,7 @@
 """'Was this made from these inputs?', answered one way for every step.
 
 Each check keeps what an output was made from and compares it with what it would be made
-from now: a training run its config keys (:func:`volttl.resume.check_resumable`), a stored
+from now: a training run its config keys (:func:`volttl.outputs.resume.check_resumable`), a stored
 study its settings hash and source stamp (preprocess), a search trial its fingerprint,
 a pipeline step's output a checksummed record of its inputs beside it. They share the
 helpers here: one canonical hash (:func:`fingerprint`), one way of naming what changed
@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from volttl.errors import VolttlError
-from volttl.outputs import inputs_record
-from volttl.records import CHECKSUM_KEY, read_record, write_record
+from volttl.outputs.folders import inputs_record
+from volttl.outputs.records import CHECKSUM_KEY, read_record, write_record
 
 
 def fingerprint(what: dict, length: int = 16) -> str:

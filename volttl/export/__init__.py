@@ -1,0 +1,2 @@
+"""`volttl export`: a trained run as a model package (:mod:`.package`) or a MONAI bundle
+(:mod:`.bundle`)."""

@@ -1,0 +1,1 @@
+"""`volttl predict`: new scans through a trained run or a model package (:mod:`.step`)."""

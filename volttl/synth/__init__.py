@@ -1,0 +1,1 @@
+"""`volttl synth`: the synthetic CTPA cohort (:mod:`.cohort`) and its step (:mod:`.step`)."""
