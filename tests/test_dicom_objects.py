@@ -109,7 +109,7 @@ def test_a_source_that_is_not_dicom_gets_no_dicom_objects(tmp_path, caplog):
     from volttl.explain.step import _dicom_objects
 
     meta = SimpleNamespace(source_kind="nifti", study_id="s1")
-    assert _dicom_objects(meta, np.zeros((2, 2, 2)), None, None, None, {}, 8, 2) == {}
+    assert _dicom_objects(meta, np.zeros((2, 2, 2)), None, None, None, {}, 2) == {}
     assert "s1: no DICOM objects: the source is NIfTI, not DICOM" in caplog.text
 
 

@@ -6,7 +6,7 @@ import sys
 
 
 def test_cam_path_imports_no_training_search_or_analysis_module():
-    code = ("import json, sys\nfrom volttl.explain.cam_step import cam_step\nimport volttl.inference\n"
+    code = ("import json, sys\nfrom volttl.explain.step import cam_step\nimport volttl.inference\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('volttl'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = json.loads(out)

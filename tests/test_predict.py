@@ -229,7 +229,7 @@ def test_set_may_change_how_a_run_computes_and_writes(cohort, trained, tmp_path)
 def test_the_preview_picture_carries_no_study_id(cohort, trained, tmp_path, monkeypatch):
     """The preview's pixels become the Secondary Capture of --dicom, and a study id is often
     a folder named after the patient: the burned-in title is the probability alone."""
-    import volttl.explain.cam_step as cam_step
+    import volttl.explain.step as cam_step
 
     titles = []
     drawn = cam_step.write_preview

@@ -115,6 +115,7 @@ def test_pseudo_slices_are_each_training_positives_best_windows(cohort, tmp_path
     positives only. The training dataset then samples and labels windows from them, as
     with slice labels, the study's other windows its negatives."""
     from volttl.data import WindowDataset
+    from volttl.data.input_spec import InputSpec
     from volttl.inference import StudyScore
     from volttl.preprocess.store import Store
     from volttl.train.pseudo import pseudo_slices
@@ -128,6 +129,7 @@ def test_pseudo_slices_are_each_training_positives_best_windows(cohort, tmp_path
         class Scorer:  # positives: the last window 0.9, the first 0.8; negatives: 0.5 everywhere
             def __init__(self):
                 self.cfg, self.calls = cfg, iter(order)
+                self.input = InputSpec.of(cfg)
 
             def score_study(self, hu):
                 sid, label = next(self.calls)
