@@ -29,7 +29,8 @@ import yaml
 
 from volttl.analysis.complexity import device_name
 from volttl.config import config_from_dict, config_to_dict
-from volttl.explain import cam_step, gradcam
+from volttl.explain import gradcam
+from volttl.explain import step as cam_step
 from volttl.inference import TrainedRun, model_from_config
 from volttl.io.geometry import Geometry
 from volttl.io.nifti import write_nifti
