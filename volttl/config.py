@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import reprlib
@@ -22,6 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from volttl.errors import VolttlError
+
+log = logging.getLogger("volttl.config")
 
 
 class ConfigError(VolttlError):
@@ -427,9 +430,7 @@ def _renamed(section: str, key: str) -> str:
         return key
     if (section, key) not in _said_renamed:
         _said_renamed.add((section, key))
-        import logging
-
-        logging.getLogger("volttl.config").warning(
+        log.warning(
             "%s.%s is deprecated: it is now %s.%s (read as that; rename it in your config)",
             section, key, section, new)
     return new
