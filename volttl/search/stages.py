@@ -1,5 +1,6 @@
-"""`volttl search`: the TTL paper's hierarchical cut-point search (section 3.2) and its
-results table (Table 2).
+"""The TTL paper's hierarchical cut-point search (section 3.2): which cuts each stage
+trains and the score that picks a stage's winner. The step that trains them and writes the
+results table (Table 2) is :mod:`volttl.search.step`.
 
 Stage 1 trains each configured strategy at every block cut and keeps the one with the
 best validation study AUROC (mean over repeats). Stage 2 trains the layer cuts within
@@ -12,15 +13,13 @@ the block search alone, "-2" rows the two stages.
 
 from __future__ import annotations
 
-import logging
 import math
 
 from volttl.models import get_backbone_spec
 
-log = logging.getLogger("volttl.search")
 
-
-def _score(result: dict) -> float:
+def selection_score(result: dict) -> float:
+    """A trial's mean validation study AUROC (minus infinity when there is none)."""
     value = result["val_study_auroc"]["mean"]
     return -math.inf if value is None or math.isnan(value) else value
 

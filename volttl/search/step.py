@@ -13,7 +13,7 @@ from volttl.errors import VolttlError
 from volttl.models import display_name
 from volttl.outputs.folders import SearchDir
 from volttl.search.backends import run_jobs
-from volttl.search.stages import _score, stage1_cuts, stage2_cuts
+from volttl.search.stages import selection_score, stage1_cuts, stage2_cuts
 from volttl.search.trials import Trial, trial_job
 
 log = logging.getLogger("volttl.search")
@@ -60,7 +60,7 @@ def search_step(cfg: Config, progress: bool = True) -> list[dict]:
     second: list[Trial] = []
     winners = {}
     for st in s.strategies:
-        winners[st] = max((t for t in first if t.strategy == st), key=lambda t: _score(done[t]))
+        winners[st] = max((t for t in first if t.strategy == st), key=lambda t: selection_score(done[t]))
         second += [Trial(model, st, c, "2") for c in stage2_cuts(model, winners[st].cut, s.radius, blocks)]
     done.update(_run(cfg, second, out, progress))
 
@@ -69,7 +69,7 @@ def search_step(cfg: Config, progress: bool = True) -> list[dict]:
         w1 = winners[st]
         rows.append(_row(display_name(model), f"{st.upper()}-1", done[w1]))
         candidates = [w1] + [t for t in second if t.strategy == st]
-        w2 = max(candidates, key=lambda t: _score(done[t]))
+        w2 = max(candidates, key=lambda t: selection_score(done[t]))
         rows.append(_row(display_name(model), f"{st.upper()}-2", done[w2]))
     _write_table(rows, out, cfg)
     with SearchDir(out).trials_csv.open("w", newline="", encoding="utf-8") as fh:
